@@ -1,0 +1,584 @@
+"""Server configuration: a YAML file validated into frozen dataclasses.
+
+The dataclasses below are the schema. Each field's type hint says what kind of
+value it takes, and an optional `_rule(...)` in the field metadata adds bounds,
+an extra check, or marks it secret. One generic walker (`_build`/`_convert`)
+reads hints and rules for every field, so adding an option means adding a field,
+not validation code. Rules that relate several fields live in the `_*_problems`
+functions registered in `_CROSS_CHECKS`.
+
+Every error is a `ConfigError` whose message starts with the file and the dotted
+key path, e.g. ``conf/x.yaml: listen[1].port: must be an integer between 0 and
+65535, got 'abc'``, because operators fix configs by reading that line.
+
+A key written with no value (YAML null) means the same as leaving it out, so a
+section whose entries are all commented out still gets its defaults.
+"""
+
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from types import MappingProxyType, NoneType, UnionType
+from typing import Any, Literal, cast, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = [
+    "REDACTED",
+    "AllocationsConfig",
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "Listener",
+    "LoggingConfig",
+    "MetricsConfig",
+    "PeersConfig",
+    "QuotasConfig",
+    "RelayConfig",
+    "TlsConfig",
+    "UserEntry",
+    "config_to_dict",
+    "default_config",
+    "load_config",
+    "parse_config",
+    "split_host_port",
+]
+
+REDACTED = "<redacted>"
+
+Transport = Literal["udp", "tcp", "tls"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be read or is invalid.
+
+    `source` is the file (or other origin) and `path` the dotted key path, or ""
+    when the problem is not about one key (unreadable file, bad YAML).
+    """
+
+    def __init__(self, message: str, *, source: str = "", path: str = "") -> None:
+        super().__init__(message)
+        self.source = source
+        self.path = path
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    """Constraints on a field beyond its type hint (applied to each item of a tuple)."""
+
+    low: int | None = None
+    high: int | None = None
+    # Returns a phrase such as "must be an IPv4 address" when the value is bad.
+    check: Callable[[Any], str | None] | None = None
+    # Secret values are never echoed in errors and are redacted by config_to_dict.
+    secret: bool = False
+    non_empty: bool = False
+
+
+_NO_RULE = _Rule()
+
+
+def _rule(**kwargs: Any) -> dict[str, _Rule]:
+    return {"rule": _Rule(**kwargs)}
+
+
+def _rule_of(f: Field[Any]) -> _Rule:
+    return cast(_Rule, f.metadata.get("rule", _NO_RULE))
+
+
+def _ip(version: int | None = None, *, specific: bool = False) -> Callable[[str], str | None]:
+    kind = {None: "an IP address", 4: "an IPv4 address", 6: "an IPv6 address"}[version]
+    if specific:
+        # 0.0.0.0 cannot be advertised to clients as a relay address.
+        kind = f"{kind} other than the unspecified address"
+
+    def check(text: str) -> str | None:
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            return f"must be {kind}"
+        if (version is not None and addr.version != version) or (specific and addr.is_unspecified):
+            return f"must be {kind}"
+        return None
+
+    return check
+
+
+def _network(text: str) -> str | None:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return "must be an IP address or CIDR network such as 10.0.0.0/8"
+    return None
+
+
+def _shorter_than(limit: int) -> Callable[[str], str | None]:
+    # RFC 8489 limits REALM and SOFTWARE to fewer than 128 characters.
+    def check(text: str) -> str | None:
+        return f"must be shorter than {limit} characters" if len(text) >= limit else None
+
+    return check
+
+
+_HOST_PORT = re.compile(r"\[(?P<v6>[^\]]+)\]:(?P<port6>[0-9]+)|(?P<v4>[^:\[\]]+):(?P<port4>[0-9]+)")
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """Split ``"192.0.2.1:3478"`` or ``"[2001:db8::1]:3478"`` into (address, port).
+
+    The host must be an IP literal: ALTERNATE-SERVER carries an address, and
+    resolving names at startup would make the config depend on DNS.
+    Raises ValueError when `text` is not in that form.
+    """
+    match = _HOST_PORT.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    bracketed = match["v6"] is not None
+    host = match["v6"] if bracketed else match["v4"]
+    port = int(match["port6"] if bracketed else match["port4"])
+    address = ipaddress.ip_address(host)
+    if (address.version == 6) != bracketed:
+        raise ValueError(f"IPv6 addresses must be in brackets, IPv4 ones must not: {text!r}")
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port out of range: {text!r}")
+    return host, port
+
+
+def _host_port(text: str) -> str | None:
+    try:
+        split_host_port(text)
+    except ValueError:
+        return "must be IP:PORT or [IPv6]:PORT, e.g. 192.0.2.1:3478 or [2001:db8::1]:3478"
+    return None
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    transport: Transport
+    address: str = field(metadata=_rule(check=_ip()))
+    # 0 asks the OS for a free port, which tests rely on.
+    port: int = field(metadata=_rule(low=0, high=65535))
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    certificate: str | None = None
+    private_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    address: str = field(default="0.0.0.0", metadata=_rule(check=_ip(4)))  # noqa: S104
+    external_address: str | None = field(default=None, metadata=_rule(check=_ip(4, specific=True)))
+    address6: str | None = field(default=None, metadata=_rule(check=_ip(6)))
+    external_address6: str | None = field(default=None, metadata=_rule(check=_ip(6, specific=True)))
+    min_port: int = field(default=49152, metadata=_rule(low=1, high=65535))
+    max_port: int = field(default=65535, metadata=_rule(low=1, high=65535))
+
+
+@dataclass(frozen=True, slots=True)
+class UserEntry:
+    """Long-term credential of one user: a password, or the MD5 key derived from it."""
+
+    password: str | None = field(default=None, metadata=_rule(secret=True))
+    key: bytes | None = field(default=None, metadata=_rule(secret=True))
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    # Read-only view so a Config can be shared between tasks without copies.
+    # Left out of the hash because mappingproxy is unhashable; equality still
+    # compares it, and equal configs still hash equal.
+    users: Mapping[str, UserEntry] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    secrets: tuple[str, ...] = field(default=(), metadata=_rule(secret=True))
+    nonce_lifetime: int = field(default=600, metadata=_rule(low=30))
+
+    def __post_init__(self) -> None:
+        # Also freeze mappings passed in by code (tests, embedders), not just parsed ones.
+        object.__setattr__(self, "users", MappingProxyType(dict(self.users)))
+
+
+@dataclass(frozen=True, slots=True)
+class PeersConfig:
+    # The original strings are kept so check-config prints what the operator wrote.
+    allow: tuple[str, ...] = field(default=(), metadata=_rule(check=_network))
+    deny: tuple[str, ...] = field(default=(), metadata=_rule(check=_network))
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationsConfig:
+    default_lifetime: int = field(default=600, metadata=_rule(low=1))
+    max_lifetime: int = field(default=3600, metadata=_rule(low=1))
+
+
+@dataclass(frozen=True, slots=True)
+class QuotasConfig:
+    allocations_per_user: int = field(default=64, metadata=_rule(low=0))
+    allocations_total: int = field(default=0, metadata=_rule(low=0))
+    permissions_per_allocation: int = field(default=256, metadata=_rule(low=1))
+    # RFC 5766 channel numbers span 0x4000-0x7FFF, so more could never be used.
+    channels_per_allocation: int = field(default=256, metadata=_rule(low=1, high=0x4000))
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = True
+    address: str = field(default="127.0.0.1", metadata=_rule(check=_ip()))
+    port: int = field(default=9641, metadata=_rule(low=0, high=65535))
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: LogLevel = "info"
+    format: LogFormat = "text"
+
+
+_DEFAULT_LISTEN = (
+    Listener("udp", "0.0.0.0", 3478),  # noqa: S104
+    Listener("tcp", "0.0.0.0", 3478),  # noqa: S104
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    realm: str = field(default="pyturn", metadata=_rule(check=_shorter_than(128)))
+    listen: tuple[Listener, ...] = field(default=_DEFAULT_LISTEN, metadata=_rule(non_empty=True))
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    peers: PeersConfig = field(default_factory=PeersConfig)
+    allocations: AllocationsConfig = field(default_factory=AllocationsConfig)
+    quotas: QuotasConfig = field(default_factory=QuotasConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    software: str | None = field(default=None, metadata=_rule(check=_shorter_than(128)))
+    workers: int = field(default=1, metadata=_rule(low=1))
+    shutdown_timeout: float = field(default=30.0, metadata=_rule(low=0))
+    alternate_server: str | None = field(default=None, metadata=_rule(check=_host_port))
+
+
+# --------------------------------------------------------------------------- cross-field rules
+
+# Each yields (key path relative to the object, problem); the first one is reported.
+_Problems = Iterator[tuple[str, str]]
+
+
+def _user_problems(user: UserEntry) -> _Problems:
+    if (user.password is None) == (user.key is None):
+        yield "", "must set exactly one of 'password' and 'key'"
+
+
+def _relay_problems(relay: RelayConfig) -> _Problems:
+    if relay.min_port > relay.max_port:
+        yield "min_port", f"must not exceed max_port ({relay.min_port} > {relay.max_port})"
+    if relay.external_address6 is not None and relay.address6 is None:
+        yield "external_address6", "requires address6 (IPv6 relaying is off without it)"
+
+
+def _allocations_problems(allocations: AllocationsConfig) -> _Problems:
+    if allocations.max_lifetime < allocations.default_lifetime:
+        yield (
+            "max_lifetime",
+            f"must be >= default_lifetime ({allocations.max_lifetime} < "
+            f"{allocations.default_lifetime})",
+        )
+
+
+def _config_problems(config: Config) -> _Problems:
+    tls_users = [i for i, listener in enumerate(config.listen) if listener.transport == "tls"]
+    if tls_users:
+        for name in ("certificate", "private_key"):
+            if getattr(config.tls, name) is None:
+                yield f"tls.{name}", f"is required by the tls listener listen[{tls_users[0]}]"
+    # Two identical sockets would only fail later, at bind time, with a vaguer error.
+    # tcp and tls share the TCP port space; port 0 never clashes.
+    seen: dict[tuple[bool, ipaddress.IPv4Address | ipaddress.IPv6Address, int], int] = {}
+    for i, listener in enumerate(config.listen):
+        if listener.port == 0:
+            continue
+        socket_key = (
+            listener.transport == "udp",
+            ipaddress.ip_address(listener.address),
+            listener.port,
+        )
+        if socket_key in seen:
+            yield f"listen[{i}]", f"uses the same address and port as listen[{seen[socket_key]}]"
+        seen.setdefault(socket_key, i)
+
+
+_CROSS_CHECKS: dict[type[Any], Callable[[Any], _Problems]] = {
+    UserEntry: _user_problems,
+    RelayConfig: _relay_problems,
+    AllocationsConfig: _allocations_problems,
+    Config: _config_problems,
+}
+
+
+# --------------------------------------------------------------------------- validation walker
+
+
+class _Invalid(Exception):
+    """Raised inside the walker; parse_config adds the source and re-raises ConfigError."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(problem)
+        self.path = path
+        self.problem = problem
+
+
+def _join(path: str, key: str) -> str:
+    if not key:
+        return path
+    if not path or key.startswith("["):
+        return path + key
+    return f"{path}.{key}"
+
+
+_KIND_NAMES: dict[type[Any], str] = {dict: "mapping", list: "list", str: "string"}
+
+
+def _show(value: object, secret: bool = False) -> str:
+    if secret or isinstance(value, Mapping | list | tuple):
+        kind = _KIND_NAMES.get(type(value), type(value).__name__)
+        return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fail(path: str, expected: str, value: object, rule: _Rule = _NO_RULE) -> _Invalid:
+    return _Invalid(path, f"{expected}, got {_show(value, rule.secret)}")
+
+
+def _bounds(noun: str, rule: _Rule) -> str:
+    if rule.low is not None and rule.high is not None:
+        return f"{noun} between {rule.low} and {rule.high}"
+    if rule.low is not None:
+        return f"{noun} >= {rule.low}"
+    if rule.high is not None:
+        return f"{noun} <= {rule.high}"
+    return noun
+
+
+def _in_bounds(number: float, rule: _Rule) -> bool:
+    return (rule.low is None or number >= rule.low) and (rule.high is None or number <= rule.high)
+
+
+_HEX_KEY = re.compile(r"(?:0[xX])?([0-9a-fA-F]{32})")
+
+
+def _scalar(value: object, hint: type[Any], rule: _Rule, path: str) -> object:
+    # bool is an int subclass, so `port: true` must be refused explicitly.
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool) and _in_bounds(value, rule):
+            return value
+        raise _fail(path, f"must be {_bounds('an integer', rule)}", value, rule)
+    if hint is float:
+        if (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and _in_bounds(value, rule)
+        ):
+            return float(value)
+        raise _fail(path, f"must be {_bounds('a number', rule)}", value, rule)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _fail(path, "must be true or false", value, rule)
+    if hint is str:
+        if isinstance(value, str) and value:
+            return value
+        # YAML turns unquoted 12345, yes or 1.0 into numbers and booleans.
+        hint_quote = " (quote it in YAML)" if isinstance(value, int | float) else ""
+        raise _fail(path, f"must be a non-empty string{hint_quote}", value, rule)
+    if hint is bytes:
+        # The only bytes field is an MD5 key; coturn writes those as 0x-prefixed hex.
+        if isinstance(value, str) and (match := _HEX_KEY.fullmatch(value)):
+            return bytes.fromhex(match[1])
+        raise _fail(path, "must be a quoted string of 32 hex digits (an MD5 key)", value, rule)
+    raise TypeError(f"unsupported config field type {hint!r} at {path}")
+
+
+def _convert(value: object, hint: Any, rule: _Rule, path: str) -> object:
+    origin = get_origin(hint)
+    if origin is UnionType:  # only `X | None` is used in the schema
+        (inner,) = (arg for arg in get_args(hint) if arg is not NoneType)
+        return None if value is None else _convert(value, inner, rule, path)
+    if origin is Literal:
+        choices = get_args(hint)
+        if isinstance(value, str) and value in choices:
+            return value
+        raise _fail(path, f"must be one of {', '.join(map(repr, choices))}", value, rule)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise _fail(path, "must be a list", value)
+        if rule.non_empty and not value:
+            raise _Invalid(path, "must not be empty")
+        (item_hint, _) = get_args(hint)
+        return tuple(
+            _convert(item, item_hint, rule, f"{path}[{i}]") for i, item in enumerate(value)
+        )
+    if origin is Mapping:
+        if not isinstance(value, Mapping):
+            raise _fail(path, "must be a mapping", value)
+        _, item_hint = get_args(hint)
+        result: dict[str, object] = {}
+        for key, item in value.items():
+            if not isinstance(key, str) or not key:
+                raise _fail(path, "keys must be non-empty strings", key)
+            result[key] = _convert(item, item_hint, rule, _join(path, key))
+        return MappingProxyType(result)
+    if isinstance(hint, type) and is_dataclass(hint):
+        return _build(hint, value, path)
+    result_value = _scalar(value, hint, rule, path)
+    if rule.check is not None and (problem := rule.check(result_value)):
+        raise _fail(path, problem, value, rule)
+    return result_value
+
+
+def _build(cls: type[Any], data: object, path: str) -> Any:
+    if cls is UserEntry and isinstance(data, str):
+        data = {"password": data}  # YAML shorthand `alice: password`
+    if not isinstance(data, Mapping):
+        if cls is UserEntry:
+            expected = "must be a password string or a mapping like {key: <32 hex digits>}"
+            raise _fail(path, expected, data, _Rule(secret=True))
+        raise _fail(path, "must be a mapping", data)
+    schema = fields(cls)
+    names = [f.name for f in schema]
+    for key in data:
+        if key not in names:
+            expected = ", ".join(names)
+            raise _Invalid(_join(path, str(key)), f"unknown key (expected one of: {expected})")
+    hints = get_type_hints(cls)
+    kwargs: dict[str, object] = {}
+    for f in schema:
+        value = data.get(f.name)
+        if value is None:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise _Invalid(_join(path, f.name), "is required")
+            continue
+        kwargs[f.name] = _convert(value, hints[f.name], _rule_of(f), _join(path, f.name))
+    obj = cls(**kwargs)
+    for key, problem in _CROSS_CHECKS.get(cls, lambda _: iter(()))(obj):
+        raise _Invalid(_join(path, key), problem)
+    return obj
+
+
+# --------------------------------------------------------------------------- YAML loading
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of silently keeping the last one.
+
+    A second `relay:` section further down a long file would otherwise quietly
+    discard the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"found duplicate key {key!r}",
+                        key_node.start_mark,
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a YAML config file; an empty file gives all defaults."""
+    source = os.fspath(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise ConfigError(
+            f"{source}: cannot read config file: {exc.strerror or exc}", source=source
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not valid UTF-8: {exc.reason}", source=source) from exc
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(
+            f"{source}: {where}invalid YAML: {exc.problem or exc}", source=source
+        ) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}", source=source) from exc
+    return parse_config(data, source)
+
+
+def parse_config(data: object, source: str = "<config>") -> Config:
+    """Validate already-parsed YAML data (None counts as an empty mapping)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{source}: the top level must be a mapping, got {_show(data)}", source=source
+        )
+    try:
+        return cast(Config, _build(Config, data, ""))
+    except _Invalid as exc:
+        raise ConfigError(
+            f"{source}: {exc.path}: {exc.problem}", source=source, path=exc.path
+        ) from None
+
+
+def default_config() -> Config:
+    return Config()
+
+
+# --------------------------------------------------------------------------- dumping
+
+
+def config_to_dict(config: Config, redact: bool = True) -> dict[str, object]:
+    """The effective config as plain YAML-serialisable data, in schema order.
+
+    With redact=False the result parses back to an equal Config.
+    """
+    return cast(dict[str, object], _dump(config, secret=False, redact=redact))
+
+
+def _dump(value: object, *, secret: bool, redact: bool) -> object:
+    if value is None:
+        return None
+    if isinstance(value, UserEntry):
+        # Mirror the YAML shorthand so the output looks like what operators write.
+        if value.password is not None:
+            return _dump(value.password, secret=True, redact=redact)
+        return {"key": _dump(value.key, secret=True, redact=redact)}
+    if is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _dump(getattr(value, f.name), secret=_rule_of(f).secret, redact=redact)
+            for f in fields(value)
+        }
+    if isinstance(value, tuple):
+        return [_dump(item, secret=secret, redact=redact) for item in value]
+    if isinstance(value, Mapping):
+        return {key: _dump(item, secret=secret, redact=redact) for key, item in value.items()}
+    if secret and redact:
+        return REDACTED
+    if isinstance(value, bytes):
+        return value.hex()
+    return value

@@ -1,0 +1,182 @@
+"""Allocations, permissions and channel bindings (RFC 8656 §5, §9, §12).
+
+An `Allocation` is also what the relay fast path reads: `channel_peers` maps a channel
+number to its peer, `channel_headers` a peer to its 2-byte channel prefix, and
+`permissions` a peer IP to its expiry. Expiry deletes entries, so the fast path never
+looks at a clock: presence in the dictionary is the permission.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pyturn.wire.attributes import Address, Data, XorPeerAddress
+from pyturn.wire.message import Method, finish, message_type
+
+# RFC 8656 §9 and §12: fixed lifetimes, not negotiable.
+PERMISSION_LIFETIME = 300.0
+CHANNEL_LIFETIME = 600.0
+
+# (transport, client address, server address): the 5-tuple that names an allocation.
+FiveTuple = tuple[str, Address, Address]
+
+_DATA_INDICATION = message_type(Method.DATA, 0b01)
+
+
+class RelaySocket(Protocol):
+    """What the I/O layer gives the core for a bound relay port; the core never sends."""
+
+    @property
+    def port(self) -> int: ...
+
+
+class RelayBinder(Protocol):
+    """Binds and releases relay ports for the core (the I/O layer implements it)."""
+
+    def bind(self, family: int, port: int, dont_fragment: bool) -> RelaySocket | None:
+        """A socket bound to `port`, or None when the port is taken by someone else."""
+
+    def release(self, relay: RelaySocket) -> None: ...
+
+
+@dataclass(slots=True, eq=False)
+class Allocation:
+    five_tuple: FiveTuple
+    username: str
+    quota_user: str
+    key: bytes
+    relay: RelaySocket
+    relayed_address: Address
+    family: int
+    created_at: float
+    expires_at: float
+    allocate_transaction: bytes
+    allocate_response: bytes
+    use_sha256: bool = False
+    permissions: dict[str, float] = field(default_factory=dict)
+    channel_peers: dict[int, Address] = field(default_factory=dict)
+    channel_headers: dict[Address, bytes] = field(default_factory=dict)
+    channel_expiry: dict[int, float] = field(default_factory=dict)
+    # Plain counters: the fast path adds to them, metrics and logs read them.
+    packets_to_peer: int = 0
+    bytes_to_peer: int = 0
+    packets_to_client: int = 0
+    bytes_to_client: int = 0
+    # A handle the I/O layer keeps for sending to this client (its transport).
+    client_sink: object = None
+    # Earliest deadline queued for this allocation in the server's timer heap.
+    scheduled_at: float = float("inf")
+    closed: bool = False
+
+    def permit(self, peer_ip: str, now: float) -> None:
+        self.permissions[peer_ip] = now + PERMISSION_LIFETIME
+
+    def bind_channel(self, number: int, peer: Address, now: float) -> None:
+        self.channel_peers[number] = peer
+        self.channel_headers[peer] = number.to_bytes(2, "big")
+        self.channel_expiry[number] = now + CHANNEL_LIFETIME
+        self.permit(peer[0], now)
+
+    def expire(self, now: float) -> None:
+        """Drop permissions and channels past their lifetime (RFC 8656 §9, §12)."""
+        for ip in [ip for ip, at in self.permissions.items() if at <= now]:
+            del self.permissions[ip]
+        for number in [n for n, at in self.channel_expiry.items() if at <= now]:
+            del self.channel_expiry[number]
+            peer = self.channel_peers.pop(number)
+            self.channel_headers.pop(peer, None)
+
+    def next_deadline(self) -> float:
+        return min(
+            (self.expires_at, *self.permissions.values(), *self.channel_expiry.values()),
+        )
+
+    def frame_for_client(self, peer: Address, data: bytes) -> bytes | None:
+        """What to send the client for a datagram from `peer`, or None to drop it.
+
+        RFC 8656 §11.3/§12.6: ChannelData when a channel is bound to the peer, else a Data
+        indication when the peer's IP has a permission, else nothing.
+        """
+        header = self.channel_headers.get(peer)
+        if header is not None:
+            return header + len(data).to_bytes(2, "big") + data
+        if peer[0] not in self.permissions:
+            return None
+        txid = secrets.token_bytes(12)
+        body = _tlv(XorPeerAddress.TYPE, XorPeerAddress(*peer).encode(txid)) + _tlv(Data.TYPE, data)
+        return finish(_DATA_INDICATION, txid, body)
+
+
+def _tlv(attr_type: int, value: bytes) -> bytes:
+    return (
+        attr_type.to_bytes(2, "big")
+        + len(value).to_bytes(2, "big")
+        + value
+        + b"\x00" * (-len(value) % 4)
+    )
+
+
+class PortPool:
+    """Relay ports of one address family, chosen with a CSPRNG (RFC 8656 §7.2).
+
+    `free` holds every port not handed out; taking one is a swap-remove at a random
+    index, so picking stays O(1) however full the range is.
+    """
+
+    def __init__(self, min_port: int, max_port: int) -> None:
+        self.min_port = min_port
+        self.max_port = max_port
+        self.free: list[int] = list(range(min_port, max_port + 1))
+        self._index: dict[int, int] = {p: i for i, p in enumerate(self.free)}
+
+    def __len__(self) -> int:
+        return len(self.free)
+
+    def take_random(self) -> int | None:
+        if not self.free:
+            return None
+        return self.take(self.free[secrets.randbelow(len(self.free))])
+
+    def take(self, port: int) -> int | None:
+        i = self._index.pop(port, None)
+        if i is None:
+            return None
+        last = self.free.pop()
+        if last != port:
+            self.free[i] = last
+            self._index[last] = i
+        return port
+
+    def is_free(self, port: int) -> bool:
+        return port in self._index
+
+    def put(self, port: int) -> None:
+        if port in self._index or not self.min_port <= port <= self.max_port:
+            return
+        self._index[port] = len(self.free)
+        self.free.append(port)
+
+    def random_even_pair(self, tries: int = 64) -> int | None:
+        """An even port whose successor is also free (EVEN-PORT with R, RFC 8656 §14.6)."""
+        for _ in range(tries):
+            port = self.free[secrets.randbelow(len(self.free))] if self.free else None
+            if port is None:
+                return None
+            even = port & ~1
+            if self.is_free(even) and self.is_free(even + 1):
+                return even
+        for port in list(self.free):
+            if port % 2 == 0 and self.is_free(port + 1):
+                return port
+        return None
+
+    def random_even(self, tries: int = 64) -> int | None:
+        for _ in range(tries):
+            if not self.free:
+                return None
+            port = self.free[secrets.randbelow(len(self.free))]
+            if port % 2 == 0:
+                return port
+        return next((p for p in self.free if p % 2 == 0), None)

@@ -1,0 +1,140 @@
+"""Long-term credentials: static users, TURN REST API secrets, and stateless nonces.
+
+The authenticator hands out *keys*, never passwords: the server only needs the key to
+check MESSAGE-INTEGRITY and sign its answers (RFC 8489 §9.2).
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+import hmac
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from pyturn.config import UserEntry
+from pyturn.wire.integrity import long_term_key
+
+
+class AuthFailure(enum.Enum):
+    """Why a request was not authenticated; metrics label auth failures with these."""
+
+    NO_CREDENTIALS = "no_credentials"
+    BAD_PASSWORD = "bad_password"  # noqa: S105 (a metrics label, not a password)
+    STALE_NONCE = "stale_nonce"
+    EXPIRED_REST_CREDENTIAL = "expired_rest_credential"
+    UNKNOWN_USER = "unknown_user"
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One key that may have signed a request for `username`."""
+
+    username: str
+    quota_user: str
+    key: bytes
+
+
+def rest_password(secret: str, username: str) -> str:
+    """TURN REST API password: base64(HMAC-SHA1(secret, username))."""
+    mac = hmac.digest(secret.encode(), username.encode(), "sha1")
+    return base64.b64encode(mac).decode("ascii")
+
+
+def rest_username(expires_at: int, user: str | None = None) -> str:
+    return f"{expires_at}:{user}" if user else str(expires_at)
+
+
+def parse_rest_username(username: str) -> tuple[int, str] | None:
+    """`<unix-expiry>[:<user>]` -> (expiry, user part or ""), or None if not of that form."""
+    stamp, _, user = username.partition(":")
+    if not (1 <= len(stamp) <= 12 and stamp.isascii() and stamp.isdigit()):
+        return None
+    return int(stamp), user
+
+
+class Authenticator:
+    """Looks up keys for usernames and makes and checks nonces.
+
+    Nonces are `<expiry hex>-<hmac>`: an HMAC-SHA256 over the expiry and the client's IP
+    address with a per-process secret, so issuing one costs no memory and a nonce
+    captured on the wire is useless from another address.
+    """
+
+    def __init__(
+        self,
+        realm: str,
+        users: Mapping[str, UserEntry] | None = None,
+        secrets_: Sequence[str] = (),
+        *,
+        nonce_lifetime: float = 600.0,
+        nonce_secret: bytes | None = None,
+    ) -> None:
+        self.realm = realm
+        self.secrets = tuple(secrets_)
+        self.nonce_lifetime = nonce_lifetime
+        self._nonce_secret = nonce_secret or secrets.token_bytes(32)
+        self._keys: dict[str, bytes] = {}
+        for name, user in (users or {}).items():
+            if user.key is not None:
+                self._keys[name] = user.key
+            elif user.password is not None:
+                self._keys[name] = long_term_key(name, realm, user.password)
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self._keys or self.secrets)
+
+    # -- nonces --------------------------------------------------------------------------
+
+    def _nonce_mac(self, expiry: str, client_ip: str) -> str:
+        material = f"{expiry}|{client_ip}".encode()
+        return hmac.new(self._nonce_secret, material, hashlib.sha256).hexdigest()[:24]
+
+    def make_nonce(self, client_ip: str, now: float) -> str:
+        expiry = f"{int(now + self.nonce_lifetime):x}"
+        return f"{expiry}-{self._nonce_mac(expiry, client_ip)}"
+
+    def nonce_is_valid(self, nonce: str, client_ip: str, now: float) -> bool:
+        """False for a nonce we did not issue to this IP, or one past its expiry (438)."""
+        expiry, sep, mac = nonce.partition("-")
+        if not sep or not 1 <= len(expiry) <= 12:
+            return False
+        try:
+            expires_at = int(expiry, 16)
+        except ValueError:
+            return False
+        if not hmac.compare_digest(mac, self._nonce_mac(expiry, client_ip)):
+            return False
+        return now < expires_at
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def candidates(self, username: str, now: float) -> list[Candidate] | AuthFailure:
+        """Every key that could have signed a request from `username`.
+
+        A static user wins over a REST-shaped name. REST credentials yield one candidate per
+        configured secret so that operators can rotate secrets without a flag day.
+        """
+        key = self._keys.get(username)
+        if key is not None:
+            return [Candidate(username, username, key)]
+        if not self.secrets:
+            return AuthFailure.UNKNOWN_USER
+        parsed = parse_rest_username(username)
+        if parsed is None:
+            return AuthFailure.UNKNOWN_USER
+        expires_at, user = parsed
+        if expires_at <= now:
+            return AuthFailure.EXPIRED_REST_CREDENTIAL
+        quota_user = user or username
+        return [
+            Candidate(
+                username,
+                quota_user,
+                long_term_key(username, self.realm, rest_password(secret, username)),
+            )
+            for secret in self.secrets
+        ]

@@ -1,0 +1,694 @@
+"""The TURN server as a state machine: bytes and a clock value in, actions out.
+
+`TurnServer.receive(data, five_tuple, now)` handles one datagram or stream frame from a
+client and returns what to do: replies, datagrams for peers, and events for metrics and
+logs. `expire(now)` ages allocations; `next_deadline()` says when to call it again.
+Nothing here touches a socket or reads a clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import secrets
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pyturn.config import Config, split_host_port
+from pyturn.core import errors
+from pyturn.core.allocation import (
+    Allocation,
+    FiveTuple,
+    PortPool,
+    RelayBinder,
+    RelaySocket,
+)
+from pyturn.core.auth import Authenticator, AuthFailure, Candidate
+from pyturn.core.policy import PeerPolicy
+from pyturn.wire import integrity
+from pyturn.wire.attributes import (
+    FAMILY_IPV4,
+    FAMILY_IPV6,
+    TRANSPORT_UDP,
+    AdditionalAddressFamily,
+    Address,
+    AddressErrorCode,
+    AlternateServer,
+    Attribute,
+    ChannelNumber,
+    Data,
+    DontFragment,
+    ErrorCode,
+    EvenPort,
+    Lifetime,
+    Nonce,
+    Realm,
+    RequestedAddressFamily,
+    RequestedTransport,
+    ReservationToken,
+    Software,
+    UnknownAttributes,
+    Username,
+    XorMappedAddress,
+    XorPeerAddress,
+    XorRelayedAddress,
+)
+from pyturn.wire.channel_data import CHANNEL_MAX, CHANNEL_MIN, decode_channel_data, is_channel_data
+from pyturn.wire.errors import DecodeError
+from pyturn.wire.message import (
+    Message,
+    MessageClass,
+    Method,
+    decode,
+    encode,
+    is_stun,
+    split_message_type,
+)
+
+RESERVATION_LIFETIME = 30.0  # RFC 8656 §7.2: a reserved port is held for about 30 s
+_BIND_ATTEMPTS = 8
+
+
+# -- actions and events ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Send `data` back to the client on the 5-tuple the request came from."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendToPeer:
+    relay: RelaySocket
+    peer: Address
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHandled:
+    method: int
+    code: int  # 0 for a success response
+    client: Address
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationCreated:
+    allocation: Allocation
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationRefreshed:
+    allocation: Allocation
+    lifetime: int
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationDeleted:
+    allocation: Allocation
+    reason: str  # "refresh", "expired", "connection closed", "shutdown"
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailed:
+    client: Address
+    username: str | None
+    reason: AuthFailure
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDenied:
+    client: Address
+    username: str
+    peer: Address
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaRejected:
+    client: Address
+    username: str
+
+
+Event = (
+    RequestHandled
+    | AllocationCreated
+    | AllocationRefreshed
+    | AllocationDeleted
+    | AuthFailed
+    | PeerDenied
+    | QuotaRejected
+)
+Action = Reply | SendToPeer | Event
+
+
+_Handler = Callable[[Message, FiveTuple, Candidate, float], list[Attribute]]
+
+
+@dataclass(slots=True)
+class _Reservation:
+    port: int
+    family: int
+    expires_at: float
+
+
+class TurnServer:
+    """Every allocation of one process, and the request handlers of RFC 8656."""
+
+    def __init__(
+        self,
+        config: Config,
+        binder: RelayBinder,
+        *,
+        relay_ipv4: str | None = None,
+        relay_ipv6: str | None = None,
+        nonce_secret: bytes | None = None,
+    ) -> None:
+        self.binder = binder
+        self._nonce_secret = nonce_secret or secrets.token_bytes(32)
+        self.allocations: dict[FiveTuple, Allocation] = {}
+        self.draining = False
+        self._per_user: Counter[str] = Counter()
+        self._reservations: dict[bytes, _Reservation] = {}
+        self._timers: list[tuple[float, int, Allocation]] = []
+        self._seq = itertools.count()
+        self._events: list[Action] = []
+        self._relay_ipv4 = relay_ipv4
+        self._relay_ipv6 = relay_ipv6
+        self.reconfigure(config)
+        self.pools = {
+            FAMILY_IPV4: PortPool(config.relay.min_port, config.relay.max_port),
+            FAMILY_IPV6: PortPool(config.relay.min_port, config.relay.max_port),
+        }
+        self._handlers: dict[
+            int, Callable[[Message, FiveTuple, Candidate, float], list[Attribute]]
+        ] = {
+            Method.ALLOCATE: self._allocate,
+            Method.REFRESH: self._refresh,
+            Method.CREATE_PERMISSION: self._create_permission,
+            Method.CHANNEL_BIND: self._channel_bind,
+        }
+
+    def reconfigure(self, config: Config) -> None:
+        """Take new users, secrets, policy, quotas and lifetimes; allocations stay."""
+        self.config = config
+        self.auth = Authenticator(
+            config.realm,
+            config.auth.users,
+            config.auth.secrets,
+            nonce_lifetime=config.auth.nonce_lifetime,
+            nonce_secret=self._nonce_secret,
+        )
+        self.policy = PeerPolicy(config.peers.allow, config.peers.deny)
+        relay = config.relay
+        self.relay_ips: dict[int, str] = {}
+        v4 = relay.external_address or self._relay_ipv4
+        if v4:
+            self.relay_ips[FAMILY_IPV4] = v4
+        v6 = relay.external_address6 or self._relay_ipv6
+        if v6 and relay.address6:
+            self.relay_ips[FAMILY_IPV6] = v6
+        self._software = (Software(config.software),) if config.software else ()
+
+    # -- entry points --------------------------------------------------------------------
+
+    def receive(self, data: bytes, five_tuple: FiveTuple, now: float) -> list[Action]:
+        """Handle one datagram (UDP) or one frame (TCP/TLS) from a client."""
+        if is_channel_data(data):
+            send = self.route_channel_data(data, five_tuple)
+            return [send] if send is not None else []
+        if not is_stun(data):
+            return []
+        try:
+            msg = decode(data)
+        except DecodeError:
+            return self._malformed(data, five_tuple)
+        self._events = []
+        out = self._events
+        if msg.msg_class == MessageClass.REQUEST:
+            out.append(self._request(msg, five_tuple, now))
+        elif msg.msg_class == MessageClass.INDICATION and msg.method == Method.SEND:
+            send = self._send_indication(msg, five_tuple)
+            if send is not None:
+                out.append(send)
+        self._events = []
+        return out
+
+    def route_channel_data(self, data: bytes, five_tuple: FiveTuple) -> SendToPeer | None:
+        """RFC 8656 §12.5: relay ChannelData on a bound channel, silently drop the rest."""
+        allocation = self.allocations.get(five_tuple)
+        if allocation is None:
+            return None
+        try:
+            number, payload = decode_channel_data(data)
+        except DecodeError:
+            return None
+        peer = allocation.channel_peers.get(number)
+        if peer is None:
+            return None
+        allocation.packets_to_peer += 1
+        allocation.bytes_to_peer += len(payload)
+        return SendToPeer(allocation.relay, peer, payload)
+
+    def expire(self, now: float) -> list[Action]:
+        """Age permissions, channels, reservations and allocations up to `now`."""
+        out: list[Action] = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            at, _, allocation = heapq.heappop(timers)
+            if allocation.closed or at != allocation.scheduled_at:
+                continue
+            allocation.scheduled_at = float("inf")
+            if allocation.expires_at <= now:
+                out.append(self._delete(allocation, "expired", now))
+                continue
+            allocation.expire(now)
+            self._schedule(allocation)
+        for token in [t for t, r in self._reservations.items() if r.expires_at <= now]:
+            reservation = self._reservations.pop(token)
+            self.pools[reservation.family].put(reservation.port)
+        return out
+
+    def next_deadline(self) -> float | None:
+        deadlines = [t[0] for t in self._timers[:1]]
+        deadlines += [r.expires_at for r in self._reservations.values()]
+        return min(deadlines, default=None)
+
+    def connection_closed(self, five_tuple: FiveTuple, now: float) -> list[Action]:
+        """RFC 8656 §3.1: over TCP/TLS, an allocation ends with its connection."""
+        allocation = self.allocations.get(five_tuple)
+        return [self._delete(allocation, "connection closed", now)] if allocation else []
+
+    def close_all(self, now: float) -> list[Action]:
+        return [self._delete(a, "shutdown", now) for a in list(self.allocations.values())]
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _schedule(self, allocation: Allocation) -> None:
+        at = allocation.next_deadline()
+        if at < allocation.scheduled_at:
+            allocation.scheduled_at = at
+            heapq.heappush(self._timers, (at, next(self._seq), allocation))
+
+    def _delete(self, allocation: Allocation, reason: str, now: float) -> AllocationDeleted:
+        allocation.closed = True
+        self.allocations.pop(allocation.five_tuple, None)
+        self._per_user[allocation.quota_user] -= 1
+        if self._per_user[allocation.quota_user] <= 0:
+            del self._per_user[allocation.quota_user]
+        self.binder.release(allocation.relay)
+        self.pools[allocation.family].put(allocation.relay.port)
+        return AllocationDeleted(allocation, reason, now)
+
+    def _malformed(self, data: bytes, five_tuple: FiveTuple) -> list[Action]:
+        """RFC 8489 §6.3: a malformed request gets 400 if we can tell it was a request."""
+        if len(data) < 20 or data[0] & 0x01 or data[1] & 0x10:  # not the request class
+            return []
+        txid = bytes(data[8:20])
+        method, _ = split_message_type(int.from_bytes(data[0:2], "big"))
+        response = Message(method, MessageClass.ERROR, txid, (ErrorCode(400, "Bad Request"),))
+        return [Reply(encode(response)), RequestHandled(method, 400, five_tuple[1])]
+
+    def _request(self, msg: Message, five_tuple: FiveTuple, now: float) -> Reply:
+        client = five_tuple[1]
+        fingerprint = msg.fingerprint_offset is not None
+        if msg.method == Method.BINDING:
+            return self._reply(msg, client, [XorMappedAddress(*client)], fingerprint=fingerprint)
+        # A retransmitted Allocate gets the very same answer (RFC 8656 §7.2 step 2).
+        existing = self.allocations.get(five_tuple)
+        if (
+            msg.method == Method.ALLOCATE
+            and existing is not None
+            and existing.allocate_transaction == msg.transaction_id
+        ):
+            self._events.append(RequestHandled(msg.method, 0, client))
+            return Reply(existing.allocate_response)
+        candidate: Candidate | None = None
+        try:
+            unknown = msg.unknown_comprehension_required()
+            if unknown:
+                raise errors.UnknownAttributesError(attributes=[UnknownAttributes(unknown)])
+            handler = self._handlers.get(msg.method)
+            if handler is None:
+                raise errors.BadRequest("method not supported over this transport")
+            candidate = self._authenticate(msg, five_tuple, now)
+            attributes = handler(msg, five_tuple, candidate, now)
+        except errors.StunErrorResponse as exc:
+            return self._error(msg, exc, candidate, five_tuple, now)
+        if msg.method == Method.ALLOCATE:
+            allocation = self.allocations[five_tuple]
+            reply = self._reply(
+                msg,
+                client,
+                attributes,
+                key=candidate.key,
+                sha256=allocation.use_sha256,
+                fingerprint=fingerprint,
+            )
+            allocation.allocate_response = reply.data
+            return reply
+        sha256 = msg.integrity_sha256_offset is not None
+        return self._reply(
+            msg, client, attributes, key=candidate.key, sha256=sha256, fingerprint=fingerprint
+        )
+
+    def _reply(
+        self,
+        msg: Message,
+        client: Address,
+        attributes: list[Attribute],
+        *,
+        code: int = 0,
+        key: bytes | None = None,
+        sha256: bool = False,
+        fingerprint: bool = False,
+    ) -> Reply:
+        msg_class = MessageClass.ERROR if code else MessageClass.SUCCESS
+        response = Message(
+            msg.method, msg_class, msg.transaction_id, (*attributes, *self._software)
+        )
+        self._events.append(RequestHandled(msg.method, code, client))
+        return Reply(
+            encode(
+                response,
+                integrity_key=key,
+                integrity_sha256=sha256,
+                integrity_sha1=not sha256,
+                fingerprint=fingerprint,
+            )
+        )
+
+    def _error(
+        self,
+        msg: Message,
+        exc: errors.StunErrorResponse,
+        candidate: Candidate | None,
+        five_tuple: FiveTuple,
+        now: float,
+    ) -> Reply:
+        attributes: list[Attribute] = [ErrorCode(exc.code, exc.reason), *exc.attributes]
+        if exc.code in (401, 438):
+            attributes += [
+                Realm(self.config.realm),
+                Nonce(self.auth.make_nonce(five_tuple[1][0], now)),
+            ]
+        key = candidate.key if candidate is not None and exc.signed else None
+        sha256 = msg.integrity_sha256_offset is not None
+        fingerprint = msg.fingerprint_offset is not None
+        return self._reply(
+            msg,
+            five_tuple[1],
+            attributes,
+            code=exc.code,
+            key=key,
+            sha256=sha256,
+            fingerprint=fingerprint,
+        )
+
+    # -- authentication (RFC 8489 §9.2.4) ------------------------------------------------
+
+    def _authenticate(self, msg: Message, five_tuple: FiveTuple, now: float) -> Candidate:
+        client = five_tuple[1]
+        has_mi = msg.integrity_offset is not None or msg.integrity_sha256_offset is not None
+        if not has_mi:
+            self._events.append(AuthFailed(client, None, AuthFailure.NO_CREDENTIALS))
+            raise errors.Unauthorized
+        username = msg.get(Username)
+        realm = msg.get(Realm)
+        nonce = msg.get(Nonce)
+        if username is None or realm is None or nonce is None:
+            raise errors.BadRequest("MESSAGE-INTEGRITY without USERNAME, REALM and NONCE")
+        if not self.auth.nonce_is_valid(nonce.value, client[0], now):
+            self._events.append(AuthFailed(client, username.value, AuthFailure.STALE_NONCE))
+            raise errors.StaleNonce
+        found = self.auth.candidates(username.value, now)
+        if isinstance(found, AuthFailure):
+            self._events.append(AuthFailed(client, username.value, found))
+            raise errors.Unauthorized
+        if realm.value != self.config.realm:
+            self._events.append(AuthFailed(client, username.value, AuthFailure.BAD_PASSWORD))
+            raise errors.Unauthorized
+        sha256 = msg.integrity_sha256_offset is not None
+        for candidate in found:
+            if (
+                integrity.verify_integrity_sha256(msg, candidate.key)
+                if sha256
+                else integrity.verify_integrity(msg, candidate.key)
+            ):
+                allocation = self.allocations.get(five_tuple)
+                if allocation is not None and allocation.username != candidate.username:
+                    # RFC 8656 §5: only the allocation's own credentials may touch it.
+                    raise errors.WrongCredentials
+                return candidate
+        self._events.append(AuthFailed(client, username.value, AuthFailure.BAD_PASSWORD))
+        raise errors.Unauthorized
+
+    # -- Allocate (RFC 8656 §7.2) --------------------------------------------------------
+
+    def _lifetime(self, msg: Message, *, floor: bool) -> int:
+        limits = self.config.allocations
+        requested = msg.get(Lifetime)
+        if requested is None:
+            return limits.default_lifetime
+        if requested.value == 0 and not floor:
+            return 0
+        lifetime = min(requested.value, limits.max_lifetime)
+        return max(lifetime, limits.default_lifetime) if floor else lifetime
+
+    def _allocate(
+        self, msg: Message, five_tuple: FiveTuple, candidate: Candidate, now: float
+    ) -> list[Attribute]:
+        client = five_tuple[1]
+        # Step 2: one allocation per 5-tuple (retransmissions were answered earlier).
+        if five_tuple in self.allocations:
+            raise errors.AllocationMismatch
+        # Step 3: only UDP relaying over this handler.
+        transport = msg.get(RequestedTransport)
+        if transport is None:
+            raise errors.BadRequest("REQUESTED-TRANSPORT missing")
+        if transport.protocol != TRANSPORT_UDP:
+            raise errors.UnsupportedTransport
+        token = msg.get(ReservationToken)
+        even_port = msg.get(EvenPort)
+        requested_family = msg.get(RequestedAddressFamily)
+        additional_family = msg.get(AdditionalAddressFamily)
+        # Step 5/6: a reservation token excludes EVEN-PORT and address family choices.
+        if token is not None and (even_port is not None or requested_family is not None):
+            raise errors.BadRequest("RESERVATION-TOKEN with EVEN-PORT or family")
+        if requested_family is not None and additional_family is not None:
+            raise errors.BadRequest("REQUESTED- and ADDITIONAL-ADDRESS-FAMILY together")
+        family = FAMILY_IPV4
+        if requested_family is not None:
+            family = requested_family.family
+            if family not in (FAMILY_IPV4, FAMILY_IPV6) or family not in self.relay_ips:
+                raise errors.AddressFamilyNotSupported
+        extra: list[Attribute] = []
+        if additional_family is not None:
+            if additional_family.family != FAMILY_IPV6:
+                raise errors.BadRequest("ADDITIONAL-ADDRESS-FAMILY must ask for IPv6")
+            # RFC 8656 §7.2: without an IPv6 relay, allocate IPv4 alone and say why.
+            extra.append(AddressErrorCode(FAMILY_IPV6, 440, "Address Family not Supported"))
+        if family not in self.relay_ips:
+            raise errors.AddressFamilyNotSupported
+        # Step 7: quotas.
+        quotas = self.config.quotas
+        if (
+            quotas.allocations_per_user
+            and self._per_user[candidate.quota_user] >= quotas.allocations_per_user
+        ) or (quotas.allocations_total and len(self.allocations) >= quotas.allocations_total):
+            self._events.append(QuotaRejected(client, candidate.username))
+            raise errors.AllocationQuotaReached
+        # Step 8: a node taken out of rotation sends new clients elsewhere.
+        if self.draining:
+            alternate = self.config.alternate_server
+            if alternate:
+                host, port = split_host_port(alternate)
+                raise errors.TryAlternate(attributes=[AlternateServer(host, port)])
+            raise errors.InsufficientCapacity("server is draining")
+        dont_fragment = msg.get(DontFragment) is not None
+        relay, reservation = self._bind_relay(family, token, even_port, dont_fragment, now)
+        lifetime = self._lifetime(msg, floor=True)
+        relayed = (self.relay_ips[family], relay.port)
+        allocation = Allocation(
+            five_tuple=five_tuple,
+            username=candidate.username,
+            quota_user=candidate.quota_user,
+            key=candidate.key,
+            relay=relay,
+            relayed_address=relayed,
+            family=family,
+            created_at=now,
+            expires_at=now + lifetime,
+            allocate_transaction=msg.transaction_id,
+            allocate_response=b"",
+            use_sha256=msg.integrity_sha256_offset is not None,
+        )
+        self.allocations[five_tuple] = allocation
+        self._per_user[candidate.quota_user] += 1
+        self._schedule(allocation)
+        self._events.append(AllocationCreated(allocation))
+        attributes: list[Attribute] = [
+            XorRelayedAddress(*relayed),
+            Lifetime(lifetime),
+            XorMappedAddress(*client),
+        ]
+        if reservation is not None:
+            attributes.append(ReservationToken(reservation))
+        return attributes + extra
+
+    def _bind_relay(
+        self,
+        family: int,
+        token: ReservationToken | None,
+        even_port: EvenPort | None,
+        dont_fragment: bool,
+        now: float,
+    ) -> tuple[RelaySocket, bytes | None]:
+        pool = self.pools[family]
+        if token is not None:
+            reserved = self._reservations.pop(token.value, None)
+            if reserved is None or reserved.family != family:
+                raise errors.InsufficientCapacity("unknown or expired RESERVATION-TOKEN")
+            relay = self.binder.bind(family, reserved.port, dont_fragment)
+            if relay is None:
+                pool.put(reserved.port)
+                raise errors.InsufficientCapacity("reserved port could not be bound")
+            return relay, None
+        for _ in range(_BIND_ATTEMPTS):
+            if even_port is None:
+                port = pool.take_random()
+            else:
+                port = pool.random_even_pair() if even_port.reserve else pool.random_even()
+                if port is not None:
+                    pool.take(port)
+            if port is None:
+                break
+            relay = self.binder.bind(family, port, dont_fragment)
+            if relay is None:
+                # Someone outside pyturn holds it; leave it out of the pool for now.
+                continue
+            if even_port is not None and even_port.reserve:
+                pool.take(port + 1)
+                reservation = secrets.token_bytes(8)
+                self._reservations[reservation] = _Reservation(
+                    port + 1, family, now + RESERVATION_LIFETIME
+                )
+                return relay, reservation
+            return relay, None
+        raise errors.InsufficientCapacity("no relay port free")
+
+    # -- Refresh (RFC 8656 §7.3) ---------------------------------------------------------
+
+    def _refresh(
+        self, msg: Message, five_tuple: FiveTuple, candidate: Candidate, now: float
+    ) -> list[Attribute]:
+        allocation = self._allocation(five_tuple)
+        requested_family = msg.get(RequestedAddressFamily)
+        if requested_family is not None and requested_family.family != allocation.family:
+            raise errors.PeerAddressFamilyMismatch
+        lifetime = self._lifetime(msg, floor=False)
+        if lifetime == 0:
+            self._events.append(self._delete(allocation, "refresh", now))
+            return [Lifetime(0)]
+        allocation.expires_at = now + lifetime
+        self._events.append(AllocationRefreshed(allocation, lifetime))
+        return [Lifetime(lifetime)]
+
+    # -- CreatePermission (RFC 8656 §9) and ChannelBind (§12) -----------------------------
+
+    def _allocation(self, five_tuple: FiveTuple) -> Allocation:
+        allocation = self.allocations.get(five_tuple)
+        if allocation is None:
+            raise errors.AllocationMismatch
+        return allocation
+
+    def _check_peer(self, allocation: Allocation, peer: XorPeerAddress) -> None:
+        family = FAMILY_IPV6 if ":" in peer.host else FAMILY_IPV4
+        if family != allocation.family:
+            raise errors.PeerAddressFamilyMismatch
+        if not self.policy.is_allowed(peer.host):
+            self._events.append(
+                PeerDenied(allocation.five_tuple[1], allocation.username, peer.address)
+            )
+            raise errors.Forbidden("peer address not allowed")
+
+    def _create_permission(
+        self, msg: Message, five_tuple: FiveTuple, candidate: Candidate, now: float
+    ) -> list[Attribute]:
+        allocation = self._allocation(five_tuple)
+        peers = msg.get_all(XorPeerAddress)
+        if not peers:
+            raise errors.BadRequest("XOR-PEER-ADDRESS missing")
+        for peer in peers:  # all or nothing: check every peer before installing any
+            self._check_peer(allocation, peer)
+        new = {p.host for p in peers} - allocation.permissions.keys()
+        if len(allocation.permissions) + len(new) > self.config.quotas.permissions_per_allocation:
+            raise errors.InsufficientCapacity("too many permissions")
+        for peer in peers:
+            allocation.permit(peer.host, now)
+        self._schedule(allocation)
+        return []
+
+    def _channel_bind(
+        self, msg: Message, five_tuple: FiveTuple, candidate: Candidate, now: float
+    ) -> list[Attribute]:
+        allocation = self._allocation(five_tuple)
+        channel = msg.get(ChannelNumber)
+        peer = msg.get(XorPeerAddress)
+        if channel is None or peer is None:
+            raise errors.BadRequest("CHANNEL-NUMBER and XOR-PEER-ADDRESS are required")
+        number = channel.number
+        if not CHANNEL_MIN <= number <= CHANNEL_MAX:
+            raise errors.BadRequest("channel number outside 0x4000-0x4FFF")
+        bound_peer = allocation.channel_peers.get(number)
+        if bound_peer is not None and bound_peer != peer.address:
+            raise errors.BadRequest("channel already bound to another peer")
+        bound_header = allocation.channel_headers.get(peer.address)
+        if bound_header is not None and int.from_bytes(bound_header, "big") != number:
+            raise errors.BadRequest("peer already bound to another channel")
+        self._check_peer(allocation, peer)
+        if (
+            bound_peer is None
+            and len(allocation.channel_peers) >= self.config.quotas.channels_per_allocation
+        ):
+            raise errors.InsufficientCapacity("too many channels")
+        if (
+            peer.host not in allocation.permissions
+            and len(allocation.permissions) >= self.config.quotas.permissions_per_allocation
+        ):
+            raise errors.InsufficientCapacity("too many permissions")
+        allocation.bind_channel(number, peer.address, now)
+        self._schedule(allocation)
+        return []
+
+    # -- Send indication (RFC 8656 §11.2) ------------------------------------------------
+
+    def _send_indication(self, msg: Message, five_tuple: FiveTuple) -> SendToPeer | None:
+        allocation = self.allocations.get(five_tuple)
+        if allocation is None:
+            return None
+        peer = msg.get(XorPeerAddress)
+        data = msg.get(Data)
+        if peer is None or data is None or peer.host not in allocation.permissions:
+            return None
+        allocation.packets_to_peer += 1
+        allocation.bytes_to_peer += len(data.value)
+        return SendToPeer(allocation.relay, peer.address, data.value)
+
+
+__all__ = [
+    "Action",
+    "AllocationCreated",
+    "AllocationDeleted",
+    "AllocationRefreshed",
+    "AuthFailed",
+    "Event",
+    "PeerDenied",
+    "QuotaRejected",
+    "Reply",
+    "RequestHandled",
+    "SendToPeer",
+    "TurnServer",
+]

@@ -1,0 +1,270 @@
+"""STUN message header, methods, classes, and the encode/decode of whole messages.
+
+RFC 8489 §5: a 20-byte header (type, length, magic cookie, 96-bit transaction id)
+followed by TLV attributes padded to 4 bytes.
+"""
+
+from __future__ import annotations
+
+import secrets
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import TypeVar
+
+from pyturn.wire import integrity as _integrity
+from pyturn.wire.attributes import (
+    MAGIC_COOKIE,
+    Attribute,
+    Fingerprint,
+    MessageIntegrity,
+    MessageIntegritySha256,
+    UnknownAttribute,
+    decode_attribute,
+)
+from pyturn.wire.errors import DecodeError
+
+HEADER_SIZE = 20
+_COOKIE = MAGIC_COOKIE.to_bytes(4, "big")
+_HEADER = struct.Struct("!HHI12s")
+_TLV = struct.Struct("!HH")
+
+A = TypeVar("A", bound=Attribute)
+
+
+class Method(IntEnum):
+    BINDING = 0x001
+    ALLOCATE = 0x003
+    REFRESH = 0x004
+    SEND = 0x006
+    DATA = 0x007
+    CREATE_PERMISSION = 0x008
+    CHANNEL_BIND = 0x009
+    CONNECT = 0x00A  # RFC 6062
+    CONNECTION_BIND = 0x00B
+    CONNECTION_ATTEMPT = 0x00C
+
+
+class MessageClass(IntEnum):
+    REQUEST = 0b00
+    INDICATION = 0b01
+    SUCCESS = 0b10
+    ERROR = 0b11
+
+
+def message_type(method: int, msg_class: int) -> int:
+    """RFC 8489 §5: the class bits C1 C0 sit between method bits M3/M4 and M6/M7."""
+    return (
+        (method & 0x000F)
+        | ((method & 0x0070) << 1)
+        | ((method & 0x0F80) << 2)
+        | ((msg_class & 0b01) << 4)
+        | ((msg_class & 0b10) << 7)
+    )
+
+
+def split_message_type(value: int) -> tuple[int, int]:
+    method = (value & 0x000F) | ((value & 0x00E0) >> 1) | ((value & 0x3E00) >> 2)
+    msg_class = ((value >> 4) & 0b01) | ((value >> 7) & 0b10)
+    return method, msg_class
+
+
+def new_transaction_id() -> bytes:
+    return secrets.token_bytes(12)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A decoded (or to-be-encoded) STUN message.
+
+    `method` stays an int so that messages with a method we do not know still decode
+    (and can be answered 400); compare it against `Method`.
+    """
+
+    method: int
+    msg_class: MessageClass
+    transaction_id: bytes
+    attributes: tuple[Attribute, ...] = ()
+    # The bytes as received; integrity checks hash exactly these.
+    raw: bytes = field(default=b"", compare=False, repr=False)
+    # Byte offsets in `raw` of the MESSAGE-INTEGRITY(-SHA256) attribute headers.
+    integrity_offset: int | None = field(default=None, compare=False, repr=False)
+    integrity_sha256_offset: int | None = field(default=None, compare=False, repr=False)
+    fingerprint_offset: int | None = field(default=None, compare=False, repr=False)
+    # Padding bytes as received: RFC 5769 pads with spaces, and a byte-exact re-encode
+    # (which its MESSAGE-INTEGRITY depends on) must reproduce them.
+    padding: tuple[bytes, ...] | None = field(default=None, compare=False, repr=False)
+
+    def get(self, kind: type[A]) -> A | None:
+        """The first attribute of this type (RFC 8489 §14: later duplicates are ignored)."""
+        for attr in self.attributes:
+            if type(attr) is kind:
+                return attr
+        return None
+
+    def get_all(self, kind: type[A]) -> list[A]:
+        return [attr for attr in self.attributes if type(attr) is kind]
+
+    def unknown_comprehension_required(self) -> tuple[int, ...]:
+        """Types to list in a 420's UNKNOWN-ATTRIBUTES (RFC 8489 §6.3.1)."""
+        seen: list[int] = []
+        for attr in self.attributes:
+            if (
+                isinstance(attr, UnknownAttribute)
+                and attr.comprehension_required
+                and attr.type not in seen
+            ):
+                seen.append(attr.type)
+        return tuple(seen)
+
+
+def is_stun(data: bytes) -> bool:
+    """Cheap demultiplexing test (RFC 7983): top two bits zero and the magic cookie."""
+    return len(data) >= HEADER_SIZE and data[0] < 0x40 and data[4:8] == _COOKIE
+
+
+def decode(data: bytes) -> Message:
+    """Decode one STUN message occupying all of `data`.
+
+    RFC 8489 §14.5/§14.6: attributes after MESSAGE-INTEGRITY are ignored except
+    MESSAGE-INTEGRITY-SHA256 and FINGERPRINT; after MESSAGE-INTEGRITY-SHA256 only
+    FINGERPRINT; and FINGERPRINT must be the last attribute.
+    """
+    data = bytes(data)
+    if len(data) < HEADER_SIZE:
+        raise DecodeError("shorter than a STUN header")
+    msg_type, length, cookie, transaction_id = _HEADER.unpack_from(data)
+    if msg_type & 0xC000:
+        raise DecodeError("top two bits of a STUN message must be zero")
+    if cookie != MAGIC_COOKIE:
+        raise DecodeError("wrong magic cookie")
+    if length % 4:
+        raise DecodeError("message length is not a multiple of 4")
+    if HEADER_SIZE + length != len(data):
+        raise DecodeError(f"length field says {length} but {len(data) - HEADER_SIZE} follow")
+    method, msg_class = split_message_type(msg_type)
+
+    attributes: list[Attribute] = []
+    paddings: list[bytes] = []
+    mi_offset = mi256_offset = fp_offset = None
+    pos = HEADER_SIZE
+    end = len(data)
+    while pos < end:
+        if pos + 4 > end:
+            raise DecodeError("attribute header truncated")
+        attr_type, attr_len = _TLV.unpack_from(data, pos)
+        value_end = pos + 4 + attr_len
+        padded_end = value_end + (-attr_len % 4)
+        if padded_end > end:
+            raise DecodeError(f"attribute 0x{attr_type:04x} runs past the end of the message")
+        if fp_offset is not None:
+            raise DecodeError("FINGERPRINT must be the last attribute")
+        value = data[pos + 4 : value_end]
+        ignored = (mi_offset is not None and attr_type not in _AFTER_MI) or (
+            mi256_offset is not None and attr_type != Fingerprint.TYPE
+        )
+        if not ignored:
+            attr = decode_attribute(attr_type, value, transaction_id)
+            attributes.append(attr)
+            paddings.append(data[value_end:padded_end])
+            if attr_type == MessageIntegrity.TYPE:
+                mi_offset = pos
+            elif attr_type == MessageIntegritySha256.TYPE:
+                mi256_offset = pos
+            elif attr_type == Fingerprint.TYPE:
+                fp_offset = pos
+        pos = padded_end
+
+    return Message(
+        method=method,
+        msg_class=MessageClass(msg_class),
+        transaction_id=transaction_id,
+        attributes=tuple(attributes),
+        raw=data,
+        integrity_offset=mi_offset,
+        integrity_sha256_offset=mi256_offset,
+        fingerprint_offset=fp_offset,
+        padding=tuple(paddings),
+    )
+
+
+_AFTER_MI = frozenset({MessageIntegritySha256.TYPE, Fingerprint.TYPE})
+
+
+def _tlv(attr_type: int, value: bytes, padding: bytes | None = None) -> bytes:
+    pad = -len(value) % 4
+    if padding is None or len(padding) != pad:
+        padding = b"\x00" * pad
+    return _TLV.pack(attr_type, len(value)) + value + padding
+
+
+def encode(
+    message: Message,
+    *,
+    integrity_key: bytes | None = None,
+    integrity_sha256: bool = False,
+    integrity_sha1: bool = True,
+    fingerprint: bool = False,
+) -> bytes:
+    """Encode `message`, then append the integrity attributes and FINGERPRINT asked for.
+
+    With `integrity_key`, MESSAGE-INTEGRITY (unless `integrity_sha1` is false) and, with
+    `integrity_sha256`, MESSAGE-INTEGRITY-SHA256 are computed over what precedes them
+    (RFC 8489 §14.5-14.6). Attributes already in `message` are written as they are, so a
+    decoded message re-encodes byte for byte.
+    """
+    txid = message.transaction_id
+    paddings = message.padding
+    if paddings is not None and len(paddings) != len(message.attributes):
+        paddings = None
+    parts = [
+        _tlv(attr.attr_type, attr.encode(txid), paddings[i] if paddings else None)
+        for i, attr in enumerate(message.attributes)
+    ]
+    return finish(
+        message_type(message.method, message.msg_class),
+        txid,
+        b"".join(parts),
+        integrity_key=integrity_key,
+        integrity_sha256=integrity_sha256,
+        integrity_sha1=integrity_sha1,
+        fingerprint=fingerprint,
+    )
+
+
+def finish(
+    msg_type: int,
+    transaction_id: bytes,
+    body: bytes,
+    *,
+    integrity_key: bytes | None = None,
+    integrity_sha256: bool = False,
+    integrity_sha1: bool = True,
+    fingerprint: bool = False,
+) -> bytes:
+    """Header + already-encoded attribute bytes, then integrity and FINGERPRINT."""
+    header_tail = _COOKIE + transaction_id
+    if integrity_key is not None:
+        if integrity_sha1:
+            # The length covers the MESSAGE-INTEGRITY attribute itself (RFC 8489 §14.5).
+            head = struct.pack("!HH", msg_type, len(body) + 24) + header_tail
+            mac = _integrity.hmac_sha1(integrity_key, head + body)
+            body += _tlv(MessageIntegrity.TYPE, mac)
+        if integrity_sha256:
+            head = struct.pack("!HH", msg_type, len(body) + 36) + header_tail
+            mac = _integrity.hmac_sha256(integrity_key, head + body)
+            body += _tlv(MessageIntegritySha256.TYPE, mac)
+    if fingerprint:
+        head = struct.pack("!HH", msg_type, len(body) + 8) + header_tail
+        body += _tlv(Fingerprint.TYPE, _integrity.crc(head + body).to_bytes(4, "big"))
+    return struct.pack("!HH", msg_type, len(body)) + header_tail + body
+
+
+def build(
+    method: int,
+    msg_class: MessageClass,
+    transaction_id: bytes,
+    attributes: Iterable[Attribute] = (),
+) -> Message:
+    return Message(method, msg_class, transaction_id, tuple(attributes))

@@ -221,6 +221,9 @@ class PeersConfig:
 class AllocationsConfig:
     default_lifetime: int = field(default=600, metadata=_rule(low=1))
     max_lifetime: int = field(default=3600, metadata=_rule(low=1))
+    # RFC 8656 binds channels 0x4000-0x4FFF only; RFC 5766 allowed up to 0x7FFF, and some
+    # old clients (coturn's own turnutils_uclient among them) still pick numbers there.
+    legacy_channel_numbers: bool = False
 
 
 @dataclass(frozen=True, slots=True)

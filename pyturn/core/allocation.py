@@ -26,10 +26,16 @@ _DATA_INDICATION = message_type(Method.DATA, 0b01)
 
 
 class RelaySocket(Protocol):
-    """What the I/O layer gives the core for a bound relay port; the core never sends."""
+    """What the I/O layer gives the core for a bound relay port.
+
+    The core never calls `sendto`: it returns `SendToPeer(relay, ...)` and the I/O layer
+    does the sending.
+    """
 
     @property
     def port(self) -> int: ...
+
+    def sendto(self, data: bytes, peer: Address, /) -> None: ...
 
 
 class RelayBinder(Protocol):

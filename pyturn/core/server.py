@@ -54,7 +54,13 @@ from pyturn.wire.attributes import (
     XorPeerAddress,
     XorRelayedAddress,
 )
-from pyturn.wire.channel_data import CHANNEL_MAX, CHANNEL_MIN, decode_channel_data, is_channel_data
+from pyturn.wire.channel_data import (
+    CHANNEL_MAX,
+    CHANNEL_MIN,
+    LEGACY_CHANNEL_MAX,
+    decode_channel_data,
+    is_channel_data,
+)
 from pyturn.wire.errors import DecodeError
 from pyturn.wire.message import (
     Message,
@@ -388,7 +394,9 @@ class TurnServer:
         five_tuple: FiveTuple,
         now: float,
     ) -> Reply:
-        attributes: list[Attribute] = [ErrorCode(exc.code, exc.reason), *exc.attributes]
+        # The detail tells a developer which rule was broken; it costs a few bytes only.
+        reason = f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason
+        attributes: list[Attribute] = [ErrorCode(exc.code, reason), *exc.attributes]
         if exc.code in (401, 438):
             attributes += [
                 Realm(self.config.realm),
@@ -640,8 +648,11 @@ class TurnServer:
         if channel is None or peer is None:
             raise errors.BadRequest("CHANNEL-NUMBER and XOR-PEER-ADDRESS are required")
         number = channel.number
-        if not CHANNEL_MIN <= number <= CHANNEL_MAX:
-            raise errors.BadRequest("channel number outside 0x4000-0x4FFF")
+        highest = (
+            LEGACY_CHANNEL_MAX if self.config.allocations.legacy_channel_numbers else CHANNEL_MAX
+        )
+        if not CHANNEL_MIN <= number <= highest:
+            raise errors.BadRequest(f"channel number outside 0x4000-0x{highest:04X}")
         bound_peer = allocation.channel_peers.get(number)
         if bound_peer is not None and bound_peer != peer.address:
             raise errors.BadRequest("channel already bound to another peer")

@@ -12,13 +12,16 @@ from dataclasses import dataclass
 from pyturn.wire.errors import DecodeError
 
 CHANNEL_MIN = 0x4000
-CHANNEL_MAX = 0x4FFF  # RFC 8656 §12: 0x5000-0x7FFF are reserved, above is not ChannelData
+CHANNEL_MAX = 0x4FFF  # RFC 8656 §12: the channels a client may bind
+# RFC 5766 allowed binding up to 0x7FFF; frames in 0x5000-0x7FFF still parse so that a
+# server configured for such legacy clients can relay them.
+LEGACY_CHANNEL_MAX = 0x7FFF
 MAX_STUN_SIZE = 65535 + 20
 
 
 def is_channel_data(data: bytes) -> bool:
-    """RFC 7983 demultiplexing: the first byte is 64-79 (0x40-0x4F) for ChannelData."""
-    return bool(data) and 0x40 <= data[0] <= 0x4F
+    """The top two bits are 01 (RFC 5766 §11); STUN messages have 00."""
+    return bool(data) and 0x40 <= data[0] <= 0x7F
 
 
 def channel_header(channel: int, length: int) -> bytes:
@@ -26,8 +29,8 @@ def channel_header(channel: int, length: int) -> bytes:
 
 
 def encode_channel_data(channel: int, data: bytes, *, pad: bool = False) -> bytes:
-    if not CHANNEL_MIN <= channel <= CHANNEL_MAX:
-        raise ValueError(f"channel number 0x{channel:04x} outside 0x4000-0x4FFF")
+    if not CHANNEL_MIN <= channel <= LEGACY_CHANNEL_MAX:
+        raise ValueError(f"channel number 0x{channel:04x} outside 0x4000-0x7FFF")
     if len(data) > 0xFFFF:
         raise ValueError("ChannelData payload larger than 65535 bytes")
     frame = channel_header(channel, len(data)) + data
@@ -46,8 +49,8 @@ def decode_channel_data(frame: bytes) -> tuple[int, bytes]:
         raise DecodeError("ChannelData shorter than its header")
     channel = int.from_bytes(frame[0:2], "big")
     length = int.from_bytes(frame[2:4], "big")
-    if not CHANNEL_MIN <= channel <= CHANNEL_MAX:
-        raise DecodeError(f"channel number 0x{channel:04x} outside 0x4000-0x4FFF")
+    if not CHANNEL_MIN <= channel <= LEGACY_CHANNEL_MAX:
+        raise DecodeError(f"channel number 0x{channel:04x} outside 0x4000-0x7FFF")
     if 4 + length > len(frame):
         raise DecodeError("ChannelData length runs past the datagram")
     return channel, bytes(frame[4 : 4 + length])
@@ -58,9 +61,8 @@ class StreamFramer:
     """Splits a TCP/TLS byte stream into whole STUN messages and ChannelData frames.
 
     Feed bytes with `feed`, then take complete frames from `frames()`. A frame whose
-    first bits are neither STUN (00) nor ChannelData (01), or a ChannelData frame with a
-    reserved channel number, raises `DecodeError`: the stream cannot be resynchronised
-    and the connection should be closed.
+    first bits are neither STUN (00) nor ChannelData (01) raises `DecodeError`: the
+    stream cannot be resynchronised and the connection should be closed.
     """
 
     buffer: bytearray
@@ -87,7 +89,7 @@ class StreamFramer:
                     break
                 out.append(bytes(buf[pos : pos + size]))
                 pos += size
-            elif first <= 0x4F:
+            elif first <= 0x7F:
                 size = 4 + length + (-length % 4)
                 if size > len(buf) - pos:
                     break

@@ -1,0 +1,131 @@
+"""Relay sockets: one UDP socket per allocation, facing the peers.
+
+Each relay socket is a plain non-blocking socket watched with `loop.add_reader`, so a
+port can be bound synchronously while the core handles an Allocate, and one wake-up
+drains every datagram already queued. The peer-to-client path is the fast path: a
+datagram becomes ChannelData or a Data indication in `Allocation.frame_for_client` and
+goes out through the client's sink, with no awaits, logging or clock reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+from collections.abc import Callable
+
+from pyturn.core.allocation import Allocation
+from pyturn.wire.attributes import FAMILY_IPV4, Address
+
+log = logging.getLogger(__name__)
+
+_READS_PER_WAKEUP = 64
+_RECV_SIZE = 65535
+# Linux: IP_MTU_DISCOVER with IP_PMTUDISC_DO sets DF on every datagram (RFC 8656 §14.8).
+_IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+_IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
+_IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+
+ClientSink = Callable[[bytes], None]
+
+
+class RelayEndpoint:
+    """A bound relay port; `allocation` and `sink` are set once the Allocate succeeds."""
+
+    __slots__ = ("_loop", "allocation", "port", "sink", "sock")
+
+    def __init__(self, sock: socket.socket, port: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.sock = sock
+        self.port = port
+        self._loop = loop
+        self.allocation: Allocation | None = None
+        self.sink: ClientSink | None = None
+
+    def attach(self, allocation: Allocation, sink: ClientSink) -> None:
+        self.allocation = allocation
+        self.sink = sink
+        self._loop.add_reader(self.sock.fileno(), self._readable)
+
+    def sendto(self, data: bytes, peer: Address) -> None:
+        try:
+            self.sock.sendto(data, peer)
+        except (BlockingIOError, InterruptedError):
+            pass  # a full socket buffer drops the datagram, as UDP would anyway
+        except OSError as exc:
+            # ICMP errors surface here (e.g. ECONNREFUSED from an earlier datagram);
+            # they concern one peer and must not disturb the allocation.
+            if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                log.debug("relay send to %s failed: %s", peer, exc)
+
+    def _readable(self) -> None:
+        allocation = self.allocation
+        sink = self.sink
+        if allocation is None or sink is None:
+            return
+        recvfrom = self.sock.recvfrom
+        frame_for_client = allocation.frame_for_client
+        for _ in range(_READS_PER_WAKEUP):
+            try:
+                data, peer = recvfrom(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # a queued ICMP error for an earlier send; keep reading
+            if len(peer) > 2:
+                peer = peer[:2]
+            frame = frame_for_client(peer, data)
+            if frame is not None:
+                allocation.packets_to_client += 1
+                allocation.bytes_to_client += len(data)
+                sink(frame)
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+class UdpRelayBinder:
+    """Implements the core's RelayBinder with real sockets on the configured addresses."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        address4: str,
+        address6: str | None = None,
+    ) -> None:
+        self.loop = loop
+        self.address4 = address4
+        self.address6 = address6
+        self.open = 0
+
+    def bind(self, family: int, port: int, dont_fragment: bool) -> RelayEndpoint | None:
+        if family == FAMILY_IPV4:
+            af, host = socket.AF_INET, self.address4
+        else:
+            if self.address6 is None:
+                return None
+            af, host = socket.AF_INET6, self.address6
+        sock = socket.socket(af, socket.SOCK_DGRAM)
+        try:
+            if af == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+            sock.setblocking(False)
+            if dont_fragment:
+                if af == socket.AF_INET:
+                    sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DO)
+                else:
+                    sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _IP_PMTUDISC_DO)
+        except OSError:
+            sock.close()
+            return None
+        self.open += 1
+        return RelayEndpoint(sock, port, self.loop)
+
+    def release(self, relay: object) -> None:
+        if isinstance(relay, RelayEndpoint):
+            relay.close()
+            self.open -= 1

@@ -1,0 +1,113 @@
+"""TCP (and later TLS) client connections: a framed byte stream into the core.
+
+RFC 8656 §3.1: over a stream, STUN messages and ChannelData share the connection, and
+ChannelData is padded to a multiple of 4 bytes. The allocation made on a connection
+ends when it closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import cast
+
+from pyturn.core.allocation import FiveTuple
+from pyturn.core.server import TurnServer
+from pyturn.net.udp import ActionHandler
+from pyturn.wire.attributes import Address
+from pyturn.wire.channel_data import StreamFramer
+from pyturn.wire.errors import DecodeError
+
+log = logging.getLogger(__name__)
+
+# A slow reader may not make us queue without bound: past this, the client is dropped.
+MAX_WRITE_BUFFER = 1 << 20
+# A connection that has not sent one whole frame by then is closed (slowloris).
+FIRST_FRAME_TIMEOUT = 5.0
+# Larger than any STUN message or ChannelData frame: a claim beyond it is a lie.
+MAX_PENDING = 65536 + 8
+
+
+class StreamConnection(asyncio.Protocol):
+    def __init__(
+        self,
+        server: TurnServer,
+        clock: Callable[[], float],
+        handle_actions: ActionHandler,
+        transport_name: str = "tcp",
+    ) -> None:
+        self.server = server
+        self.clock = clock
+        self.handle_actions = handle_actions
+        self.transport_name = transport_name
+        self.framer = StreamFramer()
+        self.transport: asyncio.Transport | None = None
+        self.five_tuple: FiveTuple | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        client: Address = (str(peer[0]), int(peer[1]))
+        self.five_tuple = (self.transport_name, client, (str(local[0]), int(local[1])))
+        transport.set_write_buffer_limits(high=MAX_WRITE_BUFFER)
+        self._idle_timer = asyncio.get_running_loop().call_later(
+            FIRST_FRAME_TIMEOUT, self._first_frame_timeout
+        )
+
+    def _first_frame_timeout(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        framer = self.framer
+        framer.feed(data)
+        try:
+            frames = framer.frames()
+        except DecodeError:
+            self.close()
+            return
+        if framer.pending > MAX_PENDING:
+            self.close()
+            return
+        if frames and self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        five_tuple = self.five_tuple
+        assert five_tuple is not None
+        server = self.server
+        for frame in frames:
+            if 0x40 <= frame[0] <= 0x7F:
+                send = server.route_channel_data(frame, five_tuple)
+                if send is not None:
+                    send.relay.sendto(send.data, send.peer)
+                continue
+            actions = server.receive(frame, five_tuple, self.clock())
+            if actions:
+                self.handle_actions(actions, five_tuple, self.send)
+
+    def send(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            # A client that does not read its relayed media loses it, not our memory.
+            return
+        pad = -len(data) % 4
+        transport.write(data + b"\x00" * pad if pad else data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        if self.five_tuple is not None:
+            actions = self.server.connection_closed(self.five_tuple, self.clock())
+            if actions:
+                self.handle_actions(actions, self.five_tuple, self.send)
+        self.transport = None

@@ -1,0 +1,24 @@
+#!/bin/sh
+# Installs the Debian packages the test suite uses: coturn, for its client tools
+# (turnutils_stunclient, turnutils_uclient, turnutils_peer) and its server, which
+# benchmarks run side by side with pyturn. Nothing here is shipped with pyturn.
+set -eu
+
+if command -v turnutils_uclient >/dev/null 2>&1; then
+    exit 0
+fi
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "install-system-deps: no apt-get; install coturn's client tools by hand" \
+         "or the interop tests will be skipped" >&2
+    exit 0
+fi
+SUDO=""
+if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+        echo "install-system-deps: not root and no sudo; interop tests will be skipped" >&2
+        exit 0
+    fi
+fi
+echo "install-system-deps: installing coturn (client tools for the interop tests)" >&2
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends coturn >/dev/null

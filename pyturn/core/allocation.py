@@ -9,6 +9,7 @@ looks at a clock: presence in the dictionary is the permission.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -84,6 +85,15 @@ class Allocation:
         self.channel_headers[peer] = number.to_bytes(2, "big")
         self.channel_expiry[number] = now + CHANNEL_LIFETIME
         self.permit(peer[0], now)
+
+    def forget_peers(self, denied: Callable[[str], bool]) -> None:
+        """Drop permissions and channels for peer IPs that `denied` refuses."""
+        for ip in [ip for ip in self.permissions if denied(ip)]:
+            del self.permissions[ip]
+        for number in [n for n, peer in self.channel_peers.items() if denied(peer[0])]:
+            peer = self.channel_peers.pop(number)
+            self.channel_headers.pop(peer, None)
+            self.channel_expiry.pop(number, None)
 
     def expire(self, now: float) -> None:
         """Drop permissions and channels past their lifetime (RFC 8656 §9, §12)."""

@@ -208,6 +208,9 @@ class TurnServer:
             nonce_secret=self._nonce_secret,
         )
         self.policy = PeerPolicy(config.peers.allow, config.peers.deny)
+        # A tightened policy applies at once: nothing may be sent to a peer it now denies.
+        for allocation in self.allocations.values():
+            allocation.forget_peers(lambda ip: not self.policy.is_allowed(ip))
         relay = config.relay
         self.relay_ips: dict[int, str] = {}
         v4 = relay.external_address or self._relay_ipv4

@@ -15,7 +15,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pyturn.config import UserEntry
-from pyturn.wire.integrity import long_term_key
+from pyturn.wire.attributes import PASSWORD_ALGORITHM_MD5, PASSWORD_ALGORITHM_SHA256
+from pyturn.wire.integrity import long_term_key, userhash
+
+# RFC 8489 §9.2: "obMatJos2" then 24 bits of security features in base64. Bit 0 (the
+# top bit) is password algorithms, bit 1 username anonymity: 0xC00000 is "wAAA".
+NONCE_COOKIE = "obMatJos2" + base64.b64encode(bytes((0xC0, 0, 0))).decode("ascii")
+SUPPORTED_ALGORITHMS = ((PASSWORD_ALGORITHM_MD5, b""), (PASSWORD_ALGORITHM_SHA256, b""))
 
 
 class AuthFailure(enum.Enum):
@@ -58,9 +64,10 @@ def parse_rest_username(username: str) -> tuple[int, str] | None:
 class Authenticator:
     """Looks up keys for usernames and makes and checks nonces.
 
-    Nonces are `<expiry hex>-<hmac>`: an HMAC-SHA256 over the expiry and the client's IP
-    address with a per-process secret, so issuing one costs no memory and a nonce
-    captured on the wire is useless from another address.
+    Nonces are `obMatJos2<features><expiry hex>-<hmac>`: the RFC 8489 §9.2 cookie that
+    announces PASSWORD-ALGORITHMS and USERHASH support, then an HMAC-SHA256 over the
+    expiry and the client's IP address with a per-process secret, so issuing one costs
+    no memory and a nonce captured on the wire is useless from another address.
     """
 
     def __init__(
@@ -77,11 +84,16 @@ class Authenticator:
         self.nonce_lifetime = nonce_lifetime
         self._nonce_secret = nonce_secret or secrets.token_bytes(32)
         self._keys: dict[str, bytes] = {}
+        self._passwords: dict[str, str] = {}
+        # RFC 8489 §9.2.4: a client may hide its name behind SHA-256(username ":" realm).
+        self._userhashes: dict[bytes, str] = {}
         for name, user in (users or {}).items():
             if user.key is not None:
                 self._keys[name] = user.key
             elif user.password is not None:
                 self._keys[name] = long_term_key(name, realm, user.password)
+                self._passwords[name] = user.password
+            self._userhashes[userhash(name, realm)] = name
 
     @property
     def has_credentials(self) -> bool:
@@ -95,11 +107,13 @@ class Authenticator:
 
     def make_nonce(self, client_ip: str, now: float) -> str:
         expiry = f"{int(now + self.nonce_lifetime):x}"
-        return f"{expiry}-{self._nonce_mac(expiry, client_ip)}"
+        return f"{NONCE_COOKIE}{expiry}-{self._nonce_mac(expiry, client_ip)}"
 
     def nonce_is_valid(self, nonce: str, client_ip: str, now: float) -> bool:
         """False for a nonce we did not issue to this IP, or one past its expiry (438)."""
-        expiry, sep, mac = nonce.partition("-")
+        if not nonce.startswith(NONCE_COOKIE):
+            return False
+        expiry, sep, mac = nonce[len(NONCE_COOKIE) :].partition("-")
         if not sep or not 1 <= len(expiry) <= 12:
             return False
         try:
@@ -112,15 +126,29 @@ class Authenticator:
 
     # -- keys ----------------------------------------------------------------------------
 
-    def candidates(self, username: str, now: float) -> list[Candidate] | AuthFailure:
+    def username_for_userhash(self, value: bytes) -> str | None:
+        """The static user behind a USERHASH (REST names cannot be found from a hash)."""
+        return self._userhashes.get(value)
+
+    def candidates(
+        self, username: str, now: float, algorithm: int = PASSWORD_ALGORITHM_MD5
+    ) -> list[Candidate] | AuthFailure:
         """Every key that could have signed a request from `username`.
 
         A static user wins over a REST-shaped name. REST credentials yield one candidate per
-        configured secret so that operators can rotate secrets without a flag day.
+        configured secret so that operators can rotate secrets without a flag day. SHA-256
+        keys (PASSWORD-ALGORITHM 2) need the password itself, so a user configured with a
+        precomputed MD5 key can only use MD5.
         """
-        key = self._keys.get(username)
-        if key is not None:
-            return [Candidate(username, username, key)]
+        if algorithm == PASSWORD_ALGORITHM_SHA256:
+            password = self._passwords.get(username)
+            if password is not None:
+                key = long_term_key(username, self.realm, password, algorithm)
+                return [Candidate(username, username, key)]
+            if username in self._keys:
+                return AuthFailure.BAD_PASSWORD
+        elif username in self._keys:
+            return [Candidate(username, username, self._keys[username])]
         if not self.secrets:
             return AuthFailure.UNKNOWN_USER
         parsed = parse_rest_username(username)
@@ -134,7 +162,7 @@ class Authenticator:
             Candidate(
                 username,
                 quota_user,
-                long_term_key(username, self.realm, rest_password(secret, username)),
+                long_term_key(username, self.realm, rest_password(secret, username), algorithm),
             )
             for secret in self.secrets
         ]

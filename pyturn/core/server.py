@@ -24,12 +24,13 @@ from pyturn.core.allocation import (
     RelayBinder,
     RelaySocket,
 )
-from pyturn.core.auth import Authenticator, AuthFailure, Candidate
+from pyturn.core.auth import SUPPORTED_ALGORITHMS, Authenticator, AuthFailure, Candidate
 from pyturn.core.policy import PeerPolicy
 from pyturn.wire import integrity
 from pyturn.wire.attributes import (
     FAMILY_IPV4,
     FAMILY_IPV6,
+    PASSWORD_ALGORITHM_MD5,
     TRANSPORT_UDP,
     AdditionalAddressFamily,
     Address,
@@ -43,12 +44,15 @@ from pyturn.wire.attributes import (
     EvenPort,
     Lifetime,
     Nonce,
+    PasswordAlgorithm,
+    PasswordAlgorithms,
     Realm,
     RequestedAddressFamily,
     RequestedTransport,
     ReservationToken,
     Software,
     UnknownAttributes,
+    UserHash,
     Username,
     XorMappedAddress,
     XorPeerAddress,
@@ -404,6 +408,7 @@ class TurnServer:
             attributes += [
                 Realm(self.config.realm),
                 Nonce(self.auth.make_nonce(five_tuple[1][0], now)),
+                PasswordAlgorithms(SUPPORTED_ALGORITHMS),
             ]
         key = candidate.key if candidate is not None and exc.signed else None
         sha256 = msg.integrity_sha256_offset is not None
@@ -426,20 +431,29 @@ class TurnServer:
         if not has_mi:
             self._events.append(AuthFailed(client, None, AuthFailure.NO_CREDENTIALS))
             raise errors.Unauthorized
-        username = msg.get(Username)
+        username_attr = msg.get(Username)
+        user_hash = msg.get(UserHash)
         realm = msg.get(Realm)
         nonce = msg.get(Nonce)
-        if username is None or realm is None or nonce is None:
+        if (username_attr is None and user_hash is None) or realm is None or nonce is None:
             raise errors.BadRequest("MESSAGE-INTEGRITY without USERNAME, REALM and NONCE")
+        name = username_attr.value if username_attr is not None else None
         if not self.auth.nonce_is_valid(nonce.value, client[0], now):
-            self._events.append(AuthFailed(client, username.value, AuthFailure.STALE_NONCE))
+            self._events.append(AuthFailed(client, name, AuthFailure.STALE_NONCE))
             raise errors.StaleNonce
-        found = self.auth.candidates(username.value, now)
+        algorithm = self._password_algorithm(msg)
+        if name is None and user_hash is not None:
+            name = self.auth.username_for_userhash(user_hash.value)
+            if name is None:
+                self._events.append(AuthFailed(client, None, AuthFailure.UNKNOWN_USER))
+                raise errors.Unauthorized
+        assert name is not None
+        found = self.auth.candidates(name, now, algorithm)
         if isinstance(found, AuthFailure):
-            self._events.append(AuthFailed(client, username.value, found))
+            self._events.append(AuthFailed(client, name, found))
             raise errors.Unauthorized
         if realm.value != self.config.realm:
-            self._events.append(AuthFailed(client, username.value, AuthFailure.BAD_PASSWORD))
+            self._events.append(AuthFailed(client, name, AuthFailure.BAD_PASSWORD))
             raise errors.Unauthorized
         sha256 = msg.integrity_sha256_offset is not None
         for candidate in found:
@@ -453,8 +467,20 @@ class TurnServer:
                     # RFC 8656 §5: only the allocation's own credentials may touch it.
                     raise errors.WrongCredentials
                 return candidate
-        self._events.append(AuthFailed(client, username.value, AuthFailure.BAD_PASSWORD))
+        self._events.append(AuthFailed(client, name, AuthFailure.BAD_PASSWORD))
         raise errors.Unauthorized
+
+    def _password_algorithm(self, msg: Message) -> int:
+        """RFC 8489 §9.2.4: the client echoes our PASSWORD-ALGORITHMS and picks one."""
+        offered = msg.get(PasswordAlgorithms)
+        chosen = msg.get(PasswordAlgorithm)
+        if offered is None and chosen is None:
+            return PASSWORD_ALGORITHM_MD5
+        if offered is None or chosen is None or offered.algorithms != SUPPORTED_ALGORITHMS:
+            raise errors.BadRequest("PASSWORD-ALGORITHMS does not match what we offered")
+        if (chosen.algorithm, chosen.parameters) not in SUPPORTED_ALGORITHMS:
+            raise errors.BadRequest("unsupported PASSWORD-ALGORITHM")
+        return chosen.algorithm
 
     # -- Allocate (RFC 8656 §7.2) --------------------------------------------------------
 

@@ -112,14 +112,15 @@ class Allocation:
     def frame_for_client(self, peer: Address, data: bytes) -> bytes | None:
         """What to send the client for a datagram from `peer`, or None to drop it.
 
-        RFC 8656 §11.3/§12.6: ChannelData when a channel is bound to the peer, else a Data
-        indication when the peer's IP has a permission, else nothing.
+        RFC 8656 §11.3/§12.6: nothing without a permission for the peer's IP (a channel
+        outlives its permission unless refreshed); then ChannelData when a channel is
+        bound to the peer, else a Data indication.
         """
+        if peer[0] not in self.permissions:
+            return None
         header = self.channel_headers.get(peer)
         if header is not None:
             return header + len(data).to_bytes(2, "big") + data
-        if peer[0] not in self.permissions:
-            return None
         txid = secrets.token_bytes(12)
         body = _tlv(XorPeerAddress.TYPE, XorPeerAddress(*peer).encode(txid)) + _tlv(Data.TYPE, data)
         return finish(_DATA_INDICATION, txid, body)

@@ -120,7 +120,7 @@ class Authenticator:
             expires_at = int(expiry, 16)
         except ValueError:
             return False
-        if not hmac.compare_digest(mac, self._nonce_mac(expiry, client_ip)):
+        if not mac.isascii() or not hmac.compare_digest(mac, self._nonce_mac(expiry, client_ip)):
             return False
         return now < expires_at
 

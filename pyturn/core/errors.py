@@ -40,7 +40,7 @@ class Forbidden(StunErrorResponse):
 
 
 class UnknownAttributesError(StunErrorResponse):
-    code, reason, signed = 420, "Unknown Attribute", False
+    code, reason = 420, "Unknown Attribute"
 
 
 class AllocationMismatch(StunErrorResponse):

@@ -238,6 +238,9 @@ class TurnServer:
             msg = decode(data)
         except DecodeError:
             return self._malformed(data, five_tuple)
+        # RFC 8489 §14.7: a wrong FINGERPRINT means it is not STUN at all: drop it.
+        if msg.fingerprint_offset is not None and not integrity.verify_fingerprint(msg):
+            return []
         self._events = []
         out = self._events
         if msg.msg_class == MessageClass.REQUEST:
@@ -328,6 +331,10 @@ class TurnServer:
         client = five_tuple[1]
         fingerprint = msg.fingerprint_offset is not None
         if msg.method == Method.BINDING:
+            unknown = msg.unknown_comprehension_required()
+            if unknown:
+                exc = errors.UnknownAttributesError(attributes=[UnknownAttributes(unknown)])
+                return self._error(msg, exc, None, five_tuple, now)
             return self._reply(msg, client, [XorMappedAddress(*client)], fingerprint=fingerprint)
         # A retransmitted Allocate gets the very same answer (RFC 8656 §7.2 step 2).
         existing = self.allocations.get(five_tuple)
@@ -340,13 +347,23 @@ class TurnServer:
             return Reply(existing.allocate_response)
         candidate: Candidate | None = None
         try:
-            unknown = msg.unknown_comprehension_required()
-            if unknown:
-                raise errors.UnknownAttributesError(attributes=[UnknownAttributes(unknown)])
             handler = self._handlers.get(msg.method)
             if handler is None:
                 raise errors.BadRequest("method not supported over this transport")
             candidate = self._authenticate(msg, five_tuple, now)
+            # RFC 8489 §6.3: unknown attributes are looked at once the request is
+            # authenticated, so the 420 is signed and probing needs credentials.
+            unknown = msg.unknown_comprehension_required()
+            if unknown:
+                raise errors.UnknownAttributesError(attributes=[UnknownAttributes(unknown)])
+            # RFC 8656 §5: only the allocation's own credentials may touch it; a second
+            # Allocate on the 5-tuple is a 437 whoever sends it (§7.2 step 2).
+            if (
+                existing is not None
+                and msg.method != Method.ALLOCATE
+                and existing.username != candidate.username
+            ):
+                raise errors.WrongCredentials
             attributes = handler(msg, five_tuple, candidate, now)
         except errors.StunErrorResponse as exc:
             return self._error(msg, exc, candidate, five_tuple, now)
@@ -462,10 +479,6 @@ class TurnServer:
                 if sha256
                 else integrity.verify_integrity(msg, candidate.key)
             ):
-                allocation = self.allocations.get(five_tuple)
-                if allocation is not None and allocation.username != candidate.username:
-                    # RFC 8656 §5: only the allocation's own credentials may touch it.
-                    raise errors.WrongCredentials
                 return candidate
         self._events.append(AuthFailed(client, name, AuthFailure.BAD_PASSWORD))
         raise errors.Unauthorized
@@ -484,15 +497,15 @@ class TurnServer:
 
     # -- Allocate (RFC 8656 §7.2) --------------------------------------------------------
 
-    def _lifetime(self, msg: Message, *, floor: bool) -> int:
+    def _lifetime(self, msg: Message, *, zero_deletes: bool) -> int:
+        """RFC 8656 §7.2/§7.3: at least the default, at most the maximum; 0 on Refresh."""
         limits = self.config.allocations
         requested = msg.get(Lifetime)
         if requested is None:
             return limits.default_lifetime
-        if requested.value == 0 and not floor:
+        if requested.value == 0 and zero_deletes:
             return 0
-        lifetime = min(requested.value, limits.max_lifetime)
-        return max(lifetime, limits.default_lifetime) if floor else lifetime
+        return max(min(requested.value, limits.max_lifetime), limits.default_lifetime)
 
     def _allocate(
         self, msg: Message, five_tuple: FiveTuple, candidate: Candidate, now: float
@@ -514,8 +527,15 @@ class TurnServer:
         # Step 5/6: a reservation token excludes EVEN-PORT and address family choices.
         if token is not None and (even_port is not None or requested_family is not None):
             raise errors.BadRequest("RESERVATION-TOKEN with EVEN-PORT or family")
-        if requested_family is not None and additional_family is not None:
-            raise errors.BadRequest("REQUESTED- and ADDITIONAL-ADDRESS-FAMILY together")
+        if additional_family is not None and (
+            requested_family is not None
+            or token is not None
+            or (even_port is not None and even_port.reserve)
+        ):
+            # RFC 8656 §7.2 steps 5 and 8: a dual-stack allocation cannot reserve a port.
+            raise errors.BadRequest(
+                "ADDITIONAL-ADDRESS-FAMILY with REQUESTED-ADDRESS-FAMILY or a reservation"
+            )
         family = FAMILY_IPV4
         if requested_family is not None:
             family = requested_family.family
@@ -546,7 +566,7 @@ class TurnServer:
             raise errors.InsufficientCapacity("server is draining")
         dont_fragment = msg.get(DontFragment) is not None
         relay, reservation = self._bind_relay(family, token, even_port, dont_fragment, now)
-        lifetime = self._lifetime(msg, floor=True)
+        lifetime = self._lifetime(msg, zero_deletes=False)
         relayed = (self.relay_ips[family], relay.port)
         allocation = Allocation(
             five_tuple=five_tuple,
@@ -604,7 +624,9 @@ class TurnServer:
                 break
             relay = self.binder.bind(family, port, dont_fragment)
             if relay is None:
-                # Someone outside pyturn holds it; leave it out of the pool for now.
+                # Someone outside pyturn holds it: try another, but keep it in the pool
+                # because that process may let it go.
+                pool.put(port)
                 continue
             if even_port is not None and even_port.reserve:
                 pool.take(port + 1)
@@ -625,11 +647,12 @@ class TurnServer:
         requested_family = msg.get(RequestedAddressFamily)
         if requested_family is not None and requested_family.family != allocation.family:
             raise errors.PeerAddressFamilyMismatch
-        lifetime = self._lifetime(msg, floor=False)
+        lifetime = self._lifetime(msg, zero_deletes=True)
         if lifetime == 0:
             self._events.append(self._delete(allocation, "refresh", now))
             return [Lifetime(0)]
         allocation.expires_at = now + lifetime
+        self._schedule(allocation)
         self._events.append(AllocationRefreshed(allocation, lifetime))
         return [Lifetime(lifetime)]
 

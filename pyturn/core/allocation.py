@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pyturn.wire.attributes import Address, Data, XorPeerAddress
+from pyturn.wire.attributes import FAMILY_IPV6, Address, Data, XorPeerAddress
 from pyturn.wire.message import Method, finish, message_type
 
 # RFC 8656 §9 and §12: fixed lifetimes, not negotiable.
@@ -62,6 +62,9 @@ class Allocation:
     allocate_transaction: bytes
     allocate_response: bytes
     use_sha256: bool = False
+    # RFC 8656 §7.2 ADDITIONAL-ADDRESS-FAMILY: the IPv6 relay of a dual-stack allocation.
+    relay6: RelaySocket | None = None
+    relayed_address6: Address | None = None
     permissions: dict[str, float] = field(default_factory=dict)
     channel_peers: dict[int, Address] = field(default_factory=dict)
     channel_headers: dict[Address, bytes] = field(default_factory=dict)
@@ -76,6 +79,19 @@ class Allocation:
     # Earliest deadline queued for this allocation in the server's timer heap.
     scheduled_at: float = float("inf")
     closed: bool = False
+
+    @property
+    def relays(self) -> tuple[RelaySocket, ...]:
+        return (self.relay,) if self.relay6 is None else (self.relay, self.relay6)
+
+    def relay_for(self, peer_host: str) -> RelaySocket:
+        """The relay socket whose family matches the peer's (dual-stack allocations)."""
+        if self.relay6 is not None and ":" in peer_host:
+            return self.relay6
+        return self.relay
+
+    def serves_family(self, family: int) -> bool:
+        return family == self.family or (self.relay6 is not None and family == FAMILY_IPV6)
 
     def permit(self, peer_ip: str, now: float) -> None:
         self.permissions[peer_ip] = now + PERMISSION_LIFETIME

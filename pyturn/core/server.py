@@ -266,7 +266,8 @@ class TurnServer:
             return None
         allocation.packets_to_peer += 1
         allocation.bytes_to_peer += len(payload)
-        return SendToPeer(allocation.relay, peer, payload)
+        relay = allocation.relay if allocation.relay6 is None else allocation.relay_for(peer[0])
+        return SendToPeer(relay, peer, payload)
 
     def expire(self, now: float) -> list[Action]:
         """Age permissions, channels, reservations and allocations up to `now`."""
@@ -316,6 +317,9 @@ class TurnServer:
             del self._per_user[allocation.quota_user]
         self.binder.release(allocation.relay)
         self.pools[allocation.family].put(allocation.relay.port)
+        if allocation.relay6 is not None:
+            self.binder.release(allocation.relay6)
+            self.pools[FAMILY_IPV6].put(allocation.relay6.port)
         return AllocationDeleted(allocation, reason, now)
 
     def _malformed(self, data: bytes, five_tuple: FiveTuple) -> list[Action]:
@@ -542,11 +546,14 @@ class TurnServer:
             if family not in (FAMILY_IPV4, FAMILY_IPV6) or family not in self.relay_ips:
                 raise errors.AddressFamilyNotSupported
         extra: list[Attribute] = []
+        dual_stack = False
         if additional_family is not None:
             if additional_family.family != FAMILY_IPV6:
                 raise errors.BadRequest("ADDITIONAL-ADDRESS-FAMILY must ask for IPv6")
-            # RFC 8656 §7.2: without an IPv6 relay, allocate IPv4 alone and say why.
-            extra.append(AddressErrorCode(FAMILY_IPV6, 440, "Address Family not Supported"))
+            dual_stack = FAMILY_IPV6 in self.relay_ips
+            if not dual_stack:
+                # RFC 8656 §7.2: without an IPv6 relay, allocate IPv4 alone and say why.
+                extra.append(AddressErrorCode(FAMILY_IPV6, 440, "Address Family not Supported"))
         if family not in self.relay_ips:
             raise errors.AddressFamilyNotSupported
         # Step 7: quotas.
@@ -566,6 +573,15 @@ class TurnServer:
             raise errors.InsufficientCapacity("server is draining")
         dont_fragment = msg.get(DontFragment) is not None
         relay, reservation = self._bind_relay(family, token, even_port, dont_fragment, now)
+        relay6: RelaySocket | None = None
+        relayed6: Address | None = None
+        if dual_stack:
+            try:
+                relay6, _ = self._bind_relay(FAMILY_IPV6, None, None, dont_fragment, now)
+            except errors.InsufficientCapacity:
+                extra.append(AddressErrorCode(FAMILY_IPV6, 508, "Insufficient Capacity"))
+            else:
+                relayed6 = (self.relay_ips[FAMILY_IPV6], relay6.port)
         lifetime = self._lifetime(msg, zero_deletes=False)
         relayed = (self.relay_ips[family], relay.port)
         allocation = Allocation(
@@ -581,13 +597,17 @@ class TurnServer:
             allocate_transaction=msg.transaction_id,
             allocate_response=b"",
             use_sha256=msg.integrity_sha256_offset is not None,
+            relay6=relay6,
+            relayed_address6=relayed6,
         )
         self.allocations[five_tuple] = allocation
         self._per_user[candidate.quota_user] += 1
         self._schedule(allocation)
         self._events.append(AllocationCreated(allocation))
-        attributes: list[Attribute] = [
-            XorRelayedAddress(*relayed),
+        attributes: list[Attribute] = [XorRelayedAddress(*relayed)]
+        if relayed6 is not None:
+            attributes.append(XorRelayedAddress(*relayed6))
+        attributes += [
             Lifetime(lifetime),
             XorMappedAddress(*client),
         ]
@@ -666,7 +686,7 @@ class TurnServer:
 
     def _check_peer(self, allocation: Allocation, peer: XorPeerAddress) -> None:
         family = FAMILY_IPV6 if ":" in peer.host else FAMILY_IPV4
-        if family != allocation.family:
+        if not allocation.serves_family(family):
             raise errors.PeerAddressFamilyMismatch
         if not self.policy.is_allowed(peer.host):
             self._events.append(
@@ -738,7 +758,7 @@ class TurnServer:
             return None
         allocation.packets_to_peer += 1
         allocation.bytes_to_peer += len(data.value)
-        return SendToPeer(allocation.relay, peer.address, data.value)
+        return SendToPeer(allocation.relay_for(peer.host), peer.address, data.value)
 
 
 __all__ = [

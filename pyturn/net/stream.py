@@ -66,14 +66,16 @@ class StreamConnection(asyncio.Protocol):
         framer = self.framer
         framer.feed(data)
         try:
-            frames = framer.frames()
+            while frames := framer.frames():
+                self._handle_frames(frames)
         except DecodeError:
             self.close()
             return
         if framer.pending > MAX_PENDING:
             self.close()
-            return
-        if frames and self._idle_timer is not None:
+
+    def _handle_frames(self, frames: list[bytes]) -> None:
+        if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
         five_tuple = self.five_tuple

@@ -29,8 +29,9 @@ TRANSPORT_TCP = 6
 PASSWORD_ALGORITHM_MD5 = 0x0001
 PASSWORD_ALGORITHM_SHA256 = 0x0002
 
-# RFC 8489 §14: length limits in bytes for the text attributes.
-_MAX_USERNAME = 512
+# RFC 8489 §14: length limits in bytes for the text attributes. A USERNAME is sent in
+# fewer than 509 bytes but must parse up to 763 for RFC 5389 compatibility (§14.3).
+_MAX_USERNAME = 763
 _MAX_TEXT = 763
 
 Address = tuple[str, int]

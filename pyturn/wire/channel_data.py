@@ -60,9 +60,10 @@ def decode_channel_data(frame: bytes) -> tuple[int, bytes]:
 class StreamFramer:
     """Splits a TCP/TLS byte stream into whole STUN messages and ChannelData frames.
 
-    Feed bytes with `feed`, then take complete frames from `frames()`. A frame whose
-    first bits are neither STUN (00) nor ChannelData (01) raises `DecodeError`: the
-    stream cannot be resynchronised and the connection should be closed.
+    Feed bytes with `feed`, then take complete frames from `frames()` until it returns
+    none. A frame whose first bits are neither STUN (00) nor ChannelData (01) raises
+    `DecodeError` once the frames before it have been returned: the stream cannot be
+    resynchronised and the connection should be closed.
     """
 
     buffer: bytearray
@@ -96,6 +97,10 @@ class StreamFramer:
                 out.append(bytes(buf[pos : pos + 4 + length]))
                 pos += size
             else:
+                if out:
+                    # Hand over the good frames first (a final Refresh must not be lost);
+                    # the next call raises on this byte.
+                    break
                 raise DecodeError(f"stream byte 0x{first:02x} starts neither STUN nor ChannelData")
         if pos:
             del buf[:pos]

@@ -146,5 +146,6 @@ def long_term_key(
 
 
 def userhash(username: str, realm: str) -> bytes:
-    """RFC 8489 §14.4: SHA-256 of "username:realm"."""
-    return hashlib.sha256(f"{username}:{realm}".encode()).digest()
+    """RFC 8489 §14.4: SHA-256(OpaqueString(username) ":" OpaqueString(realm))."""
+    material = f"{opaque_string(username)}:{opaque_string(realm)}"
+    return hashlib.sha256(material.encode("utf-8")).digest()

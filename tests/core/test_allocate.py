@@ -422,11 +422,6 @@ def test_requested_and_additional_address_family_together_get_400(
     assert result.code == 400
 
 
-@pytest.mark.xfail(
-    reason="GAP: dual allocation is not implemented; with an IPv6 relay configured, "
-    "ADDITIONAL-ADDRESS-FAMILY still answers ADDRESS-ERROR-CODE 440",
-    strict=True,
-)
 def test_additional_address_family_with_ipv6_relay_gives_two_relayed_addresses(
     make_server: MakeServer,
 ) -> None:

@@ -27,6 +27,33 @@ MAX_WRITE_BUFFER = 1 << 20
 FIRST_FRAME_TIMEOUT = 5.0
 # Larger than any STUN message or ChannelData frame: a claim beyond it is a lie.
 MAX_PENDING = 65536 + 8
+# One address may not hold every descriptor of the process.
+MAX_CONNECTIONS_PER_SOURCE = 64
+
+
+class ConnectionCounter:
+    """Open stream connections per client IP, shared by the listeners of one process."""
+
+    def __init__(self, limit: int = MAX_CONNECTIONS_PER_SOURCE) -> None:
+        self.limit = limit
+        self.open: dict[str, int] = {}
+
+    def admit(self, ip: str) -> bool:
+        count = self.open.get(ip, 0)
+        if count >= self.limit:
+            return False
+        self.open[ip] = count + 1
+        return True
+
+    def release(self, ip: str) -> None:
+        count = self.open.get(ip, 0) - 1
+        if count > 0:
+            self.open[ip] = count
+        else:
+            self.open.pop(ip, None)
+
+
+CONNECTIONS = ConnectionCounter()
 
 
 class StreamConnection(asyncio.Protocol):
@@ -36,6 +63,7 @@ class StreamConnection(asyncio.Protocol):
         clock: Callable[[], float],
         handle_actions: ActionHandler,
         transport_name: str = "tcp",
+        counter: ConnectionCounter = CONNECTIONS,
     ) -> None:
         self.server = server
         self.clock = clock
@@ -45,6 +73,8 @@ class StreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.five_tuple: FiveTuple | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self.counter = counter
+        self._counted: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
@@ -52,6 +82,11 @@ class StreamConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         client: Address = (str(peer[0]), int(peer[1]))
+        if not self.counter.admit(client[0]):
+            log.debug("connection from %s refused: too many from that address", client[0])
+            transport.abort()
+            return
+        self._counted = client[0]
         self.five_tuple = (self.transport_name, client, (str(local[0]), int(local[1])))
         transport.set_write_buffer_limits(high=MAX_WRITE_BUFFER)
         self._idle_timer = asyncio.get_running_loop().call_later(
@@ -106,6 +141,9 @@ class StreamConnection(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._counted is not None:
+            self.counter.release(self._counted)
+            self._counted = None
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         if self.five_tuple is not None:

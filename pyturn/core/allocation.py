@@ -45,6 +45,9 @@ class RelayBinder(Protocol):
     def bind(self, family: int, port: int, dont_fragment: bool) -> RelaySocket | None:
         """A socket bound to `port`, or None when the port is taken by someone else."""
 
+    def bind_tcp(self, family: int, port: int) -> RelaySocket | None:
+        """A TCP socket listening on `port` for an RFC 6062 allocation, or None."""
+
     def release(self, relay: RelaySocket) -> None: ...
 
 
@@ -79,6 +82,12 @@ class Allocation:
     # Earliest deadline queued for this allocation in the server's timer heap.
     scheduled_at: float = float("inf")
     closed: bool = False
+    # RFC 6062: a TCP allocation's peer connections by CONNECTION-ID (None for UDP).
+    peer_connections: dict[int, PeerConnection] | None = None
+
+    @property
+    def is_tcp(self) -> bool:
+        return self.peer_connections is not None
 
     @property
     def relays(self) -> tuple[RelaySocket, ...]:
@@ -121,8 +130,18 @@ class Allocation:
             self.channel_headers.pop(peer, None)
 
     def next_deadline(self) -> float:
+        waiting = (
+            [c.bind_deadline for c in self.peer_connections.values() if c.state != BOUND]
+            if self.peer_connections
+            else []
+        )
         return min(
-            (self.expires_at, *self.permissions.values(), *self.channel_expiry.values()),
+            (
+                self.expires_at,
+                *self.permissions.values(),
+                *self.channel_expiry.values(),
+                *waiting,
+            ),
         )
 
     def frame_for_client(self, peer: Address, data: bytes) -> bytes | None:
@@ -149,6 +168,36 @@ def _tlv(attr_type: int, value: bytes) -> bytes:
         + value
         + b"\x00" * (-len(value) % 4)
     )
+
+
+CONNECTING = "connecting"
+WAITING_FOR_BIND = "waiting for ConnectionBind"
+BOUND = "bound"
+# RFC 6062 §5.2-§5.3: a peer connection waits at most 30 s for its ConnectionBind.
+CONNECTION_BIND_TIMEOUT = 30.0
+
+
+@dataclass(slots=True, eq=False)
+class PeerConnection:
+    """RFC 6062: one TCP connection between a relayed address and a peer.
+
+    It is made by a Connect request (the answer waits for the TCP handshake) or by a
+    peer connecting to the relayed address (announced with a ConnectionAttempt
+    indication), and becomes a plain byte pipe once a client data connection sends
+    ConnectionBind with its CONNECTION-ID.
+    """
+
+    connection_id: int
+    allocation: Allocation
+    peer: Address
+    state: str
+    bind_deadline: float
+    # The Connect request to answer once the TCP handshake with the peer ends.
+    transaction_id: bytes = b""
+    sha256: bool = False
+    fingerprint: bool = False
+    # The I/O layer's object for the peer side of the connection.
+    handle: object = None
 
 
 class PortPool:

@@ -67,6 +67,14 @@ class PeerAddressFamilyMismatch(StunErrorResponse):
     code, reason = 443, "Peer Address Family Mismatch"
 
 
+class ConnectionAlreadyExists(StunErrorResponse):
+    code, reason = 446, "Connection Already Exists"
+
+
+class ConnectionTimeoutOrFailure(StunErrorResponse):
+    code, reason = 447, "Connection Timeout or Failure"
+
+
 class AllocationQuotaReached(StunErrorResponse):
     code, reason = 486, "Allocation Quota Reached"
 

@@ -18,8 +18,13 @@ from dataclasses import dataclass
 from pyturn.config import Config, split_host_port
 from pyturn.core import errors
 from pyturn.core.allocation import (
+    BOUND,
+    CONNECTING,
+    CONNECTION_BIND_TIMEOUT,
+    WAITING_FOR_BIND,
     Allocation,
     FiveTuple,
+    PeerConnection,
     PortPool,
     RelayBinder,
     RelaySocket,
@@ -31,6 +36,7 @@ from pyturn.wire.attributes import (
     FAMILY_IPV4,
     FAMILY_IPV6,
     PASSWORD_ALGORITHM_MD5,
+    TRANSPORT_TCP,
     TRANSPORT_UDP,
     AdditionalAddressFamily,
     Address,
@@ -38,6 +44,7 @@ from pyturn.wire.attributes import (
     AlternateServer,
     Attribute,
     ChannelNumber,
+    ConnectionId,
     Data,
     DontFragment,
     ErrorCode,
@@ -73,6 +80,7 @@ from pyturn.wire.message import (
     decode,
     encode,
     is_stun,
+    new_transaction_id,
     split_message_type,
 )
 
@@ -95,6 +103,34 @@ class SendToPeer:
     relay: RelaySocket
     peer: Address
     data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendToClient:
+    """Send `data` to the client of `allocation` on its control connection (RFC 6062)."""
+
+    allocation: Allocation
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectToPeer:
+    """Open a TCP connection from the relayed address to the peer, then call
+    `TurnServer.peer_connected` with the outcome (RFC 6062 §5.2)."""
+
+    connection: PeerConnection
+
+
+@dataclass(frozen=True, slots=True)
+class JoinPeerConnection:
+    """The client data connection this frame came on now carries `connection`'s bytes."""
+
+    connection: PeerConnection
+
+
+@dataclass(frozen=True, slots=True)
+class ClosePeerConnection:
+    connection: PeerConnection
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,10 +187,20 @@ Event = (
     | PeerDenied
     | QuotaRejected
 )
-Action = Reply | SendToPeer | Event
+Action = (
+    Reply
+    | SendToPeer
+    | SendToClient
+    | ConnectToPeer
+    | JoinPeerConnection
+    | ClosePeerConnection
+    | Event
+)
 
 
-_Handler = Callable[[Message, FiveTuple, Candidate, float], list[Attribute]]
+# A handler returns the success response's attributes, or None when the answer comes
+# later (a Connect waits for the TCP handshake with the peer).
+_Handler = Callable[[Message, FiveTuple, Candidate, float], list[Attribute] | None]
 
 
 @dataclass(slots=True)
@@ -192,14 +238,15 @@ class TurnServer:
             FAMILY_IPV4: PortPool(config.relay.min_port, config.relay.max_port),
             FAMILY_IPV6: PortPool(config.relay.min_port, config.relay.max_port),
         }
-        self._handlers: dict[
-            int, Callable[[Message, FiveTuple, Candidate, float], list[Attribute]]
-        ] = {
+        self._handlers: dict[int, _Handler] = {
             Method.ALLOCATE: self._allocate,
             Method.REFRESH: self._refresh,
             Method.CREATE_PERMISSION: self._create_permission,
             Method.CHANNEL_BIND: self._channel_bind,
+            Method.CONNECT: self._connect,
+            Method.CONNECTION_BIND: self._connection_bind,
         }
+        self.peer_connections: dict[int, PeerConnection] = {}
 
     def reconfigure(self, config: Config) -> None:
         """Take new users, secrets, policy, quotas and lifetimes; allocations stay."""
@@ -244,7 +291,9 @@ class TurnServer:
         self._events = []
         out = self._events
         if msg.msg_class == MessageClass.REQUEST:
-            out.append(self._request(msg, five_tuple, now))
+            reply = self._request(msg, five_tuple, now)
+            if reply is not None:
+                out.append(reply)
         elif msg.msg_class == MessageClass.INDICATION and msg.method == Method.SEND:
             send = self._send_indication(msg, five_tuple)
             if send is not None:
@@ -282,6 +331,7 @@ class TurnServer:
                 out.append(self._delete(allocation, "expired", now))
                 continue
             allocation.expire(now)
+            out += self._expire_peer_connections(allocation, now)
             self._schedule(allocation)
         for token in [t for t, r in self._reservations.items() if r.expires_at <= now]:
             reservation = self._reservations.pop(token)
@@ -320,6 +370,8 @@ class TurnServer:
         if allocation.relay6 is not None:
             self.binder.release(allocation.relay6)
             self.pools[FAMILY_IPV6].put(allocation.relay6.port)
+        for connection_id in allocation.peer_connections or ():
+            self.peer_connections.pop(connection_id, None)
         return AllocationDeleted(allocation, reason, now)
 
     def _malformed(self, data: bytes, five_tuple: FiveTuple) -> list[Action]:
@@ -331,7 +383,7 @@ class TurnServer:
         response = Message(method, MessageClass.ERROR, txid, (ErrorCode(400, "Bad Request"),))
         return [Reply(encode(response)), RequestHandled(method, 400, five_tuple[1])]
 
-    def _request(self, msg: Message, five_tuple: FiveTuple, now: float) -> Reply:
+    def _request(self, msg: Message, five_tuple: FiveTuple, now: float) -> Reply | None:
         client = five_tuple[1]
         fingerprint = msg.fingerprint_offset is not None
         if msg.method == Method.BINDING:
@@ -371,6 +423,8 @@ class TurnServer:
             attributes = handler(msg, five_tuple, candidate, now)
         except errors.StunErrorResponse as exc:
             return self._error(msg, exc, candidate, five_tuple, now)
+        if attributes is None:
+            return None
         if msg.method == Method.ALLOCATE:
             allocation = self.allocations[five_tuple]
             reply = self._reply(
@@ -518,16 +572,29 @@ class TurnServer:
         # Step 2: one allocation per 5-tuple (retransmissions were answered earlier).
         if five_tuple in self.allocations:
             raise errors.AllocationMismatch
-        # Step 3: only UDP relaying over this handler.
+        # Step 3: UDP relaying, or TCP relaying (RFC 6062) for clients on TCP/TLS.
         transport = msg.get(RequestedTransport)
         if transport is None:
             raise errors.BadRequest("REQUESTED-TRANSPORT missing")
-        if transport.protocol != TRANSPORT_UDP:
+        if transport.protocol not in (TRANSPORT_UDP, TRANSPORT_TCP):
             raise errors.UnsupportedTransport
         token = msg.get(ReservationToken)
         even_port = msg.get(EvenPort)
         requested_family = msg.get(RequestedAddressFamily)
         additional_family = msg.get(AdditionalAddressFamily)
+        tcp = transport.protocol == TRANSPORT_TCP
+        if tcp:
+            # RFC 6062 §5.1: TCP relaying needs a TCP control connection, and the
+            # UDP-only options make no sense for it.
+            if five_tuple[0] == "udp":
+                raise errors.BadRequest("TCP relaying needs a TCP or TLS connection")
+            if (
+                token is not None
+                or even_port is not None
+                or additional_family is not None
+                or msg.get(DontFragment) is not None
+            ):
+                raise errors.BadRequest("option not allowed with REQUESTED-TRANSPORT TCP")
         # Step 5/6: a reservation token excludes EVEN-PORT and address family choices.
         if token is not None and (even_port is not None or requested_family is not None):
             raise errors.BadRequest("RESERVATION-TOKEN with EVEN-PORT or family")
@@ -572,7 +639,10 @@ class TurnServer:
                 raise errors.TryAlternate(attributes=[AlternateServer(host, port)])
             raise errors.InsufficientCapacity("server is draining")
         dont_fragment = msg.get(DontFragment) is not None
-        relay, reservation = self._bind_relay(family, token, even_port, dont_fragment, now)
+        if tcp:
+            relay, reservation = self._bind_tcp_relay(family), None
+        else:
+            relay, reservation = self._bind_relay(family, token, even_port, dont_fragment, now)
         relay6: RelaySocket | None = None
         relayed6: Address | None = None
         if dual_stack:
@@ -599,6 +669,7 @@ class TurnServer:
             use_sha256=msg.integrity_sha256_offset is not None,
             relay6=relay6,
             relayed_address6=relayed6,
+            peer_connections={} if tcp else None,
         )
         self.allocations[five_tuple] = allocation
         self._per_user[candidate.quota_user] += 1
@@ -658,6 +729,18 @@ class TurnServer:
             return relay, None
         raise errors.InsufficientCapacity("no relay port free")
 
+    def _bind_tcp_relay(self, family: int) -> RelaySocket:
+        pool = self.pools[family]
+        for _ in range(_BIND_ATTEMPTS):
+            port = pool.take_random()
+            if port is None:
+                break
+            relay = self.binder.bind_tcp(family, port)
+            if relay is not None:
+                return relay
+            pool.put(port)
+        raise errors.InsufficientCapacity("no relay port free")
+
     # -- Refresh (RFC 8656 §7.3) ---------------------------------------------------------
 
     def _refresh(
@@ -682,6 +765,12 @@ class TurnServer:
         allocation = self.allocations.get(five_tuple)
         if allocation is None:
             raise errors.AllocationMismatch
+        return allocation
+
+    def _udp_allocation(self, five_tuple: FiveTuple) -> Allocation:
+        allocation = self._allocation(five_tuple)
+        if allocation.is_tcp:
+            raise errors.BadRequest("not for a TCP allocation")
         return allocation
 
     def _check_peer(self, allocation: Allocation, peer: XorPeerAddress) -> None:
@@ -714,7 +803,7 @@ class TurnServer:
     def _channel_bind(
         self, msg: Message, five_tuple: FiveTuple, candidate: Candidate, now: float
     ) -> list[Attribute]:
-        allocation = self._allocation(five_tuple)
+        allocation = self._udp_allocation(five_tuple)
         channel = msg.get(ChannelNumber)
         peer = msg.get(XorPeerAddress)
         if channel is None or peer is None:
@@ -746,11 +835,154 @@ class TurnServer:
         self._schedule(allocation)
         return []
 
+    # -- TCP relaying (RFC 6062) --------------------------------------------------------
+
+    def _new_connection_id(self) -> int:
+        while True:
+            connection_id = secrets.randbits(32)
+            if connection_id and connection_id not in self.peer_connections:
+                return connection_id
+
+    def _connect(
+        self, msg: Message, five_tuple: FiveTuple, candidate: Candidate, now: float
+    ) -> list[Attribute] | None:
+        """RFC 6062 §5.2: open a TCP connection to a peer; the answer waits for it."""
+        allocation = self._allocation(five_tuple)
+        if not allocation.is_tcp:
+            raise errors.BadRequest("Connect needs a TCP allocation")
+        peer = msg.get(XorPeerAddress)
+        if peer is None:
+            raise errors.BadRequest("XOR-PEER-ADDRESS missing")
+        self._check_peer(allocation, peer)
+        connections = allocation.peer_connections
+        assert connections is not None
+        if any(c.peer == peer.address for c in connections.values()):
+            raise errors.ConnectionAlreadyExists
+        connection = PeerConnection(
+            connection_id=self._new_connection_id(),
+            allocation=allocation,
+            peer=peer.address,
+            state=CONNECTING,
+            bind_deadline=float("inf"),
+            transaction_id=msg.transaction_id,
+            sha256=msg.integrity_sha256_offset is not None,
+            fingerprint=msg.fingerprint_offset is not None,
+        )
+        connections[connection.connection_id] = connection
+        self.peer_connections[connection.connection_id] = connection
+        self._events.append(ConnectToPeer(connection))
+        return None
+
+    def peer_connected(self, connection_id: int, ok: bool, now: float) -> list[Action]:
+        """The outcome of a `ConnectToPeer`: answer the Connect request (success or 447)."""
+        connection = self.peer_connections.get(connection_id)
+        if connection is None or connection.state != CONNECTING:
+            return []
+        allocation = connection.allocation
+        attributes: list[Attribute]
+        if ok:
+            connection.state = WAITING_FOR_BIND
+            connection.bind_deadline = now + CONNECTION_BIND_TIMEOUT
+            self._schedule(allocation)
+            msg_class, code = MessageClass.SUCCESS, 0
+            attributes = [ConnectionId(connection_id)]
+        else:
+            self._forget_connection(connection)
+            error = errors.ConnectionTimeoutOrFailure()
+            msg_class, code = MessageClass.ERROR, error.code
+            attributes = [ErrorCode(error.code, error.reason)]
+        response = Message(
+            Method.CONNECT, msg_class, connection.transaction_id, (*attributes, *self._software)
+        )
+        data = encode(
+            response,
+            integrity_key=allocation.key,
+            integrity_sha256=connection.sha256,
+            integrity_sha1=not connection.sha256,
+            fingerprint=connection.fingerprint,
+        )
+        return [
+            SendToClient(allocation, data),
+            RequestHandled(Method.CONNECT, code, allocation.five_tuple[1]),
+        ]
+
+    def peer_connection_arrived(
+        self, allocation: Allocation, peer: Address, now: float
+    ) -> tuple[PeerConnection | None, list[Action]]:
+        """RFC 6062 §5.3: a peer connected to a relayed address; None means refuse it."""
+        connections = allocation.peer_connections
+        if (
+            allocation.closed
+            or connections is None
+            or peer[0] not in allocation.permissions
+            or not self.policy.is_allowed(peer[0])
+            or any(c.peer == peer for c in connections.values())
+        ):
+            return None, []
+        connection = PeerConnection(
+            connection_id=self._new_connection_id(),
+            allocation=allocation,
+            peer=peer,
+            state=WAITING_FOR_BIND,
+            bind_deadline=now + CONNECTION_BIND_TIMEOUT,
+        )
+        connections[connection.connection_id] = connection
+        self.peer_connections[connection.connection_id] = connection
+        self._schedule(allocation)
+        indication = Message(
+            Method.CONNECTION_ATTEMPT,
+            MessageClass.INDICATION,
+            new_transaction_id(),
+            (XorPeerAddress(*peer), ConnectionId(connection.connection_id)),
+        )
+        return connection, [SendToClient(allocation, encode(indication))]
+
+    def _connection_bind(
+        self, msg: Message, five_tuple: FiveTuple, candidate: Candidate, now: float
+    ) -> list[Attribute] | None:
+        """RFC 6062 §5.4: a new client data connection claims a peer connection."""
+        if five_tuple[0] == "udp" or five_tuple in self.allocations:
+            raise errors.BadRequest("ConnectionBind belongs on a new TCP data connection")
+        connection_id = msg.get(ConnectionId)
+        if connection_id is None:
+            raise errors.BadRequest("CONNECTION-ID missing")
+        connection = self.peer_connections.get(connection_id.value)
+        if connection is None or connection.state != WAITING_FOR_BIND:
+            raise errors.BadRequest("unknown CONNECTION-ID")
+        if connection.allocation.username != candidate.username:
+            raise errors.WrongCredentials
+        connection.state = BOUND
+        connection.bind_deadline = float("inf")
+        self._events.append(JoinPeerConnection(connection))
+        return []
+
+    def peer_connection_closed(self, connection_id: int) -> list[Action]:
+        """Either side of a peer connection went away: forget it, close the other side."""
+        connection = self.peer_connections.get(connection_id)
+        if connection is None:
+            return []
+        self._forget_connection(connection)
+        return [ClosePeerConnection(connection)]
+
+    def _forget_connection(self, connection: PeerConnection) -> None:
+        self.peer_connections.pop(connection.connection_id, None)
+        if connection.allocation.peer_connections is not None:
+            connection.allocation.peer_connections.pop(connection.connection_id, None)
+
+    def _expire_peer_connections(self, allocation: Allocation, now: float) -> list[Action]:
+        """RFC 6062 §5.2/§5.3: no ConnectionBind within 30 s closes the peer connection."""
+        if not allocation.peer_connections:
+            return []
+        late = [c for c in allocation.peer_connections.values() if c.bind_deadline <= now]
+        for connection in late:
+            self._forget_connection(connection)
+        return [ClosePeerConnection(c) for c in late]
+
     # -- Send indication (RFC 8656 §11.2) ------------------------------------------------
 
     def _send_indication(self, msg: Message, five_tuple: FiveTuple) -> SendToPeer | None:
         allocation = self.allocations.get(five_tuple)
-        if allocation is None:
+        if allocation is None or allocation.is_tcp:
             return None
         peer = msg.get(XorPeerAddress)
         data = msg.get(Data)

@@ -17,6 +17,7 @@ import socket
 from collections.abc import Callable
 
 from pyturn.core.allocation import Allocation
+from pyturn.net.tcp_relay import TcpRelayListener, bind_tcp_listener
 from pyturn.wire.attributes import FAMILY_IPV4, Address
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,19 @@ class UdpRelayBinder:
         self.open += 1
         return RelayEndpoint(sock, port, self.loop)
 
+    def bind_tcp(self, family: int, port: int) -> TcpRelayListener | None:
+        if family == FAMILY_IPV4:
+            af, host = socket.AF_INET, self.address4
+        elif self.address6 is not None:
+            af, host = socket.AF_INET6, self.address6
+        else:
+            return None
+        listener = bind_tcp_listener(self.loop, af, host, port)
+        if listener is not None:
+            self.open += 1
+        return listener
+
     def release(self, relay: object) -> None:
-        if isinstance(relay, RelayEndpoint):
+        if isinstance(relay, (RelayEndpoint, TcpRelayListener)):
             relay.close()
             self.open -= 1

@@ -12,8 +12,9 @@ import logging
 from collections.abc import Callable
 from typing import cast
 
-from pyturn.core.allocation import FiveTuple
-from pyturn.core.server import TurnServer
+from pyturn.core.allocation import FiveTuple, PeerConnection
+from pyturn.core.server import JoinPeerConnection, TurnServer
+from pyturn.net.tcp_relay import PipeEnd
 from pyturn.net.udp import ActionHandler
 from pyturn.wire.attributes import Address
 from pyturn.wire.channel_data import StreamFramer
@@ -75,6 +76,8 @@ class StreamConnection(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self.counter = counter
         self._counted: str | None = None
+        # RFC 6062 §5.4: after ConnectionBind this connection is a raw pipe to a peer.
+        self.pipe: PipeEnd | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
@@ -98,10 +101,13 @@ class StreamConnection(asyncio.Protocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self.pipe is not None:
+            self.pipe.forward(data)
+            return
         framer = self.framer
         framer.feed(data)
         try:
-            while frames := framer.frames():
+            while self.pipe is None and (frames := framer.frames()):
                 self._handle_frames(frames)
         except DecodeError:
             self.close()
@@ -125,6 +131,33 @@ class StreamConnection(asyncio.Protocol):
             actions = server.receive(frame, five_tuple, self.clock())
             if actions:
                 self.handle_actions(actions, five_tuple, self.send)
+                for action in actions:
+                    if isinstance(action, JoinPeerConnection):
+                        self._join(action.connection)
+                        return
+
+    def _join(self, connection: PeerConnection) -> None:
+        """Become the client side of a relayed TCP connection; later bytes are payload."""
+        peer_end = connection.handle
+        if not isinstance(peer_end, PipeEnd) or self.transport is None:
+            self.close()
+            return
+        client_end = PipeEnd(lambda: None)
+        client_end.transport = self.transport
+        self.pipe = client_end
+        leftover = bytes(self.framer.buffer)
+        self.framer.buffer.clear()
+        client_end.join(peer_end)
+        if leftover:
+            client_end.forward(leftover)
+
+    def pause_writing(self) -> None:
+        if self.pipe is not None:
+            self.pipe.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.pipe is not None:
+            self.pipe.resume_writing()
 
     def send(self, data: bytes) -> None:
         transport = self.transport
@@ -141,6 +174,9 @@ class StreamConnection(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.pipe is not None:
+            self.pipe.connection_lost(exc)
+            self.pipe = None
         if self._counted is not None:
             self.counter.release(self._counted)
             self._counted = None

@@ -123,12 +123,23 @@ def test_allocate_without_requested_transport_gets_400(
     assert server.allocations == {}
 
 
-def test_allocate_for_tcp_relaying_gets_442(server: TurnServer, client: TurnTestClient) -> None:
-    """RFC 8656 §7.2 step 3: an unsupported protocol in REQUESTED-TRANSPORT -> 442."""
+def test_allocate_for_tcp_relaying_over_udp_gets_400(
+    server: TurnServer, client: TurnTestClient
+) -> None:
+    """RFC 6062 §5.1: a TCP allocation needs a TCP or TLS control connection."""
     result = client.allocate(transport=TRANSPORT_TCP)
+    assert result.code == 400
+    assert server.allocations == {}
+    assert result.events_of(RequestHandled) == [RequestHandled(Method.ALLOCATE, 400, CLIENT)]
+
+
+def test_allocate_for_an_unknown_transport_protocol_gets_442(
+    server: TurnServer, client: TurnTestClient
+) -> None:
+    """RFC 8656 §7.2 step 3: an unsupported protocol in REQUESTED-TRANSPORT -> 442."""
+    result = client.allocate(transport=132)  # SCTP
     assert result.code == 442
     assert server.allocations == {}
-    assert result.events_of(RequestHandled) == [RequestHandled(Method.ALLOCATE, 442, CLIENT)]
 
 
 # -- lifetimes -----------------------------------------------------------------------------

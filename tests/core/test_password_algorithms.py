@@ -22,27 +22,12 @@ from pyturn.wire.attributes import (
 from pyturn.wire.integrity import long_term_key, userhash, verify_integrity, verify_integrity_sha256
 from pyturn.wire.message import Message, MessageClass, Method, build, decode, encode
 from pyturn.wire.message import new_transaction_id as txid
+from tests.core.turn_client import FakeBinder
 
 REALM = "example.org"
 NOW = 1_800_000_000.0
 CLIENT = ("udp", ("203.0.113.5", 4000), ("192.0.2.1", 3478))
 OFFERED = ((PASSWORD_ALGORITHM_MD5, b""), (PASSWORD_ALGORITHM_SHA256, b""))
-
-
-class _Relay:
-    def __init__(self, port: int) -> None:
-        self.port = port
-
-    def sendto(self, data: bytes, peer: tuple[str, int], /) -> None:
-        raise AssertionError("the core never sends")
-
-
-class _Binder:
-    def bind(self, family: int, port: int, dont_fragment: bool) -> _Relay:
-        return _Relay(port)
-
-    def release(self, relay: object) -> None:
-        pass
 
 
 def _server() -> TurnServer:
@@ -53,7 +38,7 @@ def _server() -> TurnServer:
             "relay": {"min_port": 50000, "max_port": 50010},
         }
     )
-    return TurnServer(config, _Binder(), relay_ipv4="192.0.2.1")
+    return TurnServer(config, FakeBinder(), relay_ipv4="192.0.2.1")
 
 
 def _reply(actions: list[Action]) -> Message:

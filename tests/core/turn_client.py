@@ -122,6 +122,7 @@ class FakeBinder:
     bound: list[FakeRelay] = field(default_factory=list)
     released: list[RelaySocket] = field(default_factory=list)
     attempts: list[int] = field(default_factory=list)
+    tcp_ports: set[int] = field(default_factory=set)
 
     def bind(self, family: int, port: int, dont_fragment: bool) -> RelaySocket | None:
         self.attempts.append(port)
@@ -129,6 +130,12 @@ class FakeBinder:
             return None
         relay = FakeRelay(port, family, dont_fragment)
         self.bound.append(relay)
+        return relay
+
+    def bind_tcp(self, family: int, port: int) -> RelaySocket | None:
+        relay = self.bind(family, port, False)
+        if relay is not None:
+            self.tcp_ports.add(port)
         return relay
 
     def release(self, relay: RelaySocket) -> None:

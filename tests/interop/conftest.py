@@ -1,0 +1,42 @@
+"""Fixtures for the interoperability tests: real pyturn processes on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from tests.interop.server_process import (
+    ServerFactory,
+    ServerProcess,
+    base_config,
+    merge_config,
+    running_server,
+)
+
+
+@pytest.fixture(scope="session")
+def turn_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for the session with the standard interop config (peers 127/8 allowed)."""
+    yield from running_server(base_config(), tmp_path_factory.mktemp("pyturn-session"))
+
+
+@pytest.fixture
+def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFactory]:
+    """Start servers with the standard config plus overrides; all stop after the test.
+
+    `server_factory({"peers": None})` removes a key, `server_factory({"auth": {...}})`
+    merges into it.
+    """
+    started: list[ServerProcess] = []
+
+    def make(overrides: Mapping[str, Any] | None = None) -> ServerProcess:
+        config = merge_config(base_config(), overrides or {})
+        server = ServerProcess(config, tmp_path_factory.mktemp("pyturn"))
+        started.append(server)
+        return server.start()
+
+    yield make
+    for server in started:
+        server.stop()

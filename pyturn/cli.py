@@ -3,6 +3,7 @@
 pyturn serve [-c FILE]        run the server (embedded default config without -c)
 pyturn check-config FILE      print the effective config, or what is wrong with it
 pyturn credentials --secret S print TURN REST API credentials for a WebRTC app
+pyturn probe turn:HOST:PORT   check a TURN server end to end (Binding, Allocate, relay)
 """
 
 from __future__ import annotations
@@ -76,8 +77,17 @@ def cli() -> None:
     "listens on UDP and TCP port 3478 with a random credential printed at start-up.",
 )
 def serve(config_path: Path | None) -> None:
-    """Run the STUN/TURN server until SIGTERM or Ctrl-C."""
-    from pyturn.net.worker import default_relay_ipv4, run  # noqa: PLC0415 (fast --help)
+    """Run the STUN/TURN server.
+
+    SIGHUP reloads the config file (an invalid one is refused and the old one kept).
+    SIGTERM or Ctrl-C drains: new allocations are refused, running ones keep relaying
+    until they end or shutdown_timeout passes; a second SIGTERM or Ctrl-C stops at once.
+    """
+    from pyturn.net.worker import (  # noqa: PLC0415 (fast --help)
+        StartupError,
+        default_relay_ipv4,
+        run,
+    )
 
     if config_path is None:
         config, username, password = _embedded_default()
@@ -94,19 +104,24 @@ def serve(config_path: Path | None) -> None:
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from exc
     configure_logging(config.logging.level, config.logging.format)
-    run(config)
+    try:
+        run(config, config_path=config_path)
+    except StartupError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @cli.command("check-config")
 @click.argument("config_path", type=click.Path(dir_okay=False, path_type=Path))
-def check_config(config_path: Path) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors (for ExecReload and scripts).")
+def check_config(config_path: Path, quiet: bool) -> None:
     """Validate FILE and print the effective configuration (secrets redacted)."""
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    click.echo(yaml.safe_dump(config_to_dict(config), sort_keys=False), nl=False)
+    if not quiet:
+        click.echo(yaml.safe_dump(config_to_dict(config), sort_keys=False), nl=False)
 
 
 @cli.command()
@@ -136,6 +151,72 @@ def credentials(secret: str, user: str | None, ttl: int, urls: tuple[str, ...]) 
         "ttl": ttl,
     }
     click.echo(json.dumps(entry, indent=2))
+
+
+@cli.command()
+@click.argument("url", metavar="URL")
+@click.option("--user", "username", help="Long-term credential username.")
+@click.option("--password", help="Long-term credential password.")
+@click.option(
+    "--secret",
+    help="A TURN REST API shared secret: the probe makes a credential from it "
+    "(use instead of --password; --user becomes the user part).",
+)
+@click.option(
+    "--timeout",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1, max=60),
+    help="Seconds to wait for each answer.",
+)
+@click.option("--insecure", is_flag=True, help="turns: do not verify the server's TLS certificate.")
+@click.option(
+    "--ca-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="turns: verify the server's certificate against these CA certificates (PEM) "
+    "instead of the system's.",
+)
+def probe(
+    url: str,
+    *,
+    username: str | None,
+    password: str | None,
+    secret: str | None,
+    timeout: float,
+    insecure: bool,
+    ca_file: str | None,
+) -> None:
+    """Check the TURN server at URL end to end, as a client would.
+
+    URL is turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT]. The probe sends a
+    Binding request, allocates twice (after the 401 challenge), creates permissions and
+    relays data between its two allocations in both directions (Send/Data indications,
+    then ChannelData), then releases them. Each step is printed with its timing; the exit
+    status is 0 when all passed, 1 when one failed.
+    """
+    from pyturn.probe import parse_turn_url, run_probe  # noqa: PLC0415 (fast --help)
+
+    try:
+        target = parse_turn_url(url)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="URL") from exc
+    if secret is not None:
+        if password is not None:
+            raise click.UsageError("give --password or --secret, not both")
+        username = rest_username(int(time.time()) + 3600, username)
+        password = rest_password(secret, username)
+    elif username is None or password is None:
+        raise click.UsageError("give --user and --password (or --secret)")
+    ok = run_probe(
+        target,
+        username,
+        password,
+        timeout=timeout,
+        insecure=insecure,
+        ca_file=ca_file,
+        out=click.echo,
+    )
+    sys.exit(0 if ok else 1)
 
 
 def main() -> None:

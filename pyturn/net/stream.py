@@ -102,7 +102,7 @@ class StreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.pipe is not None:
-            self.pipe.forward(data)
+            self.pipe.data_received(data)
             return
         framer = self.framer
         framer.feed(data)
@@ -142,14 +142,14 @@ class StreamConnection(asyncio.Protocol):
         if not isinstance(peer_end, PipeEnd) or self.transport is None:
             self.close()
             return
-        client_end = PipeEnd(lambda: None)
+        client_end = PipeEnd(lambda: None, connection.allocation, from_peer=False)
         client_end.transport = self.transport
         self.pipe = client_end
         leftover = bytes(self.framer.buffer)
         self.framer.buffer.clear()
         client_end.join(peer_end)
         if leftover:
-            client_end.forward(leftover)
+            client_end.data_received(leftover)
 
     def pause_writing(self) -> None:
         if self.pipe is not None:

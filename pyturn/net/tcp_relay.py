@@ -40,7 +40,16 @@ def _reuse(sock: socket.socket) -> None:
 class PipeEnd(asyncio.Protocol):
     """One TCP side of a relayed connection: the peer's, or the client's data connection."""
 
-    def __init__(self, on_lost: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        on_lost: Callable[[], None],
+        allocation: Allocation | None = None,
+        *,
+        from_peer: bool = True,
+    ) -> None:
+        # Reads are counted on the allocation like datagrams, for metrics and logs.
+        self.allocation = allocation
+        self.from_peer = from_peer
         self.transport: asyncio.Transport | None = None
         self.partner: PipeEnd | None = None
         self.pending = bytearray()
@@ -51,6 +60,14 @@ class PipeEnd(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=_PIPE_HIGH_WATER)
 
     def data_received(self, data: bytes) -> None:
+        allocation = self.allocation
+        if allocation is not None:
+            if self.from_peer:
+                allocation.packets_to_client += 1
+                allocation.bytes_to_client += len(data)
+            else:
+                allocation.packets_to_peer += 1
+                allocation.bytes_to_peer += len(data)
         self.forward(data)
 
     def forward(self, data: bytes) -> None:
@@ -213,7 +230,8 @@ class TcpRelay:
                     self.loop.sock_connect(sock, connection.peer), CONNECT_TIMEOUT
                 )
                 _, end = await self.loop.create_connection(
-                    lambda: PipeEnd(lambda: self._lost(connection)), sock=sock
+                    lambda: PipeEnd(lambda: self._lost(connection), connection.allocation),
+                    sock=sock,
                 )
                 connection.handle = end
                 ok = True
@@ -236,7 +254,7 @@ class TcpRelay:
         if connection is None:
             sock.close()
             return
-        end = PipeEnd(lambda: self._lost(connection))
+        end = PipeEnd(lambda: self._lost(connection), allocation)
         connection.handle = end
         self._spawn(self._adopt(sock, end))
         self.deliver(actions, allocation)

@@ -1,40 +1,76 @@
 """One server process: binds the listeners, feeds the core, runs its timer, shuts down.
 
-startup -> serve -> shutdown, as uvicorn does it: every listener is bound before the
-process says it is ready; SIGTERM/SIGINT close the listeners and release every relay.
+startup -> serve -> drain -> shutdown, as uvicorn does it:
+
+- startup: the metrics/health endpoint first (so /live answers while we bind), then
+  every listener. Only when all are bound does /ready say 200, systemd get READY=1,
+  and the log say `ready in`.
+- serve: core events feed the metrics counters and the session log lines.
+- SIGHUP: read the config file again. A config that fails validation (or whose TLS
+  certificate cannot be used) is refused with a log line and the old one stays; a good
+  one replaces users, secrets, peer policy, quotas, lifetimes, logging and the TLS
+  certificate at once, and running allocations keep going.
+- SIGTERM or SIGINT: drain. /ready turns 503 and new Allocate requests are answered
+  300 Try Alternate (with `alternate_server`) or 508; existing allocations keep relaying
+  until they have all ended or `shutdown_timeout` passes. A second SIGTERM or SIGINT
+  stops at once. Either way the listeners close, every relay is released and the
+  process exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import signal
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from pyturn.config import Config, Listener
-from pyturn.core.allocation import FiveTuple
+from pyturn.config import Config, ConfigError, Listener, load_config
+from pyturn.core.allocation import Allocation, FiveTuple
+from pyturn.core.auth import AuthFailure
 from pyturn.core.server import (
     Action,
     AllocationCreated,
     AllocationDeleted,
     AllocationRefreshed,
     AuthFailed,
+    ClosePeerConnection,
+    ConnectToPeer,
+    Event,
     PeerDenied,
     QuotaRejected,
     Reply,
+    SendToClient,
     SendToPeer,
     TurnServer,
 )
+from pyturn.logs import FieldValue, LogThrottle, configure_logging, format_address, log_event
+from pyturn.metrics import Stats, TurnCollector, make_registry, render
+from pyturn.net.http import OpsApp, start_ops_server
 from pyturn.net.relay import RelayEndpoint, UdpRelayBinder
-from pyturn.net.stream import StreamConnection
+from pyturn.net.sdnotify import SystemdNotifier
+from pyturn.net.stream import FIRST_FRAME_TIMEOUT, StreamConnection
+from pyturn.net.tcp_relay import TcpRelay
+from pyturn.net.tls import TlsContext, TlsError
 from pyturn.net.udp import UdpListener
 
 log = logging.getLogger(__name__)
 
 _MAX_TIMER_SLEEP = 1.0
+# Auth failures that are part of the normal flow (the first challenge, an expired nonce)
+# are logged at DEBUG; the others at INFO, for fail2ban.
+_ROUTINE_AUTH = (AuthFailure.NO_CREDENTIALS, AuthFailure.STALE_NONCE)
+# Sections a reload cannot change in a running process: they name sockets.
+_RESTART_ONLY = ("listen", "relay", "metrics", "workers")
+
+
+class StartupError(Exception):
+    """A socket could not be bound; the message names it."""
 
 
 def install_event_loop_policy() -> str:
@@ -66,9 +102,68 @@ def default_relay_ipv4(config: Config) -> str:
     return "127.0.0.1"
 
 
+def default_relay_ipv6(config: Config) -> str | None:
+    """The IPv6 address to advertise for IPv6 relaying, if `relay.address6` is set."""
+    relay = config.relay
+    if relay.external_address6:
+        return relay.external_address6
+    if relay.address6 is None:
+        return None
+    if relay.address6 != "::":
+        return relay.address6
+    for listener in config.listen:
+        if ":" in listener.address and listener.address != "::":
+            return listener.address
+    log.warning(
+        "relay.address6 is '::' and no IPv6 listener names an address: set "
+        "relay.external_address6 so clients learn a reachable IPv6 relay address"
+    )
+    return "::1"
+
+
+def _discard(data: bytes) -> None:
+    """A sink for a client that has already gone."""
+
+
+def _os_reason(exc: OSError) -> str:
+    """The OS words ("Address already in use"), not asyncio's longer wrapping of them."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+def _session(allocation: Allocation) -> dict[str, FieldValue]:
+    """The fields every allocation log line starts with."""
+    transport, client, _ = allocation.five_tuple
+    fields: dict[str, FieldValue] = {
+        "client": format_address(client),
+        "transport": transport,
+        "user": allocation.username,
+        "relayed": format_address(allocation.relayed_address),
+    }
+    if allocation.relayed_address6 is not None:  # dual-stack (ADDITIONAL-ADDRESS-FAMILY)
+        fields["relayed6"] = format_address(allocation.relayed_address6)
+    return fields
+
+
+def _traffic(allocation: Allocation) -> dict[str, FieldValue]:
+    return {
+        "bytes_to_peer": allocation.bytes_to_peer,
+        "packets_to_peer": allocation.packets_to_peer,
+        "bytes_to_client": allocation.bytes_to_client,
+        "packets_to_client": allocation.packets_to_client,
+    }
+
+
 class Worker:
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        notifier: SystemdNotifier | None = None,
+    ) -> None:
         self.config = config
+        self.config_path = config_path
+        self.notifier = notifier or SystemdNotifier()
         self.loop = asyncio.get_running_loop()
         self._wall_at_start = time.time()
         self._loop_at_start = self.loop.time()
@@ -77,18 +172,31 @@ class Worker:
             config,
             self.binder,
             relay_ipv4=default_relay_ipv4(config),
-            relay_ipv6=config.relay.external_address6 or config.relay.address6,
+            relay_ipv6=default_relay_ipv6(config),
         )
+        self.tcp_relay = TcpRelay(self.server, self.now, self._deliver_tcp)
+        self.stats = Stats()
+        self.throttle = LogThrottle(log)
+        # starting -> serving -> draining -> stopping
+        self.state = "starting"
         self.bound: list[tuple[str, str, int]] = []
+        self.metrics_address: tuple[str, int] | None = None
+        self.tls: TlsContext | None = None
         self._closers: list[Callable[[], None]] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()
 
     def now(self) -> float:
         """Monotonic time in Unix seconds, so REST expiry stamps compare directly."""
         return self._wall_at_start + (self.loop.time() - self._loop_at_start)
 
-    # -- actions from the core -------------------------------------------------------------
+    def readiness(self) -> str | None:
+        """None when ready for new clients, else the state that keeps us from it."""
+        return None if self.state == "serving" else self.state
+
+    # -- actions and events from the core ------------------------------------------------
 
     def handle_actions(
         self, actions: list[Action], five_tuple: FiveTuple, reply: Callable[[bytes], None]
@@ -98,61 +206,96 @@ class Worker:
                 reply(action.data)
             elif isinstance(action, SendToPeer):
                 action.relay.sendto(action.data, action.peer)
-            elif isinstance(action, AllocationCreated):
-                allocation = action.allocation
-                relay = allocation.relay
-                if isinstance(relay, RelayEndpoint):
-                    relay.attach(allocation, reply)
-                allocation.client_sink = reply
-                log.info(
-                    "allocation created client=%s:%d transport=%s user=%s relayed=%s:%d",
-                    *five_tuple[1],
-                    five_tuple[0],
-                    allocation.username,
-                    *allocation.relayed_address,
-                )
-                self._rearm_timer()
-            elif isinstance(action, AllocationRefreshed):
-                log.debug(
-                    "allocation refreshed client=%s:%d user=%s lifetime=%d",
-                    *action.allocation.five_tuple[1],
-                    action.allocation.username,
-                    action.lifetime,
-                )
-            elif isinstance(action, AllocationDeleted):
-                self._log_deleted(action)
-            elif isinstance(action, AuthFailed):
-                log.info(
-                    "auth failed client=%s:%d user=%s reason=%s",
-                    *action.client,
-                    action.username,
-                    action.reason.value,
-                )
-            elif isinstance(action, PeerDenied):
-                log.info(
-                    "peer denied client=%s:%d user=%s peer=%s",
-                    *action.client,
-                    action.username,
-                    action.peer[0],
-                )
-            elif isinstance(action, QuotaRejected):
-                log.info("quota reached client=%s:%d user=%s", *action.client, action.username)
+            elif isinstance(action, Event):
+                self._event(action, reply)
+            else:
+                self._tcp_action(action)
 
-    def _log_deleted(self, event: AllocationDeleted) -> None:
-        a = event.allocation
-        log.info(
-            "allocation deleted client=%s:%d user=%s relayed=%s:%d reason=%s duration=%.0fs "
-            "to_peer=%dB/%dpkt to_client=%dB/%dpkt",
-            *a.five_tuple[1],
-            a.username,
-            *a.relayed_address,
-            event.reason,
-            event.now - a.created_at,
-            a.bytes_to_peer,
-            a.packets_to_peer,
-            a.bytes_to_client,
-            a.packets_to_client,
-        )
+    def _tcp_action(self, action: Action) -> None:
+        """RFC 6062 actions; JoinPeerConnection is the stream connection's own business."""
+        if isinstance(action, SendToClient):
+            sink = action.allocation.client_sink
+            if callable(sink):
+                sink(action.data)
+        elif isinstance(action, ConnectToPeer):
+            self.tcp_relay.connect(action.connection)
+        elif isinstance(action, ClosePeerConnection):
+            self.tcp_relay.close(action.connection)
+
+    def _deliver_tcp(self, actions: list[Action], allocation: Allocation) -> None:
+        sink = allocation.client_sink
+        self.handle_actions(actions, allocation.five_tuple, sink if callable(sink) else _discard)
+
+    def _event(self, event: Event, reply: Callable[[bytes], None] | None = None) -> None:
+        """Count one core event for the metrics and write its log line, if it has one."""
+        self.stats.record(event)
+        if isinstance(event, AllocationCreated):
+            allocation = event.allocation
+            if reply is not None:
+                for relay in allocation.relays:  # two for a dual-stack allocation
+                    if isinstance(relay, RelayEndpoint):
+                        relay.attach(allocation, reply)
+                allocation.client_sink = reply
+                self.tcp_relay.attach(allocation)
+            lifetime = round(allocation.expires_at - allocation.created_at)
+            log_event(
+                log,
+                logging.INFO,
+                "allocation_created",
+                {**_session(allocation), "lifetime": lifetime},
+            )
+            self._rearm_timer()
+        elif isinstance(event, AllocationRefreshed):
+            a = event.allocation
+            duration = a.expires_at - event.lifetime - a.created_at
+            log_event(
+                log,
+                logging.INFO,
+                "allocation_refreshed",
+                {**_session(a), "lifetime": event.lifetime, "duration": duration, **_traffic(a)},
+            )
+        elif isinstance(event, AllocationDeleted):
+            a = event.allocation
+            self.tcp_relay.close_allocation(a)
+            log_event(
+                log,
+                logging.INFO,
+                "allocation_deleted",
+                {
+                    **_session(a),
+                    "reason": event.reason.replace(" ", "_"),
+                    "duration": event.now - a.created_at,
+                    **_traffic(a),
+                },
+            )
+            if self.state == "draining" and not self.server.allocations:
+                log.info("drained: every allocation has ended")
+                self._stopped.set()
+        elif isinstance(event, AuthFailed | PeerDenied | QuotaRejected):
+            self._log_refusal(event)
+
+    def _log_refusal(self, event: AuthFailed | PeerDenied | QuotaRejected) -> None:
+        """One line per refusal, for fail2ban; throttled, as clients can cause them at will."""
+        level = logging.INFO
+        fields: dict[str, FieldValue] = {
+            "client": format_address(event.client),
+            "user": event.username,
+        }
+        if isinstance(event, AuthFailed):
+            name = "auth_failed"
+            fields["reason"] = event.reason.value
+            if event.reason in _ROUTINE_AUTH:
+                level = logging.DEBUG  # the normal challenge, not worth a line at INFO
+        elif isinstance(event, PeerDenied):
+            name = "peer_denied"
+            fields["peer"] = event.peer[0]
+        else:
+            name = "quota_rejected"
+        if not log.isEnabledFor(level):
+            return
+        if level > logging.DEBUG and not self.throttle.allow(event.client[0], name, self.now()):
+            return
+        log_event(log, level, name, fields)
 
     # -- timer -----------------------------------------------------------------------------
 
@@ -166,90 +309,263 @@ class Worker:
 
     def _on_timer(self) -> None:
         self._timer = None
-        for action in self.server.expire(self.now()):
-            if isinstance(action, AllocationDeleted):
-                self._log_deleted(action)
+        now = self.now()
+        for action in self.server.expire(now):
+            if isinstance(action, Event):
+                self._event(action)
+            else:
+                self._tcp_action(action)
+        self.throttle.flush(now)
         self._rearm_timer()
 
-    # -- lifecycle -------------------------------------------------------------------------
+    def _ping_watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval
+        assert interval is not None
+        self.notifier.watchdog()
+        self._watchdog = self.loop.call_later(interval, self._ping_watchdog)
+
+    # -- startup ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # Handlers first: a signal sent as soon as we log `ready in` must find them.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(signum, self._on_stop_signal, signum)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if self.notifier.enabled and self.notifier.watchdog_interval is not None:
+            self._ping_watchdog()
+        if self.config.metrics.enabled:
+            await self._start_ops_endpoint()
+        if any(listener.transport == "tls" for listener in self.config.listen):
+            try:
+                self._load_tls(self.config)
+            except TlsError as exc:
+                raise StartupError(str(exc)) from exc
         for listener in self.config.listen:
             await self._bind(listener)
         self._rearm_timer()
 
+    async def _start_ops_endpoint(self) -> None:
+        metrics = self.config.metrics
+        collector = TurnCollector(self.server, self.stats, lambda: self.state == "draining")
+        registry = make_registry(collector)
+        app = OpsApp(lambda: render(registry), self.readiness)
+        try:
+            ops_server, self.metrics_address = await start_ops_server(
+                app, metrics.address, metrics.port
+            )
+        except OSError as exc:
+            where = format_address((metrics.address, metrics.port))
+            raise StartupError(
+                f"cannot serve metrics on {where} (metrics.address, metrics.port): "
+                f"{_os_reason(exc)}"
+            ) from exc
+        self._closers.append(ops_server.close)
+        log.info(
+            "metrics on http://%s/metrics, health checks on /live and /ready",
+            format_address(self.metrics_address),
+        )
+
     async def _bind(self, listener: Listener) -> None:
         family = socket.AF_INET6 if ":" in listener.address else socket.AF_INET
-        if listener.transport == "udp":
-            _, protocol = await self.loop.create_datagram_endpoint(
-                lambda: UdpListener(self.server, self.now, self.handle_actions),
-                local_addr=(listener.address, listener.port),
-                family=family,
-                reuse_port=self.config.workers > 1,
-            )
-            assert protocol.transport is not None
-            port = protocol.local[1]
-            self._closers.append(protocol.transport.close)
-        elif listener.transport == "tcp":
-            tcp_server = await self.loop.create_server(
-                lambda: StreamConnection(self.server, self.now, self.handle_actions, "tcp"),
-                host=listener.address,
-                port=listener.port,
-                family=family,
-                reuse_port=self.config.workers > 1,
-                backlog=1024,
-            )
-            port = tcp_server.sockets[0].getsockname()[1]
-            self._closers.append(tcp_server.close)
-        else:
-            log.warning(
-                "listener %s %s:%d skipped: TLS is not available yet",
-                listener.transport,
-                listener.address,
-                listener.port,
-            )
-            return
+        try:
+            if listener.transport == "udp":
+                _, protocol = await self.loop.create_datagram_endpoint(
+                    lambda: UdpListener(self.server, self.now, self.handle_actions),
+                    local_addr=(listener.address, listener.port),
+                    family=family,
+                    reuse_port=self.config.workers > 1,
+                )
+                assert protocol.transport is not None
+                port = protocol.local[1]
+                self._closers.append(protocol.transport.close)
+            else:  # tcp, or tls: the same framing over TLS (RFC 8656 §3.1)
+                transport_name = listener.transport
+                tls = self.tls.context if self.tls is not None and transport_name == "tls" else None
+                tcp_server = await self.loop.create_server(
+                    lambda: StreamConnection(
+                        self.server, self.now, self.handle_actions, transport_name
+                    ),
+                    host=listener.address,
+                    port=listener.port,
+                    family=family,
+                    reuse_port=self.config.workers > 1,
+                    backlog=1024,
+                    ssl=tls,
+                    ssl_handshake_timeout=FIRST_FRAME_TIMEOUT if tls else None,
+                )
+                port = tcp_server.sockets[0].getsockname()[1]
+                self._closers.append(tcp_server.close)
+        except OSError as exc:
+            where = format_address((listener.address, listener.port))
+            raise StartupError(
+                f"cannot listen on {listener.transport} {where}: {_os_reason(exc)}"
+            ) from exc
         self.bound.append((listener.transport, listener.address, port))
         log.info("listening on %s %s:%d", listener.transport, listener.address, port)
 
-    def stop(self) -> None:
+    def _load_tls(self, config: Config) -> None:
+        """Load (or, on reload, replace) the certificate pair of the TLS listeners."""
+        certificate, private_key = config.tls.certificate, config.tls.private_key
+        assert certificate is not None and private_key is not None  # the config checks it
+        if self.tls is None:
+            self.tls = TlsContext(certificate, private_key)
+        else:
+            self.tls.load(certificate, private_key)
+        for warning in self.tls.warnings:
+            log.warning("%s", warning)
+
+    def mark_ready(self, started: float) -> None:
+        """Every listener is bound: say so in /ready, to systemd and in the log."""
+        self.state = "serving"
+        log.info(
+            "ready in %.0f ms: realm=%s relay=%s ports %d-%d",
+            (time.perf_counter() - started) * 1000,
+            self.config.realm,
+            self.server.relay_ips,
+            self.config.relay.min_port,
+            self.config.relay.max_port,
+        )
+        listening = ", ".join(f"{t} {a}:{p}" for t, a, p in self.bound)
+        self.notifier.ready(f"serving on {listening}")
+
+    # -- reload ----------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: take the config file again, or keep the running one if it is invalid."""
+        if self.config_path is None:
+            log.warning("SIGHUP ignored: no config file to reload (embedded default config)")
+            return
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+            if self.tls is not None:
+                # Always re-read: a renewed certificate usually keeps its file names.
+                self._load_tls(new)
+        except (ConfigError, TlsError) as exc:
+            self.stats.config_reloads["failure"] += 1
+            log.error("config reload refused, keeping the running config: %s", exc)
+            self.notifier.ready("config reload refused; running on the previous config")
+            return
+        old = self.config
+        changed = [name for name in _RESTART_ONLY if getattr(new, name) != getattr(old, name)]
+        new = dataclasses.replace(
+            new, listen=old.listen, relay=old.relay, metrics=old.metrics, workers=old.workers
+        )
+        self.config = new
+        self.server.reconfigure(new)
+        configure_logging(new.logging.level, new.logging.format)
+        self.stats.config_reloads["success"] += 1
+        log_event(
+            log,
+            logging.INFO,
+            "config_reloaded",
+            {
+                "file": str(self.config_path),
+                "users": len(new.auth.users),
+                "secrets": len(new.auth.secrets),
+                "allocations": len(self.server.allocations),
+            },
+        )
+        if changed:
+            log.warning(
+                "config reload: %s changed in %s but take effect only after a restart",
+                ", ".join(changed),
+                self.config_path,
+            )
+        self.notifier.ready(f"config reloaded from {self.config_path}")
+
+    # -- drain and shutdown ----------------------------------------------------------------
+
+    def _on_stop_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.state in ("draining", "stopping"):
+            log.warning("%s again: stopping at once", name)
+            self._stopped.set()
+            return
+        self.drain(name)
+
+    def drain(self, cause: str = "drain") -> None:
+        """Refuse new allocations, keep relaying for the running ones, then stop."""
+        count = len(self.server.allocations)
+        timeout = self.config.shutdown_timeout
+        if count == 0 or timeout <= 0:
+            self.notifier.stopping("stopping")
+            log.info("%s: stopping (%d allocations to close)", cause, count)
+            self.state = "stopping"
+            self._stopped.set()
+            return
+        self.state = "draining"
+        self.server.draining = True
+        alternate = self.config.alternate_server
+        answer = f"300 Try Alternate {alternate}" if alternate else "508 Insufficient Capacity"
+        self.notifier.stopping(f"draining {count} allocations")
+        log_event(
+            log,
+            logging.INFO,
+            "draining",
+            {"signal": cause, "allocations": count, "timeout": timeout, "new_allocations": answer},
+        )
+        self._drain_timer = self.loop.call_later(timeout, self._drain_timeout)
+
+    def _drain_timeout(self) -> None:
+        self._drain_timer = None
+        log.info(
+            "shutdown_timeout (%.0f s) passed: closing %d allocations",
+            self.config.shutdown_timeout,
+            len(self.server.allocations),
+        )
         self._stopped.set()
 
     async def serve_until_stopped(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(signum, self.stop)
         await self._stopped.wait()
         self.shutdown()
 
+    def stop(self) -> None:
+        """Stop at once, without draining (for embedders and tests)."""
+        self._stopped.set()
+
     def shutdown(self) -> None:
+        self.state = "stopping"
         for close in self._closers:
             close()
-        if self._timer is not None:
-            self._timer.cancel()
+        self._closers.clear()
+        for handle in (self._timer, self._watchdog, self._drain_timer):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._watchdog = self._drain_timer = None
         for action in self.server.close_all(self.now()):
-            if isinstance(action, AllocationDeleted):
-                self._log_deleted(action)
+            if isinstance(action, Event):
+                self._event(action)
+        self.notifier.close()
         log.info("stopped")
 
 
-async def serve(config: Config, on_ready: Callable[[Worker], None] | None = None) -> None:
+async def serve(
+    config: Config,
+    on_ready: Callable[[Worker], None] | None = None,
+    *,
+    config_path: Path | None = None,
+    notifier: SystemdNotifier | None = None,
+) -> None:
     started = time.perf_counter()
-    worker = Worker(config)
-    await worker.start()
-    log.info(
-        "ready in %.0f ms: realm=%s relay=%s ports %d-%d",
-        (time.perf_counter() - started) * 1000,
-        config.realm,
-        worker.server.relay_ips,
-        config.relay.min_port,
-        config.relay.max_port,
-    )
+    worker = Worker(config, config_path=config_path, notifier=notifier)
+    try:
+        await worker.start()
+    except BaseException:
+        worker.shutdown()
+        raise
+    worker.mark_ready(started)
     if on_ready is not None:
         on_ready(worker)
     await worker.serve_until_stopped()
 
 
-def run(config: Config, on_ready: Callable[[Worker], None] | None = None) -> None:
+def run(
+    config: Config,
+    on_ready: Callable[[Worker], None] | None = None,
+    *,
+    config_path: Path | None = None,
+) -> None:
     loop_name = install_event_loop_policy()
     log.debug("event loop: %s", loop_name)
-    asyncio.run(serve(config, on_ready))
+    asyncio.run(serve(config, on_ready, config_path=config_path))

@@ -1,0 +1,193 @@
+"""Session log lines: one per event, text or JSON, and floods summed up, not repeated."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import signal
+
+import pytest
+import yaml
+
+from pyturn.logs import JsonFormatter, LogThrottle, configure_logging, format_address, log_event
+from pyturn.probe import ProbeClient
+from pyturn.wire.attributes import RequestedTransport
+from pyturn.wire.message import Method
+from tests.ops.conftest import StartServer
+from tests.ops.helpers import Peer, lines, relay_round_trip
+
+
+def local_address(client: ProbeClient) -> tuple[str, int]:
+    host, port = client.link.sock.getsockname()[:2]
+    return str(host), int(port)
+
+
+def test_json_log_lines_parse_and_carry_the_session_fields(start_server: StartServer) -> None:
+    server = start_server({"logging": {"format": "json"}})
+    peer = Peer()
+    alice = server.client()
+    local = local_address(alice)
+    try:
+        relayed, _ = alice.allocate()
+        alice.create_permission(peer.address)
+        relay_round_trip(alice, peer, b"12345")
+        alice.refresh(0)
+        wrong = server.client(password="wrong")
+        wrong.request(Method.ALLOCATE, [RequestedTransport(17)])
+        wrong.close()
+        server.wait_for_log('"event": "auth_failed"')
+    finally:
+        alice.close()
+        peer.close()
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(timeout=5) == 0
+    entries = [json.loads(line) for line in lines(server.log_text)]  # every line parses
+    assert all({"time", "level", "logger", "message"} <= entry.keys() for entry in entries)
+    by_event = {entry.get("event"): entry for entry in entries}
+    created = by_event["allocation_created"]
+    assert created["client"] == format_address(local)
+    assert created["user"] == "alice"
+    assert created["transport"] == "udp"
+    assert created["relayed"] == format_address(relayed)
+    deleted = by_event["allocation_deleted"]
+    assert deleted["reason"] == "refresh"
+    assert (deleted["bytes_to_peer"], deleted["packets_to_peer"]) == (5, 1)
+    assert (deleted["bytes_to_client"], deleted["packets_to_client"]) == (5, 1)
+    assert 0 <= deleted["duration"] < 60
+    failed = by_event["auth_failed"]
+    assert failed["reason"] == "bad_password"
+    assert failed["client"].startswith("127.0.0.1:")
+    assert failed["level"] == "info"
+    assert any(e["message"].startswith("ready in ") for e in entries)
+
+
+def test_text_log_lines_have_one_line_per_session_event(start_server: StartServer) -> None:
+    server = start_server()
+    alice = server.client()
+    local = local_address(alice)
+    try:
+        alice.allocate()
+        alice.refresh(1200)
+        alice.refresh(0)
+    finally:
+        alice.close()
+    created = server.wait_for_log(r"INFO pyturn\.net\.worker: allocation created (.*)")[1]
+    assert created.startswith(f"client={format_address(local)} transport=udp")
+    assert "user=alice relayed=127.0.0.1:" in created
+    refreshed = server.wait_for_log(r"allocation refreshed (.*)")[1]
+    assert "lifetime=1200 duration=" in refreshed
+    deleted = server.wait_for_log(r"allocation deleted (.*)")[1]
+    assert "reason=refresh duration=" in deleted
+    assert "bytes_to_peer=0 packets_to_peer=0 bytes_to_client=0 packets_to_client=0" in deleted
+    # The first, unauthenticated Allocate is the normal challenge: not logged at INFO.
+    assert "reason=no_credentials" not in server.log_text
+
+
+def test_an_auth_failure_flood_from_one_client_is_not_logged_line_by_line(
+    start_server: StartServer,
+) -> None:
+    server = start_server()
+    wrong = server.client(password="wrong")
+    try:
+        for _ in range(20):
+            wrong.request(Method.ALLOCATE, [RequestedTransport(17)])
+    finally:
+        wrong.close()
+    server.wait_for_log("auth failed")
+    assert server.log_text.count("auth failed") == 5  # LogThrottle's per-client allowance
+
+
+def test_a_reload_switches_the_log_format_and_level(start_server: StartServer) -> None:
+    server = start_server()
+    config = dict(server.config, logging={"format": "json", "level": "debug"})
+    server.config_path.write_text(yaml.safe_dump(config))
+    mark = server.log_mark()
+    server.signal(signal.SIGHUP)
+    server.wait_for_log('"event": "config_reloaded"', since=mark)
+    alice = server.client()  # its challenge is logged at DEBUG now
+    alice.close()
+    server.wait_for_log('"reason": "no_credentials"', since=mark)
+    after = list(lines(server.log_since(mark)))
+    assert [json.loads(line)["level"] for line in after if line.startswith("{")]
+    assert all(line.startswith("{") for line in after[1:])
+
+
+# -- the pieces, without a server -------------------------------------------------------
+
+
+def test_log_event_writes_key_value_text_and_quotes_what_would_break_it() -> None:
+    stream = io.StringIO()
+    logger = logging.getLogger("pyturn.test.text")
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        log_event(
+            logger,
+            logging.INFO,
+            "auth_failed",
+            {"client": "[2001:db8::1]:5000", "user": 'evil user="x"', "n": 3, "d": 1.5, "u": None},
+        )
+        log_event(logger, logging.DEBUG, "hidden", {"x": 1})
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue() == (
+        'auth failed client=[2001:db8::1]:5000 user="evil user=\\"x\\"" n=3 d=1.5 u=-\n'
+    )
+
+
+def test_json_formatter_puts_event_fields_beside_the_message() -> None:
+    record = logging.makeLogRecord(
+        {
+            "name": "pyturn.x",
+            "levelno": logging.INFO,
+            "levelname": "INFO",
+            "msg": "%s %s",
+            "args": ("allocation created", "client=1.2.3.4:5"),
+            "event": "allocation_created",
+            "fields": {"client": "1.2.3.4:5", "bytes": 12},
+        }
+    )
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["message"] == "allocation created client=1.2.3.4:5"
+    assert entry["event"] == "allocation_created"
+    assert (entry["client"], entry["bytes"]) == ("1.2.3.4:5", 12)
+    assert "fields" not in entry
+    assert entry["time"].endswith("Z")
+
+
+def test_the_throttle_allows_a_few_lines_per_client_and_sums_up_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logger = logging.getLogger("pyturn.test.throttle")
+    throttle = LogThrottle(logger, window=10.0, per_key=2, total=3)
+    with caplog.at_level(logging.INFO, logger="pyturn.test.throttle"):
+        allowed = [throttle.allow("10.0.0.1", "auth_failed", now=100.0 + i) for i in range(4)]
+        allowed.append(throttle.allow("10.0.0.2", "peer_denied", now=104.0))
+        allowed.append(throttle.allow("10.0.0.3", "auth_failed", now=105.0))
+        throttle.flush(now=109.9)
+        assert caplog.records == []
+        throttle.flush(now=110.0)
+        # A new window starts fresh.
+        allowed.append(throttle.allow("10.0.0.1", "auth_failed", now=111.0))
+        throttle.flush(now=200.0)
+    assert allowed == [True, True, False, False, True, False, True]
+    assert [r.getMessage() for r in caplog.records] == [
+        "log flood suppressed=3 auth_failed=3 clients=2 window=10"
+    ]
+    assert caplog.records[0].levelno == logging.WARNING
+
+
+def test_configure_logging_can_be_called_again_on_reload() -> None:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        configure_logging("debug", "json")
+        configure_logging("warning", "text")
+        assert len(root.handlers) == 1
+        assert root.level == logging.WARNING
+        assert not isinstance(root.handlers[0].formatter, JsonFormatter)
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])

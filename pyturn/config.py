@@ -236,6 +236,18 @@ class QuotasConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    # Unsigned answers (401, 438) per client IP: a burst, then a steady rate per second.
+    # They are what a spoofed-source flood would reflect onto a victim.
+    unauthenticated_burst: int = field(default=32, metadata=_rule(low=1))
+    unauthenticated_rate: float = field(default=8.0, metadata=_rule(low=0))
+    # TCP/TLS connections held open per client IP.
+    connections_per_source: int = field(default=64, metadata=_rule(low=1))
+    # Seconds a new TCP/TLS connection has to send its first complete message.
+    first_message_timeout: float = field(default=5.0, metadata=_rule(low=0.1))
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     enabled: bool = True
     address: str = field(default="127.0.0.1", metadata=_rule(check=_ip()))
@@ -264,6 +276,7 @@ class Config:
     peers: PeersConfig = field(default_factory=PeersConfig)
     allocations: AllocationsConfig = field(default_factory=AllocationsConfig)
     quotas: QuotasConfig = field(default_factory=QuotasConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     software: str | None = field(default=None, metadata=_rule(check=_shorter_than(128)))

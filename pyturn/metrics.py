@@ -43,6 +43,7 @@ from pyturn.core.server import (
     Event,
     PeerDenied,
     QuotaRejected,
+    ReplySuppressed,
     RequestHandled,
 )
 from pyturn.wire.attributes import FAMILY_IPV4, FAMILY_IPV6
@@ -89,6 +90,7 @@ class Stats:
         self.auth_failures: Counter[AuthFailure] = Counter()
         self.peers_denied = 0
         self.quota_rejections = 0
+        self.replies_suppressed: Counter[int] = Counter()
         self.allocations_created: Counter[str] = Counter()
         self.allocations_deleted: Counter[str] = Counter()
         self.config_reloads: Counter[str] = Counter()
@@ -111,6 +113,8 @@ class Stats:
             self.peers_denied += 1
         elif isinstance(event, QuotaRejected):
             self.quota_rejections += 1
+        elif isinstance(event, ReplySuppressed):
+            self.replies_suppressed[event.code] += 1
 
     def _deleted(self, event: AllocationDeleted) -> None:
         a = event.allocation
@@ -264,6 +268,14 @@ class TurnCollector(Collector):
             "Allocate requests refused with 486 because a quota was reached.",
             stats.quota_rejections,
         )
+        suppressed = CounterMetricFamily(
+            "pyturn_unsigned_replies_dropped",
+            "401/438 answers not sent because their source used up limits.unauthenticated_*.",
+            labels=["code"],
+        )
+        for unsigned_code in (401, 438):
+            suppressed.add_metric([str(unsigned_code)], stats.replies_suppressed[unsigned_code])
+        yield suppressed
         reloads = CounterMetricFamily(
             "pyturn_config_reloads",
             "Config reloads (SIGHUP), by result: success or failure (old config kept).",

@@ -30,6 +30,7 @@ from pyturn.core.allocation import (
     RelaySocket,
 )
 from pyturn.core.auth import SUPPORTED_ALGORITHMS, Authenticator, AuthFailure, Candidate
+from pyturn.core.limits import SourceBudget
 from pyturn.core.policy import PeerPolicy
 from pyturn.wire import integrity
 from pyturn.wire.attributes import (
@@ -178,6 +179,14 @@ class QuotaRejected:
     username: str
 
 
+@dataclass(frozen=True, slots=True)
+class ReplySuppressed:
+    """An unsigned answer (401/438) was dropped: its source used up its budget."""
+
+    client: Address
+    code: int
+
+
 Event = (
     RequestHandled
     | AllocationCreated
@@ -186,6 +195,7 @@ Event = (
     | AuthFailed
     | PeerDenied
     | QuotaRejected
+    | ReplySuppressed
 )
 Action = (
     Reply
@@ -259,6 +269,10 @@ class TurnServer:
             nonce_secret=self._nonce_secret,
         )
         self.policy = PeerPolicy(config.peers.allow, config.peers.deny)
+        limits = config.limits
+        self.unsigned_budget = SourceBudget(
+            limits.unauthenticated_burst, limits.unauthenticated_rate
+        )
         # A tightened policy applies at once: nothing may be sent to a peer it now denies.
         for allocation in self.allocations.values():
             allocation.forget_peers(lambda ip: not self.policy.is_allowed(ip))
@@ -422,6 +436,9 @@ class TurnServer:
                 raise errors.WrongCredentials
             attributes = handler(msg, five_tuple, candidate, now)
         except errors.StunErrorResponse as exc:
+            if exc.code in (401, 438) and not self.unsigned_budget.allow(client[0], now):
+                self._events.append(ReplySuppressed(client, exc.code))
+                return None
             return self._error(msg, exc, candidate, five_tuple, now)
         if attributes is None:
             return None
@@ -1003,6 +1020,7 @@ __all__ = [
     "PeerDenied",
     "QuotaRejected",
     "Reply",
+    "ReplySuppressed",
     "RequestHandled",
     "SendToPeer",
     "TurnServer",

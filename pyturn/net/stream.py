@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 # A slow reader may not make us queue without bound: past this, the client is dropped.
 MAX_WRITE_BUFFER = 1 << 20
-# A connection that has not sent one whole frame by then is closed (slowloris).
+# A connection that has not sent one whole frame by then is closed (slowloris);
+# limits.first_message_timeout in the config.
 FIRST_FRAME_TIMEOUT = 5.0
 # Larger than any STUN message or ChannelData frame: a claim beyond it is a lie.
 MAX_PENDING = 65536 + 8
@@ -54,9 +55,6 @@ class ConnectionCounter:
             self.open.pop(ip, None)
 
 
-CONNECTIONS = ConnectionCounter()
-
-
 class StreamConnection(asyncio.Protocol):
     def __init__(
         self,
@@ -64,7 +62,9 @@ class StreamConnection(asyncio.Protocol):
         clock: Callable[[], float],
         handle_actions: ActionHandler,
         transport_name: str = "tcp",
-        counter: ConnectionCounter = CONNECTIONS,
+        *,
+        counter: ConnectionCounter | None = None,
+        first_frame_timeout: float = FIRST_FRAME_TIMEOUT,
     ) -> None:
         self.server = server
         self.clock = clock
@@ -74,7 +74,8 @@ class StreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.five_tuple: FiveTuple | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
-        self.counter = counter
+        self.counter = counter if counter is not None else ConnectionCounter()
+        self.first_frame_timeout = first_frame_timeout
         self._counted: str | None = None
         # RFC 6062 §5.4: after ConnectionBind this connection is a raw pipe to a peer.
         self.pipe: PipeEnd | None = None
@@ -93,7 +94,7 @@ class StreamConnection(asyncio.Protocol):
         self.five_tuple = (self.transport_name, client, (str(local[0]), int(local[1])))
         transport.set_write_buffer_limits(high=MAX_WRITE_BUFFER)
         self._idle_timer = asyncio.get_running_loop().call_later(
-            FIRST_FRAME_TIMEOUT, self._first_frame_timeout
+            self.first_frame_timeout, self._first_frame_timeout
         )
 
     def _first_frame_timeout(self) -> None:

@@ -54,7 +54,7 @@ from pyturn.metrics import Stats, TurnCollector, make_registry, render
 from pyturn.net.http import OpsApp, start_ops_server
 from pyturn.net.relay import RelayEndpoint, UdpRelayBinder
 from pyturn.net.sdnotify import SystemdNotifier
-from pyturn.net.stream import FIRST_FRAME_TIMEOUT, StreamConnection
+from pyturn.net.stream import ConnectionCounter, StreamConnection
 from pyturn.net.tcp_relay import TcpRelay
 from pyturn.net.tls import TlsContext, TlsError
 from pyturn.net.udp import UdpListener
@@ -175,6 +175,7 @@ class Worker:
             relay_ipv6=default_relay_ipv6(config),
         )
         self.tcp_relay = TcpRelay(self.server, self.now, self._deliver_tcp)
+        self.connections = ConnectionCounter(config.limits.connections_per_source)
         self.stats = Stats()
         self.throttle = LogThrottle(log)
         # starting -> serving -> draining -> stopping
@@ -383,7 +384,12 @@ class Worker:
                 tls = self.tls.context if self.tls is not None and transport_name == "tls" else None
                 tcp_server = await self.loop.create_server(
                     lambda: StreamConnection(
-                        self.server, self.now, self.handle_actions, transport_name
+                        self.server,
+                        self.now,
+                        self.handle_actions,
+                        transport_name,
+                        counter=self.connections,
+                        first_frame_timeout=self.config.limits.first_message_timeout,
                     ),
                     host=listener.address,
                     port=listener.port,
@@ -391,7 +397,7 @@ class Worker:
                     reuse_port=self.config.workers > 1,
                     backlog=1024,
                     ssl=tls,
-                    ssl_handshake_timeout=FIRST_FRAME_TIMEOUT if tls else None,
+                    ssl_handshake_timeout=self.config.limits.first_message_timeout if tls else None,
                 )
                 port = tcp_server.sockets[0].getsockname()[1]
                 self._closers.append(tcp_server.close)
@@ -453,6 +459,7 @@ class Worker:
         )
         self.config = new
         self.server.reconfigure(new)
+        self.connections.limit = new.limits.connections_per_source
         configure_logging(new.logging.level, new.logging.format)
         self.stats.config_reloads["success"] += 1
         log_event(

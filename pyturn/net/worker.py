@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -93,13 +94,32 @@ def default_relay_ipv4(config: Config) -> str:
     for listener in config.listen:
         if ":" not in listener.address and listener.address != "0.0.0.0":  # noqa: S104
             return listener.address
-    # Wildcard everywhere: take the host's own address from its name, as a hint only.
-    with contextlib.suppress(OSError):
-        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
-            address = str(info[4][0])
-            if not address.startswith("127."):
-                return address
+    # Wildcard everywhere: the first address of the host's own interfaces.
+    for address in interface_ipv4_addresses():
+        if not address.startswith(("127.", "169.254.")):
+            return address
+    log.warning(
+        "no non-loopback IPv4 address found: clients will be told 127.0.0.1 as their "
+        "relayed address; set relay.external_address"
+    )
     return "127.0.0.1"
+
+
+def interface_ipv4_addresses() -> list[str]:
+    """IPv4 addresses of the host's interfaces (Linux SIOCGIFADDR; no packet is sent)."""
+    try:
+        import fcntl  # noqa: PLC0415 (POSIX only)
+    except ImportError:
+        return []
+    siocgifaddr = 0x8915
+    found: list[str] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _, name in socket.if_nameindex():
+            request = struct.pack("256s", name.encode()[:15])
+            with contextlib.suppress(OSError):
+                answer = fcntl.ioctl(probe.fileno(), siocgifaddr, request)
+                found.append(socket.inet_ntoa(answer[20:24]))
+    return found
 
 
 def default_relay_ipv6(config: Config) -> str | None:

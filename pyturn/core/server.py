@@ -625,6 +625,13 @@ class TurnServer:
                 "ADDITIONAL-ADDRESS-FAMILY with REQUESTED-ADDRESS-FAMILY or a reservation"
             )
         family = FAMILY_IPV4
+        if token is not None:
+            # RFC 8656 §7.2 step 5: the token alone names the reserved port, so its
+            # family too (REQUESTED-ADDRESS-FAMILY may not come with it).
+            reserved = self._reservations.get(token.value)
+            if reserved is None:
+                raise errors.InsufficientCapacity("unknown or expired RESERVATION-TOKEN")
+            family = reserved.family
         if requested_family is not None:
             family = requested_family.family
             if family not in (FAMILY_IPV4, FAMILY_IPV6) or family not in self.relay_ips:

@@ -8,7 +8,10 @@ ends when it closes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import ssl
 from collections.abc import Callable
 from typing import cast
 
@@ -65,6 +68,7 @@ class StreamConnection(asyncio.Protocol):
         *,
         counter: ConnectionCounter | None = None,
         first_frame_timeout: float = FIRST_FRAME_TIMEOUT,
+        admitted: bool = False,
     ) -> None:
         self.server = server
         self.clock = clock
@@ -79,6 +83,8 @@ class StreamConnection(asyncio.Protocol):
         self._counted: str | None = None
         # RFC 6062 §5.4: after ConnectionBind this connection is a raw pipe to a peer.
         self.pipe: PipeEnd | None = None
+        # TLS connections are counted by `TlsAcceptor` before their handshake.
+        self.admitted = admitted
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
@@ -86,16 +92,15 @@ class StreamConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         client: Address = (str(peer[0]), int(peer[1]))
-        if not self.counter.admit(client[0]):
+        if not self.admitted and not self.counter.admit(client[0]):
             log.debug("connection from %s refused: too many from that address", client[0])
             transport.abort()
             return
         self._counted = client[0]
         self.five_tuple = (self.transport_name, client, (str(local[0]), int(local[1])))
         transport.set_write_buffer_limits(high=MAX_WRITE_BUFFER)
-        self._idle_timer = asyncio.get_running_loop().call_later(
-            self.first_frame_timeout, self._first_frame_timeout
-        )
+        loop = asyncio.get_running_loop()
+        self._idle_timer = loop.call_later(self.first_frame_timeout, self._first_frame_timeout)
 
     def _first_frame_timeout(self) -> None:
         if self.transport is not None:
@@ -188,3 +193,71 @@ class StreamConnection(asyncio.Protocol):
             if actions:
                 self.handle_actions(actions, self.five_tuple, self.send)
         self.transport = None
+
+
+class TlsAcceptor:
+    """Accepts TLS connections itself so they count against their source at once.
+
+    With `create_server(ssl=...)` a connection reaches the protocol only after its TLS
+    handshake, so connections that never start one would escape the per-source cap
+    until the handshake timeout.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        context: ssl.SSLContext,
+        counter: ConnectionCounter,
+        handshake_timeout: float,
+        make_protocol: Callable[[], StreamConnection],
+    ) -> None:
+        self.sock = sock
+        self.context = context
+        self.counter = counter
+        self.handshake_timeout = handshake_timeout
+        self.make_protocol = make_protocol
+        self.loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task[None]] = set()
+        sock.setblocking(False)
+        self.loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                conn, address = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("TLS accept failed: %s", exc)
+                return
+            ip = str(address[0])
+            if not self.counter.admit(ip):
+                log.debug("connection from %s refused: too many from that address", ip)
+                conn.close()
+                continue
+            conn.setblocking(False)
+            task = self.loop.create_task(self._handshake(conn, ip))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _handshake(self, conn: socket.socket, ip: str) -> None:
+        def protocol() -> StreamConnection:
+            made = self.make_protocol()
+            made.admitted = True
+            return made
+
+        try:
+            await self.loop.connect_accepted_socket(
+                protocol, conn, ssl=self.context, ssl_handshake_timeout=self.handshake_timeout
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.debug("TLS handshake with %s failed: %s", ip, exc)
+            conn.close()
+            self.counter.release(ip)
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        for task in self._tasks:
+            task.cancel()

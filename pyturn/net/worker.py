@@ -55,7 +55,7 @@ from pyturn.metrics import Stats, TurnCollector, make_registry, render
 from pyturn.net.http import OpsApp, start_ops_server
 from pyturn.net.relay import RelayEndpoint, UdpRelayBinder
 from pyturn.net.sdnotify import SystemdNotifier
-from pyturn.net.stream import ConnectionCounter, StreamConnection
+from pyturn.net.stream import ConnectionCounter, StreamConnection, TlsAcceptor
 from pyturn.net.tcp_relay import TcpRelay
 from pyturn.net.tls import TlsContext, TlsError
 from pyturn.net.udp import UdpListener
@@ -139,6 +139,22 @@ def default_relay_ipv6(config: Config) -> str | None:
         "relay.external_address6 so clients learn a reachable IPv6 relay address"
     )
     return "::1"
+
+
+def _listening_socket(family: int, host: str, port: int, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _discard(data: bytes) -> None:
@@ -401,26 +417,42 @@ class Worker:
                 self._closers.append(protocol.transport.close)
             else:  # tcp, or tls: the same framing over TLS (RFC 8656 §3.1)
                 transport_name = listener.transport
-                tls = self.tls.context if self.tls is not None and transport_name == "tls" else None
-                tcp_server = await self.loop.create_server(
-                    lambda: StreamConnection(
+
+                def make_stream() -> StreamConnection:
+                    return StreamConnection(
                         self.server,
                         self.now,
                         self.handle_actions,
                         transport_name,
                         counter=self.connections,
                         first_frame_timeout=self.config.limits.first_message_timeout,
-                    ),
-                    host=listener.address,
-                    port=listener.port,
-                    family=family,
-                    reuse_port=self.config.workers > 1,
-                    backlog=1024,
-                    ssl=tls,
-                    ssl_handshake_timeout=self.config.limits.first_message_timeout if tls else None,
-                )
-                port = tcp_server.sockets[0].getsockname()[1]
-                self._closers.append(tcp_server.close)
+                    )
+
+                if transport_name == "tls":
+                    assert self.tls is not None
+                    sock = _listening_socket(
+                        family, listener.address, listener.port, self.config.workers > 1
+                    )
+                    acceptor = TlsAcceptor(
+                        sock,
+                        self.tls.context,
+                        self.connections,
+                        self.config.limits.first_message_timeout,
+                        make_stream,
+                    )
+                    port = sock.getsockname()[1]
+                    self._closers.append(acceptor.close)
+                else:
+                    tcp_server = await self.loop.create_server(
+                        make_stream,
+                        host=listener.address,
+                        port=listener.port,
+                        family=family,
+                        reuse_port=self.config.workers > 1,
+                        backlog=1024,
+                    )
+                    port = tcp_server.sockets[0].getsockname()[1]
+                    self._closers.append(tcp_server.close)
         except OSError as exc:
             where = format_address((listener.address, listener.port))
             raise StartupError(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pyturn.core.server import SendToPeer, TurnServer
-from pyturn.wire.attributes import FAMILY_IPV6, XorRelayedAddress
+from pyturn.wire.attributes import FAMILY_IPV6, ReservationToken, XorRelayedAddress
 from tests.core.turn_client import T0, FakeBinder, MakeServer, TurnTestClient
 
 V4_PEER = ("8.8.8.8", 5000)
@@ -55,3 +55,20 @@ def test_an_ipv6_only_allocation_refuses_ipv4_peers_with_443(make_server: MakeSe
     assert relayed.host == RELAY6
     assert client.create_permission(V4_PEER, now=T0).code == 443
     assert client.create_permission(V6_PEER, now=T0).code == 0
+
+
+def test_an_ipv6_reservation_token_is_redeemed_for_the_reserved_ipv6_port(
+    make_server: MakeServer,
+) -> None:
+    """RFC 8656 §7.2 step 5: the token names the port and so its family; no RAF with it."""
+    server = make_server({"relay": {"address6": "::"}}, relay_ipv6=RELAY6)
+    first = TurnTestClient(server)
+    result = first.allocate(family=FAMILY_IPV6, even_port=True)
+    assert result.code == 0
+    token = result.need(ReservationToken).value
+    reserved = result.need(XorRelayedAddress).port + 1
+    second = TurnTestClient(server, client=("203.0.113.77", 6000))
+    redeemed = second.allocate(reservation_token=token)
+    assert redeemed.code == 0
+    relayed = redeemed.need(XorRelayedAddress)
+    assert (relayed.host, relayed.port) == (RELAY6, reserved)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,8 +12,10 @@ from tests.interop.server_process import (
     ServerFactory,
     ServerProcess,
     base_config,
+    make_loopback_certificate,
     merge_config,
     running_server,
+    tls_config,
 )
 
 
@@ -40,3 +43,18 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerF
     yield make
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost, 127.0.0.1 and ::1, and its key (PEM)."""
+    return make_loopback_certificate(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def tls_server(
+    tmp_path_factory: pytest.TempPathFactory, tls_files: tuple[Path, Path]
+) -> Iterator[ServerProcess]:
+    """One server for the session listening on UDP, TCP and TLS (peers 127/8 allowed)."""
+    config = merge_config(base_config(), tls_config(*tls_files))
+    yield from running_server(config, tmp_path_factory.mktemp("pyturn-tls"))

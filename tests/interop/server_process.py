@@ -11,6 +11,8 @@ Everything here talks to loopback only: listeners, relay and peers are 127.0.0.1
 from __future__ import annotations
 
 import copy
+import datetime
+import ipaddress
 import itertools
 import json
 import os
@@ -29,6 +31,10 @@ from typing import Any, Protocol
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
@@ -72,6 +78,57 @@ def base_config() -> dict[str, Any]:
         # coturn's turnutils_uclient picks channel numbers up to 0x7FFF (RFC 5766 range).
         "allocations": {"legacy_channel_numbers": True},
         "shutdown_timeout": 0,
+    }
+
+
+def make_loopback_certificate(directory: Path, *, days: int = 30) -> tuple[Path, Path]:
+    """A self-signed certificate valid for "localhost", 127.0.0.1 and ::1, and its key.
+
+    Clients that connect by IP address (aioice, aiortc with `turns:127.0.0.1`) check the
+    address against the certificate's IP SANs, which `tests.net.certs` does not add.
+    Returns the PEM (certificate, private key) paths.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    names: list[x509.GeneralName] = [
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address(LOOPBACK)),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "loopback.crt", directory / "loopback.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def tls_config(certificate: Path | str, private_key: Path | str) -> dict[str, Any]:
+    """Overrides for a server with UDP, TCP and TLS listeners on 127.0.0.1."""
+    return {
+        "listen": [
+            {"transport": "udp", "address": LOOPBACK, "port": 0},
+            {"transport": "tcp", "address": LOOPBACK, "port": 0},
+            {"transport": "tls", "address": LOOPBACK, "port": 0},
+        ],
+        "tls": {"certificate": str(certificate), "private_key": str(private_key)},
     }
 
 
@@ -159,6 +216,8 @@ class ServerProcess:
         self.config_path = workdir / "pyturn.yaml"
         self.process: subprocess.Popen[bytes] | None = None
         self.ports: dict[str, int] = {}
+        # Every (transport, host) from the `listening on` lines, IPv6 listeners included.
+        self.listening: dict[tuple[str, str], int] = {}
         self.returncode: int | None = None
         self._lines: list[str] = []
         self._lock = threading.Lock()
@@ -175,6 +234,23 @@ class ServerProcess:
     @property
     def tcp_port(self) -> int:
         return self.ports["tcp"]
+
+    @property
+    def tls_port(self) -> int:
+        return self.ports["tls"]
+
+    @property
+    def tls_address(self) -> tuple[str, int]:
+        return (LOOPBACK, self.tls_port)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def address(self, transport: str, host: str = LOOPBACK) -> tuple[str, int]:
+        """Where the listener for `transport` on `host` (e.g. "::1") listens."""
+        return (host, self.listening[(transport, host)])
 
     @property
     def udp_address(self) -> tuple[str, int]:
@@ -289,10 +365,11 @@ class ServerProcess:
                 + self.log_text
             ) from None
         for match in _LISTENING.finditer(self.log_text):
+            self.listening.setdefault((match["transport"], match["host"]), int(match["port"]))
             if match["host"] == LOOPBACK:
                 self.ports.setdefault(match["transport"], int(match["port"]))
         wanted = {listener["transport"] for listener in self.config.get("listen", [])}
-        missing = wanted - self.ports.keys()
+        missing = wanted - {transport for transport, _ in self.listening}
         if missing:
             raise ServerStartError(
                 f"no 'listening on' line for {sorted(missing)}:\n{self.log_text}"

@@ -83,7 +83,8 @@ def serve(config_path: Path | None) -> None:
     SIGTERM or Ctrl-C drains: new allocations are refused, running ones keep relaying
     until they end or shutdown_timeout passes; a second SIGTERM or Ctrl-C stops at once.
     """
-    from pyturn.net.worker import (  # noqa: PLC0415 (fast --help)
+    from pyturn.net.supervisor import supervise, worker_count  # noqa: PLC0415 (fast --help)
+    from pyturn.net.worker import (  # noqa: PLC0415
         StartupError,
         default_relay_ipv4,
         run,
@@ -105,7 +106,22 @@ def serve(config_path: Path | None) -> None:
             raise click.ClickException(str(exc)) from exc
     configure_logging(config.logging.level, config.logging.format)
     try:
-        run(config, config_path=config_path)
+        if worker_count(config) > 1:
+            supervise(config, config_path)
+        else:
+            run(config, config_path=config_path)
+    except StartupError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@cli.command(hidden=True)
+@click.option("--control-fd", type=int, required=True)
+def worker(control_fd: int) -> None:
+    """One worker process of `workers: N`; started by `pyturn serve`, not by hand."""
+    from pyturn.net.worker import StartupError, run_worker  # noqa: PLC0415
+
+    try:
+        run_worker(control_fd)
     except StartupError as exc:
         raise click.ClickException(str(exc)) from exc
 

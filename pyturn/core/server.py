@@ -8,7 +8,9 @@ Nothing here touches a socket or reads a clock.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+import hmac
 import itertools
 import secrets
 from collections import Counter
@@ -628,10 +630,10 @@ class TurnServer:
         if token is not None:
             # RFC 8656 §7.2 step 5: the token alone names the reserved port, so its
             # family too (REQUESTED-ADDRESS-FAMILY may not come with it).
-            reserved = self._reservations.get(token.value)
+            reserved = self._read_token(token.value, now)
             if reserved is None:
                 raise errors.InsufficientCapacity("unknown or expired RESERVATION-TOKEN")
-            family = reserved.family
+            family = reserved[1]
         if requested_family is not None:
             family = requested_family.family
             if family not in (FAMILY_IPV4, FAMILY_IPV6) or family not in self.relay_ips:
@@ -720,12 +722,15 @@ class TurnServer:
     ) -> tuple[RelaySocket, bytes | None]:
         pool = self.pools[family]
         if token is not None:
-            reserved = self._reservations.pop(token.value, None)
-            if reserved is None or reserved.family != family:
+            reserved = self._read_token(token.value, now)
+            if reserved is None or reserved[1] != family:
                 raise errors.InsufficientCapacity("unknown or expired RESERVATION-TOKEN")
-            relay = self.binder.bind(family, reserved.port, dont_fragment)
+            held_here = self._reservations.pop(token.value, None) is not None
+            if not held_here and pool.min_port <= reserved[0] <= pool.max_port:
+                # Our own port, no longer held for this token: it was used already.
+                raise errors.InsufficientCapacity("RESERVATION-TOKEN already used")
+            relay = self.binder.bind(family, reserved[0], dont_fragment)
             if relay is None:
-                pool.put(reserved.port)
                 raise errors.InsufficientCapacity("reserved port could not be bound")
             return relay, None
         for _ in range(_BIND_ATTEMPTS):
@@ -745,13 +750,39 @@ class TurnServer:
                 continue
             if even_port is not None and even_port.reserve:
                 pool.take(port + 1)
-                reservation = secrets.token_bytes(8)
+                reservation = self._make_token(port + 1, family, now)
                 self._reservations[reservation] = _Reservation(
                     port + 1, family, now + RESERVATION_LIFETIME
                 )
                 return relay, reservation
             return relay, None
         raise errors.InsufficientCapacity("no relay port free")
+
+    def _make_token(self, port: int, family: int, now: float) -> bytes:
+        """A RESERVATION-TOKEN any worker process can redeem (they share the secret).
+
+        Port, then 15 bits of the expiry time and the family bit, then a 4-byte MAC: a
+        client on another 5-tuple may land on another worker than the one that reserved.
+        """
+        expiry = (int(now + RESERVATION_LIFETIME) & 0x7FFF) | (
+            0x8000 if family == FAMILY_IPV6 else 0
+        )
+        body = port.to_bytes(2, "big") + expiry.to_bytes(2, "big")
+        return body + self._token_mac(body)
+
+    def _token_mac(self, body: bytes) -> bytes:
+        return hmac.new(self._nonce_secret, b"reservation" + body, hashlib.sha256).digest()[:4]
+
+    def _read_token(self, token: bytes, now: float) -> tuple[int, int] | None:
+        """(port, family) of a valid, unexpired token of ours, else None."""
+        body, mac = token[:4], token[4:]
+        if not hmac.compare_digest(mac, self._token_mac(body)):
+            return None
+        word = int.from_bytes(body[2:4], "big")
+        if ((word & 0x7FFF) - int(now)) & 0x7FFF > RESERVATION_LIFETIME:
+            return None  # past its expiry (the difference wraps around)
+        family = FAMILY_IPV6 if word & 0x8000 else FAMILY_IPV4
+        return int.from_bytes(body[:2], "big"), family
 
     def _bind_tcp_relay(self, family: int) -> RelaySocket:
         pool = self.pools[family]

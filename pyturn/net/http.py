@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -50,10 +50,21 @@ class Response:
 class OpsApp:
     """Routes a request line to a response; no I/O, so tests can call it directly."""
 
-    def __init__(self, metrics: Callable[[], bytes], readiness: Callable[[], str | None]) -> None:
-        """`readiness()` returns None when ready, else why not ("starting", "draining")."""
+    def __init__(
+        self,
+        metrics: Callable[[], bytes],
+        readiness: Callable[[], str | None],
+        *,
+        gather: Callable[[], Awaitable[bytes]] | None = None,
+    ) -> None:
+        """`readiness()` returns None when ready, else why not ("starting", "draining").
+
+        `gather`, when given, collects /metrics asynchronously (from worker processes);
+        `metrics` is then only used by callers of `respond` outside the server.
+        """
         self.metrics = metrics
         self.readiness = readiness
+        self.gather = gather
 
     def respond(self, method: str, target: str) -> Response:
         path = target.split("?", 1)[0]
@@ -79,6 +90,7 @@ class _Connection(asyncio.Protocol):
         self.buffer = bytearray()
         self.timer: asyncio.TimerHandle | None = None
         self.answered = False
+        self.gathering: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -110,12 +122,25 @@ class _Connection(asyncio.Protocol):
             self._send("GET", Response(400, b"bad request\n"))
             return
         method, target, _ = parts
+        gather = self.app.gather
+        if gather is not None and method in ("GET", "HEAD") and target.split("?")[0] == "/metrics":
+            self.gathering = asyncio.get_running_loop().create_task(self._gathered(method, gather))
+            return
         try:
             response = self.app.respond(method, target)
         except Exception:
             log.exception("ops endpoint: %s %s failed", method, target)
             response = Response(503, b"internal error\n")
         self._send(method, response)
+
+    async def _gathered(self, method: str, gather: Callable[[], Awaitable[bytes]]) -> None:
+        try:
+            body = await gather()
+        except Exception:
+            log.exception("ops endpoint: gathering metrics failed")
+            self._send(method, Response(503, b"internal error\n"))
+            return
+        self._send(method, Response(200, body, CONTENT_TYPE_LATEST))
 
     def _send(self, method: str, response: Response) -> None:
         transport = self.transport

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pyturn.config import Config, ConfigError, Listener, load_config
+from pyturn.config import Config, ConfigError, Listener, load_config, parse_config
 from pyturn.core.allocation import Allocation, FiveTuple
 from pyturn.core.auth import AuthFailure
 from pyturn.core.server import (
@@ -52,6 +52,7 @@ from pyturn.core.server import (
 )
 from pyturn.logs import FieldValue, LogThrottle, configure_logging, format_address, log_event
 from pyturn.metrics import Stats, TurnCollector, make_registry, render
+from pyturn.net.control import LINE_LIMIT, read_message, write_message
 from pyturn.net.http import OpsApp, start_ops_server
 from pyturn.net.relay import RelayEndpoint, UdpRelayBinder
 from pyturn.net.sdnotify import SystemdNotifier
@@ -196,6 +197,7 @@ class Worker:
         *,
         config_path: Path | None = None,
         notifier: SystemdNotifier | None = None,
+        secret: bytes | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -209,10 +211,14 @@ class Worker:
             self.binder,
             relay_ipv4=default_relay_ipv4(config),
             relay_ipv6=default_relay_ipv6(config),
+            nonce_secret=secret,
         )
         self.tcp_relay = TcpRelay(self.server, self.now, self._deliver_tcp)
         self.connections = ConnectionCounter(config.limits.connections_per_source)
         self.stats = Stats()
+        self.registry = make_registry(
+            TurnCollector(self.server, self.stats, lambda: self.state == "draining")
+        )
         self.throttle = LogThrottle(log)
         # starting -> serving -> draining -> stopping
         self.state = "starting"
@@ -383,8 +389,7 @@ class Worker:
 
     async def _start_ops_endpoint(self) -> None:
         metrics = self.config.metrics
-        collector = TurnCollector(self.server, self.stats, lambda: self.state == "draining")
-        registry = make_registry(collector)
+        registry = self.registry
         app = OpsApp(lambda: render(registry), self.readiness)
         try:
             ops_server, self.metrics_address = await start_ops_server(
@@ -496,14 +501,26 @@ class Worker:
         self.notifier.reloading()
         try:
             new = load_config(self.config_path)
-            if self.tls is not None:
-                # Always re-read: a renewed certificate usually keeps its file names.
-                self._load_tls(new)
-        except (ConfigError, TlsError) as exc:
+        except ConfigError as exc:
             self.stats.config_reloads["failure"] += 1
             log.error("config reload refused, keeping the running config: %s", exc)
             self.notifier.ready("config reload refused; running on the previous config")
             return
+        if self.apply_config(new, source=str(self.config_path)):
+            self.notifier.ready(f"config reloaded from {self.config_path}")
+        else:
+            self.notifier.ready("config reload refused; running on the previous config")
+
+    def apply_config(self, new: Config, *, source: str) -> bool:
+        """Take a validated config; sockets (listen, relay, metrics, workers) stay as they are."""
+        if self.tls is not None:
+            try:
+                # Always re-read: a renewed certificate usually keeps its file names.
+                self._load_tls(new)
+            except TlsError as exc:
+                self.stats.config_reloads["failure"] += 1
+                log.error("config reload refused, keeping the running config: %s", exc)
+                return False
         old = self.config
         changed = [name for name in _RESTART_ONLY if getattr(new, name) != getattr(old, name)]
         new = dataclasses.replace(
@@ -519,7 +536,7 @@ class Worker:
             logging.INFO,
             "config_reloaded",
             {
-                "file": str(self.config_path),
+                "file": source,
                 "users": len(new.auth.users),
                 "secrets": len(new.auth.secrets),
                 "allocations": len(self.server.allocations),
@@ -529,9 +546,9 @@ class Worker:
             log.warning(
                 "config reload: %s changed in %s but take effect only after a restart",
                 ", ".join(changed),
-                self.config_path,
+                source,
             )
-        self.notifier.ready(f"config reloaded from {self.config_path}")
+        return True
 
     # -- drain and shutdown ----------------------------------------------------------------
 
@@ -628,3 +645,65 @@ def run(
     loop_name = install_event_loop_policy()
     log.debug("event loop: %s", loop_name)
     asyncio.run(serve(config, on_ready, config_path=config_path))
+
+
+async def serve_as_worker(control_fd: int) -> None:
+    """One of several worker processes: config, metrics and orders come from the supervisor.
+
+    SIGINT and SIGHUP belong to the supervisor (a terminal's Ctrl-C reaches the whole
+    process group); SIGTERM still drains, as systemd may send it to every process.
+    """
+    started = time.perf_counter()
+    sock = socket.socket(fileno=control_fd)
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=LINE_LIMIT)
+    first = await read_message(reader)
+    if first is None or first.get("op") != "start":
+        raise StartupError("worker: no start message from the supervisor")
+    config = parse_config(first["config"], source=f"supervisor (worker {first['index']})")
+    configure_logging(config.logging.level, config.logging.format)
+    # Workers share the nonce and reservation-token secret: a client's next 5-tuple
+    # may hash to another worker.
+    secret = bytes.fromhex(first["secret"])
+    worker = Worker(config, notifier=SystemdNotifier({}), secret=secret)
+    try:
+        await worker.start()
+    except StartupError as exc:
+        write_message(writer, {"op": "failed", "error": str(exc)})
+        await writer.drain()
+        raise
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        worker.loop.remove_signal_handler(signum)
+        signal.signal(signum, signal.SIG_IGN)
+    worker.mark_ready(started)
+    write_message(writer, {"op": "ready", "pid": os.getpid(), "bound": worker.bound})
+    orders = worker.loop.create_task(_obey(worker, reader, writer))
+    try:
+        await worker.serve_until_stopped()
+    finally:
+        orders.cancel()
+        writer.close()
+
+
+async def _obey(worker: Worker, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while (message := await read_message(reader)) is not None:
+        op = message.get("op")
+        if op == "metrics":
+            text = render(worker.registry).decode()
+            write_message(writer, {"op": "metrics", "id": message.get("id"), "text": text})
+        elif op == "reload":
+            new = parse_config(message["config"], source="supervisor")
+            ok = worker.apply_config(new, source=str(message.get("source", "supervisor")))
+            write_message(writer, {"op": "reloaded", "ok": ok})
+        elif op == "drain":
+            if worker.state == "serving":
+                worker.drain("supervisor")
+        elif op == "stop":
+            worker.stop()
+    # The supervisor is gone: nobody can stop or reload this process any more.
+    log.error("supervisor gone: stopping")
+    worker.stop()
+
+
+def run_worker(control_fd: int) -> None:
+    install_event_loop_policy()
+    asyncio.run(serve_as_worker(control_fd))

@@ -1,0 +1,400 @@
+"""Worker processes: `workers: N` runs N copies of the server behind SO_REUSEPORT.
+
+Each worker binds its own sockets on the same listening ports; the kernel hashes a
+client's addresses to one of them, so a client keeps talking to the worker that holds
+its allocation. Relay ports are split into disjoint slices, one per worker. The
+supervisor starts the workers, restarts one that dies, serves /metrics (the sum of the
+workers' metrics), /live and /ready, and turns signals into orders:
+
+- SIGHUP: re-read and check the config file, then send it to every worker;
+- SIGTERM/SIGINT: tell the workers to drain; a second one tells them to stop at once.
+
+Quotas are kept by each worker: `quotas.allocations_total` is divided between them,
+`quotas.allocations_per_user` applies per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+import math
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from pyturn.config import Config, ConfigError, Listener, config_to_dict, load_config
+from pyturn.logs import format_address
+from pyturn.net.control import LINE_LIMIT, Message, read_message, write_message
+from pyturn.net.http import OpsApp, start_ops_server
+from pyturn.net.sdnotify import SystemdNotifier
+from pyturn.net.worker import install_event_loop_policy
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 15.0
+METRICS_TIMEOUT = 2.0
+RESTART_DELAY = 1.0
+# Samples that are one process's value rather than a share of the whole.
+_TAKE_MIN = ("process_start_time_seconds",)
+_TAKE_MAX = ("pyturn_info", "pyturn_draining", "python_info")
+
+
+def worker_count(config: Config) -> int:
+    """`workers: 0` means one per CPU."""
+    return config.workers or os.cpu_count() or 1
+
+
+def relay_slice(config: Config, index: int, count: int) -> tuple[int, int]:
+    low, high = config.relay.min_port, config.relay.max_port
+    size = (high - low + 1) // count
+    start = low + index * size
+    end = high if index == count - 1 else start + size - 1
+    return start, end
+
+
+def worker_config(config: Config, listen: tuple[Listener, ...], index: int, count: int) -> Config:
+    """What worker `index` runs: the shared ports, its own relay ports and quota share."""
+    low, high = relay_slice(config, index, count)
+    total = config.quotas.allocations_total
+    return dataclasses.replace(
+        config,
+        listen=listen,
+        relay=dataclasses.replace(config.relay, min_port=low, max_port=high),
+        quotas=dataclasses.replace(
+            config.quotas, allocations_total=math.ceil(total / count) if total else 0
+        ),
+        metrics=dataclasses.replace(config.metrics, enabled=False),
+        workers=count,
+    )
+
+
+def merge_expositions(texts: Iterable[str]) -> bytes:
+    """One Prometheus exposition summing the workers' samples of the same name and labels."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(
+                    family.name, family.documentation, family.type, family.unit
+                )
+                values[family.name] = {}
+            samples = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                old = samples.get(key)
+                if old is None:
+                    samples[key] = sample.value
+                elif sample.name.startswith(_TAKE_MIN):
+                    samples[key] = min(old, sample.value)
+                elif sample.name.startswith(_TAKE_MAX):
+                    samples[key] = max(old, sample.value)
+                else:
+                    samples[key] = old + sample.value
+    for name, family in families.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    return generate_latest(_Snapshot(list(families.values())))
+
+
+class _Snapshot(CollectorRegistry):
+    def __init__(self, families: list[Metric]) -> None:
+        super().__init__(auto_describe=False)
+        self.register(_Fixed(families))
+
+
+class _Fixed(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+@dataclasses.dataclass(eq=False)
+class WorkerProcess:
+    index: int
+    process: asyncio.subprocess.Process
+    writer: asyncio.StreamWriter
+    ready: asyncio.Future[bool]
+    replies: dict[int, asyncio.Future[str]] = dataclasses.field(default_factory=dict)
+
+
+class Supervisor:
+    def __init__(self, config: Config, config_path: Path | None, count: int) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.count = count
+        self.notifier = SystemdNotifier()
+        self.loop = asyncio.get_running_loop()
+        self.listen: tuple[Listener, ...] = config.listen
+        self.workers: dict[int, WorkerProcess] = {}
+        self.state = "starting"
+        self.restarts = 0
+        self._ids = itertools.count()
+        self._all_exited = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closers: list[Callable[[], None]] = []
+        self.secret = secrets.token_bytes(32)
+
+    def _spawn_task(self, coro: Coroutine[object, object, None]) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- start-up --------------------------------------------------------------------------
+
+    def _reserve_ports(self) -> list[socket.socket]:
+        """Port 0 means "any free port": find one every worker can then bind."""
+        placeholders: list[socket.socket] = []
+        resolved: list[Listener] = []
+        for listener in self.config.listen:
+            if listener.port != 0:
+                resolved.append(listener)
+                continue
+            family = socket.AF_INET6 if ":" in listener.address else socket.AF_INET
+            kind = socket.SOCK_DGRAM if listener.transport == "udp" else socket.SOCK_STREAM
+            sock = socket.socket(family, kind)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((listener.address, 0))
+            placeholders.append(sock)
+            port = sock.getsockname()[1]
+            resolved.append(dataclasses.replace(listener, port=port))
+        self.listen = tuple(resolved)
+        return placeholders
+
+    async def start(self) -> None:
+        started = time.perf_counter()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(signum, self._on_stop_signal, signum)
+        self.loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+        placeholders = self._reserve_ports()
+        try:
+            for index in range(self.count):
+                await self._start_worker(index)
+            results = await asyncio.wait_for(
+                asyncio.gather(*(w.ready for w in self.workers.values())), READY_TIMEOUT
+            )
+        finally:
+            # Until now a placeholder could catch a datagram meant for a worker.
+            for sock in placeholders:
+                sock.close()
+        if not all(results):
+            raise RuntimeError("a worker failed to start (see its log line above)")
+        if self.config.metrics.enabled:
+            await self._start_ops_endpoint()
+        self.state = "serving"
+        log.info(
+            "ready in %.0f ms: %d workers, relay ports %d-%d split between them",
+            (time.perf_counter() - started) * 1000,
+            self.count,
+            self.config.relay.min_port,
+            self.config.relay.max_port,
+        )
+        self.notifier.ready(f"serving with {self.count} workers")
+
+    async def _start_worker(self, index: int) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "pyturn",
+            "worker",
+            "--control-fd",
+            str(child.fileno()),
+            pass_fds=(child.fileno(),),
+            env=env,
+        )
+        child.close()
+        reader, writer = await asyncio.open_unix_connection(sock=parent, limit=LINE_LIMIT)
+        worker = WorkerProcess(index, process, writer, self.loop.create_future())
+        self.workers[index] = worker
+        config = worker_config(self.config, self.listen, index, self.count)
+        write_message(
+            writer,
+            {
+                "op": "start",
+                "index": index,
+                "config": config_to_dict(config, redact=False),
+                "secret": self.secret.hex(),
+            },
+        )
+        self._spawn_task(self._listen_to(worker, reader))
+        self._spawn_task(self._watch(worker))
+
+    async def _listen_to(self, worker: WorkerProcess, reader: asyncio.StreamReader) -> None:
+        while (message := await read_message(reader)) is not None:
+            self._on_message(worker, message)
+        if not worker.ready.done():
+            worker.ready.set_result(False)
+
+    def _on_message(self, worker: WorkerProcess, message: Message) -> None:
+        op = message.get("op")
+        if op == "ready" and not worker.ready.done():
+            worker.ready.set_result(True)
+            log.debug("worker %d ready (pid %s)", worker.index, message.get("pid"))
+        elif op == "failed":
+            log.error("worker %d failed to start: %s", worker.index, message.get("error"))
+            if not worker.ready.done():
+                worker.ready.set_result(False)
+        elif op == "metrics":
+            reply = worker.replies.pop(int(message.get("id", -1)), None)
+            if reply is not None and not reply.done():
+                reply.set_result(str(message.get("text", "")))
+        elif op == "reloaded" and not message.get("ok"):
+            log.error("worker %d refused the reloaded config", worker.index)
+
+    async def _watch(self, worker: WorkerProcess) -> None:
+        code = await worker.process.wait()
+        if self.workers.get(worker.index) is worker:
+            del self.workers[worker.index]
+        worker.writer.close()
+        for reply in worker.replies.values():
+            reply.cancel()
+        if self.state == "serving":
+            self.restarts += 1
+            log.error(
+                "worker %d (pid %d) exited with code %s: restarting it",
+                worker.index,
+                worker.process.pid,
+                code,
+            )
+            await asyncio.sleep(RESTART_DELAY)
+            if self.state == "serving":
+                await self._start_worker(worker.index)
+            return
+        if not self.workers:
+            self._all_exited.set()
+
+    # -- operations endpoint ---------------------------------------------------------------
+
+    async def _start_ops_endpoint(self) -> None:
+        metrics = self.config.metrics
+        app = OpsApp(lambda: b"", self.readiness, gather=self.gather_metrics)
+        server, address = await start_ops_server(app, metrics.address, metrics.port)
+        self._closers.append(server.close)
+        log.info(
+            "metrics on http://%s/metrics (all workers), health checks on /live and /ready",
+            format_address(address),
+        )
+
+    def readiness(self) -> str | None:
+        if self.state != "serving":
+            return self.state
+        if len(self.workers) < self.count or not all(
+            w.ready.done() and w.ready.result() for w in self.workers.values()
+        ):
+            return "restarting a worker"
+        return None
+
+    async def gather_metrics(self) -> bytes:
+        asks = []
+        for worker in list(self.workers.values()):
+            if not (worker.ready.done() and worker.ready.result()):
+                continue
+            ident = next(self._ids)
+            reply: asyncio.Future[str] = self.loop.create_future()
+            worker.replies[ident] = reply
+            write_message(worker.writer, {"op": "metrics", "id": ident})
+            asks.append(reply)
+        texts: list[str] = []
+        if asks:
+            done, pending = await asyncio.wait(asks, timeout=METRICS_TIMEOUT)
+            texts = [f.result() for f in done if not f.cancelled() and f.exception() is None]
+            for future in pending:
+                future.cancel()
+        supervisor = (
+            "# HELP pyturn_workers Worker processes running.\n"
+            "# TYPE pyturn_workers gauge\n"
+            f"pyturn_workers {len(self.workers)}\n"
+            "# HELP pyturn_worker_restarts_total Workers restarted after dying.\n"
+            "# TYPE pyturn_worker_restarts_total counter\n"
+            f"pyturn_worker_restarts_total {self.restarts}\n"
+        )
+        return merge_expositions([*texts, supervisor])
+
+    # -- signals ---------------------------------------------------------------------------
+
+    def _on_reload_signal(self) -> None:
+        if self.config_path is None:
+            log.warning("SIGHUP ignored: no config file to reload (embedded default config)")
+            return
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("config reload refused, keeping the running config: %s", exc)
+            self.notifier.ready("config reload refused; running on the previous config")
+            return
+        # Sockets, relay ports and the worker count need a restart; the rest reloads.
+        new = dataclasses.replace(
+            new,
+            listen=self.config.listen,
+            relay=self.config.relay,
+            metrics=self.config.metrics,
+            workers=self.config.workers,
+        )
+        self.config = new
+        for worker in self.workers.values():
+            config = worker_config(new, self.listen, worker.index, self.count)
+            write_message(
+                worker.writer,
+                {
+                    "op": "reload",
+                    "config": config_to_dict(config, redact=False),
+                    "source": str(self.config_path),
+                },
+            )
+        log.info("config reload sent to %d workers", len(self.workers))
+        self.notifier.ready(f"config reloaded from {self.config_path}")
+
+    def _on_stop_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        order = "stop" if self.state in ("draining", "stopping") else "drain"
+        self.state = "draining" if order == "drain" else "stopping"
+        log.info("%s: telling %d workers to %s", name, len(self.workers), order)
+        self.notifier.stopping(f"{order} requested by {name}")
+        for worker in self.workers.values():
+            write_message(worker.writer, {"op": order})
+        if not self.workers:
+            self._all_exited.set()
+
+    async def wait(self) -> None:
+        await self._all_exited.wait()
+        for close in self._closers:
+            close()
+        self.notifier.close()
+        log.info("stopped: every worker has exited")
+
+
+def supervise(config: Config, config_path: Path | None) -> None:
+    install_event_loop_policy()
+    asyncio.run(_supervise(config, config_path))
+
+
+async def _supervise(config: Config, config_path: Path | None) -> None:
+    supervisor = Supervisor(config, config_path, worker_count(config))
+    try:
+        await supervisor.start()
+    except BaseException:
+        for worker in supervisor.workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.kill()
+        raise
+    await supervisor.wait()

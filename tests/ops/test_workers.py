@@ -1,0 +1,128 @@
+"""`workers: N`: worker processes behind SO_REUSEPORT, watched by a supervisor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+
+import pytest
+
+from pyturn.config import parse_config
+from pyturn.net.supervisor import merge_expositions, relay_slice, worker_config
+from tests.interop.server_process import LOOPBACK, require_tool
+from tests.ops.conftest import StartServer
+from tests.ops.helpers import OpsServer, parse_metrics, value, wait_until
+
+RELAYED_PACKETS = "pyturn_relayed_packets_total"
+
+
+def _start(start_server: StartServer, **overrides: object) -> OpsServer:
+    server = start_server({"workers": 2, **overrides})
+    server.wait_for_log(r"ready in \d+ ms: 2 workers", timeout=15)
+    return server
+
+
+def _workers(server: OpsServer) -> list[int]:
+    assert server.process is not None
+    out = subprocess.run(
+        ["ps", "--ppid", str(server.process.pid), "-o", "pid="],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=5,
+    )
+    return [int(pid) for pid in out.stdout.split()]
+
+
+def test_relay_ports_are_split_into_disjoint_slices_covering_the_range() -> None:
+    config = parse_config({"relay": {"min_port": 50000, "max_port": 50010}})
+    slices = [relay_slice(config, i, 3) for i in range(3)]
+    assert slices == [(50000, 50002), (50003, 50005), (50006, 50010)]
+
+
+def test_each_worker_gets_its_share_of_the_total_quota_and_no_metrics_port() -> None:
+    config = parse_config({"quotas": {"allocations_total": 5}, "workers": 2})
+    worker = worker_config(config, config.listen, 1, 2)
+    assert worker.quotas.allocations_total == 3
+    assert not worker.metrics.enabled
+    assert worker.workers == 2
+
+
+def test_metrics_of_the_workers_are_summed_except_per_process_facts() -> None:
+    one = (
+        '# TYPE pyturn_allocations gauge\npyturn_allocations{transport="udp"} 2.0\n'
+        "# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds 100.0\n"
+    )
+    two = (
+        '# TYPE pyturn_allocations gauge\npyturn_allocations{transport="udp"} 3.0\n'
+        "# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds 90.0\n"
+    )
+    merged = parse_metrics(merge_expositions([one, two]).decode())
+    assert value(merged, "pyturn_allocations", transport="udp") == 5
+    assert value(merged, "process_start_time_seconds") == 90
+
+
+@pytest.mark.interop
+def test_two_workers_relay_for_many_clients_and_metrics_add_up(
+    start_server: StartServer,
+) -> None:
+    """Clients hash to either worker; the supervisor's /metrics counts them all."""
+    uclient = require_tool("turnutils_uclient")
+    peer_tool = require_tool("turnutils_peer")
+    server = _start(start_server)
+    assert len(_workers(server)) == 2
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe_port:
+        probe_port.bind((LOOPBACK, 0))
+        peer_port = probe_port.getsockname()[1]
+    peer = subprocess.Popen(
+        [peer_tool, "-L", LOOPBACK, "-p", str(peer_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    messages, clients = 20, 8
+    try:
+        result = subprocess.run(
+            [
+                *(uclient, "-u", "alice", "-w", "alicepw", "-e", LOOPBACK, "-r", str(peer_port)),
+                *("-n", str(messages), "-m", str(clients), "-l", "100", "-c"),
+                *("-p", str(server.udp_port), LOOPBACK),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=dict(os.environ),
+            check=False,
+        )
+    finally:
+        peer.terminate()
+        peer.wait(timeout=5)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Total lost packets 0 " in result.stdout, result.stdout
+    samples = server.scrape()
+    assert value(samples, "pyturn_workers") == 2
+    sent = messages * clients
+    assert value(samples, RELAYED_PACKETS, direction="client_to_peer", transport="udp") == sent
+    assert value(samples, RELAYED_PACKETS, direction="peer_to_client", transport="udp") == sent
+
+
+def test_a_worker_that_dies_is_restarted_and_logged(start_server: StartServer) -> None:
+    server = _start(start_server)
+    victim = _workers(server)[0]
+    os.kill(victim, signal.SIGKILL)
+    server.wait_for_log(rf"worker \d \(pid {victim}\) exited with code -9: restarting", timeout=5)
+    wait_until(lambda: len(_workers(server)) == 2 and victim not in _workers(server), timeout=10)
+    wait_until(lambda: server.get("/ready")[0] == 200, timeout=10)
+    assert value(server.scrape(), "pyturn_worker_restarts_total") == 1
+    client = server.client()
+    client.allocate()
+
+
+def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(
+    start_server: StartServer,
+) -> None:
+    server = _start(start_server, shutdown_timeout=5)
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(timeout=10) == 0
+    assert "stopped: every worker has exited" in server.log_text

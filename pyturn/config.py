@@ -280,7 +280,8 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     software: str | None = field(default=None, metadata=_rule(check=_shorter_than(128)))
-    workers: int = field(default=1, metadata=_rule(low=1))
+    # 0: one worker process per CPU (see pyturn.net.supervisor).
+    workers: int = field(default=0, metadata=_rule(low=0))
     shutdown_timeout: float = field(default=30.0, metadata=_rule(low=0))
     alternate_server: str | None = field(default=None, metadata=_rule(check=_host_port))
 

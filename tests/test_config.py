@@ -126,7 +126,7 @@ def test_default_config_has_the_documented_values() -> None:
     assert config.metrics == MetricsConfig(True, "127.0.0.1", 9641)
     assert config.logging == LoggingConfig("info", "text")
     assert config.software is None
-    assert config.workers == 1
+    assert config.workers == 0
     assert config.shutdown_timeout == 30.0
     assert config.alternate_server is None
 
@@ -305,7 +305,7 @@ def test_the_unknown_key_message_has_the_documented_form(tmp_path: Path) -> None
             "quotas.channels_per_allocation",
             "between 1 and 16384",
         ),
-        ("workers: 0", "workers", "must be an integer >= 1, got 0"),
+        ("workers: -1", "workers", "must be an integer >= 0, got -1"),
         # floats
         ("shutdown_timeout: -1", "shutdown_timeout", "must be a number >= 0, got -1"),
         ("shutdown_timeout: 30s", "shutdown_timeout", "got '30s'"),
@@ -665,7 +665,7 @@ def test_load_config_accepts_str_and_path_objects(tmp_path: Path) -> None:
 
 def test_config_errors_survive_pickling_with_their_attributes() -> None:
     with pytest.raises(ConfigError) as info:
-        parse_config({"workers": 0}, "conf/x.yaml")
+        parse_config({"workers": -1}, "conf/x.yaml")
     copy = pickle.loads(pickle.dumps(info.value))  # noqa: S301 - our own object
     assert str(copy) == str(info.value)
     assert (copy.source, copy.path) == ("conf/x.yaml", "workers")

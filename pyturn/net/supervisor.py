@@ -40,7 +40,7 @@ from pyturn.logs import format_address
 from pyturn.net.control import LINE_LIMIT, Message, read_message, write_message
 from pyturn.net.http import OpsApp, start_ops_server
 from pyturn.net.sdnotify import SystemdNotifier
-from pyturn.net.worker import install_event_loop_policy
+from pyturn.net.worker import StartupError, install_event_loop_policy
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,10 @@ class Supervisor:
             # Until now a placeholder could catch a datagram meant for a worker.
             for sock in placeholders:
                 sock.close()
+        if self.state != "starting":
+            return  # SIGTERM or SIGINT came while the workers were starting
         if not all(results):
-            raise RuntimeError("a worker failed to start (see its log line above)")
+            raise StartupError("a worker failed to start (see its log line above)")
         if self.config.metrics.enabled:
             await self._start_ops_endpoint()
         self.state = "serving"
@@ -287,7 +289,14 @@ class Supervisor:
     async def _start_ops_endpoint(self) -> None:
         metrics = self.config.metrics
         app = OpsApp(lambda: b"", self.readiness, gather=self.gather_metrics)
-        server, address = await start_ops_server(app, metrics.address, metrics.port)
+        try:
+            server, address = await start_ops_server(app, metrics.address, metrics.port)
+        except OSError as exc:
+            where = format_address((metrics.address, metrics.port))
+            raise StartupError(
+                f"cannot serve metrics on {where} (metrics.address, metrics.port): "
+                f"{exc.strerror or exc}"
+            ) from exc
         self._closers.append(server.close)
         log.info(
             "metrics on http://%s/metrics (all workers), health checks on /live and /ready",

@@ -75,6 +75,8 @@ def base_config() -> dict[str, Any]:
         "auth": {"users": {USER: PASSWORD}, "secrets": [REST_SECRET]},
         "peers": {"allow": ["127.0.0.0/8"]},
         "metrics": {"enabled": False},
+        # One process: tests count per-process quotas and read one process's log.
+        "workers": 1,
         # coturn's turnutils_uclient picks channel numbers up to 0x7FFF (RFC 5766 range).
         "allocations": {"legacy_channel_numbers": True},
         "shutdown_timeout": 0,

@@ -183,6 +183,8 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self._on_stop_signal, signum)
         self.loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+        if self.notifier.enabled and self.notifier.watchdog_interval is not None:
+            self._ping_watchdog(self.notifier.watchdog_interval)
         placeholders = self._reserve_ports()
         try:
             for index in range(self.count):
@@ -209,6 +211,12 @@ class Supervisor:
             self.config.relay.max_port,
         )
         self.notifier.ready(f"serving with {self.count} workers")
+
+    def _ping_watchdog(self, interval: float) -> None:
+        # The supervisor is the unit's main process, so it answers systemd's watchdog;
+        # a stuck worker is caught by its own death and restart instead.
+        self.notifier.watchdog()
+        self.loop.call_later(interval, self._ping_watchdog, interval)
 
     async def _start_worker(self, index: int) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

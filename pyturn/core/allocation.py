@@ -8,13 +8,16 @@ looks at a clock: presence in the dictionary is the permission.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Protocol
 
-from pyturn.wire.attributes import FAMILY_IPV6, Address, Data, XorPeerAddress
-from pyturn.wire.message import Method, finish, message_type
+from pyturn.wire.attributes import FAMILY_IPV6, Address
+from pyturn.wire.message import Method, message_type
 
 # RFC 8656 §9 and §12: fixed lifetimes, not negotiable.
 PERMISSION_LIFETIME = 300.0
@@ -156,17 +159,48 @@ class Allocation:
         header = self.channel_headers.get(peer)
         if header is not None:
             return header + len(data).to_bytes(2, "big") + data
-        txid = secrets.token_bytes(12)
-        body = _tlv(XorPeerAddress.TYPE, XorPeerAddress(*peer).encode(txid)) + _tlv(Data.TYPE, data)
-        return finish(_DATA_INDICATION, txid, body)
+        return data_indication(peer, data)
 
 
-def _tlv(attr_type: int, value: bytes) -> bytes:
-    return (
-        attr_type.to_bytes(2, "big")
-        + len(value).to_bytes(2, "big")
-        + value
-        + b"\x00" * (-len(value) % 4)
+_DATA_INDICATION_HEAD = _DATA_INDICATION.to_bytes(2, "big")
+_COOKIE = 0x2112A442
+_COOKIE_BYTES = _COOKIE.to_bytes(4, "big")
+
+
+@lru_cache(maxsize=65536)
+def _packed_ip(host: str) -> bytes:
+    return ipaddress.ip_address(host).packed
+
+
+def data_indication(peer: Address, data: bytes) -> bytes:
+    """A Data indication (RFC 8656 §11.4) built directly: it goes out for every datagram
+    a peer sends without a channel, so no message objects are made."""
+    txid = os.urandom(12)
+    host, port = peer
+    packed = _packed_ip(host)
+    x_port = (port ^ (_COOKIE >> 16)).to_bytes(2, "big")
+    if len(packed) == 4:
+        x_addr = (int.from_bytes(packed, "big") ^ _COOKIE).to_bytes(4, "big")
+        peer_attr = b"\x00\x12\x00\x08\x00\x01" + x_port + x_addr
+    else:
+        key = int.from_bytes(_COOKIE_BYTES + txid, "big")
+        x_addr = (int.from_bytes(packed, "big") ^ key).to_bytes(16, "big")
+        peer_attr = b"\x00\x12\x00\x14\x00\x02" + x_port + x_addr
+    size = len(data)
+    padding = -size % 4
+    length = len(peer_attr) + 4 + size + padding
+    return b"".join(
+        (
+            _DATA_INDICATION_HEAD,
+            length.to_bytes(2, "big"),
+            _COOKIE_BYTES,
+            txid,
+            peer_attr,
+            b"\x00\x13",
+            size.to_bytes(2, "big"),
+            data,
+            b"\x00" * padding,
+        )
     )
 
 

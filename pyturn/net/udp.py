@@ -23,6 +23,7 @@ class UdpListener(asyncio.DatagramProtocol):
         handle_actions: ActionHandler,
     ) -> None:
         self.server = server
+        self.route_channel_data = server.route_channel_data
         self.clock = clock
         self.handle_actions = handle_actions
         self.transport: asyncio.DatagramTransport | None = None
@@ -35,11 +36,12 @@ class UdpListener(asyncio.DatagramProtocol):
         self.local = (sockname[0], sockname[1])
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        client: Address = (str(addr[0]), int(addr[1]))
+        # IPv4 addresses already are (host, port); IPv6 ones carry flow info and scope.
+        client = cast(Address, addr if len(addr) == 2 else addr[:2])
         five_tuple: FiveTuple = ("udp", client, self.local)
         # Fast path: ChannelData (top bits 01) skips the STUN machinery.
         if data and 0x40 <= data[0] <= 0x7F:
-            send = self.server.route_channel_data(data, five_tuple)
+            send = self.route_channel_data(data, five_tuple)
             if send is not None:
                 send.relay.sendto(send.data, send.peer)
             return

@@ -221,6 +221,8 @@ class _Reservation:
     port: int
     family: int
     expires_at: float
+    # A reserved port counts against its user's quota until used or expired.
+    quota_user: str
 
 
 class TurnServer:
@@ -356,6 +358,7 @@ class TurnServer:
         for token in [t for t, r in self._reservations.items() if r.expires_at <= now]:
             reservation = self._reservations.pop(token)
             self.pools[reservation.family].put(reservation.port)
+            self._uncount(reservation.quota_user)
         return out
 
     def next_deadline(self) -> float | None:
@@ -382,9 +385,12 @@ class TurnServer:
     def _delete(self, allocation: Allocation, reason: str, now: float) -> AllocationDeleted:
         allocation.closed = True
         self.allocations.pop(allocation.five_tuple, None)
-        self._per_user[allocation.quota_user] -= 1
-        if self._per_user[allocation.quota_user] <= 0:
-            del self._per_user[allocation.quota_user]
+        # A deleted allocation's timer entry would stay until its old deadline (up to
+        # max_lifetime): under churn, drop the stale entries once they dominate.
+        if len(self._timers) > 2 * len(self.allocations) + 64:
+            self._timers = [t for t in self._timers if not t[2].closed]
+            heapq.heapify(self._timers)
+        self._uncount(allocation.quota_user)
         self.binder.release(allocation.relay)
         self.pools[allocation.family].put(allocation.relay.port)
         if allocation.relay6 is not None:
@@ -393,6 +399,11 @@ class TurnServer:
         for connection_id in allocation.peer_connections or ():
             self.peer_connections.pop(connection_id, None)
         return AllocationDeleted(allocation, reason, now)
+
+    def _uncount(self, quota_user: str) -> None:
+        self._per_user[quota_user] -= 1
+        if self._per_user[quota_user] <= 0:
+            del self._per_user[quota_user]
 
     def _malformed(self, data: bytes, five_tuple: FiveTuple) -> list[Action]:
         """RFC 8489 §6.3: a malformed request gets 400 if we can tell it was a request."""
@@ -442,7 +453,11 @@ class TurnServer:
                 raise errors.WrongCredentials
             attributes = handler(msg, five_tuple, candidate, now)
         except errors.StunErrorResponse as exc:
-            if exc.code in (401, 438) and not self.unsigned_budget.allow(client[0], now):
+            if (
+                exc.code in (401, 438)
+                and five_tuple[0] == "udp"  # a TCP/TLS handshake already proved the source
+                and not self.unsigned_budget.allow(client[0], now)
+            ):
                 self._events.append(ReplySuppressed(client, exc.code))
                 return None
             return self._error(msg, exc, candidate, five_tuple, now)
@@ -499,8 +514,9 @@ class TurnServer:
         five_tuple: FiveTuple,
         now: float,
     ) -> Reply:
-        # The detail tells a developer which rule was broken; it costs a few bytes only.
-        reason = f"{exc.reason}: {exc.detail}" if exc.detail else exc.reason
+        # The detail tells a developer which rule was broken; only authenticated clients
+        # get it, so an unauthenticated (possibly spoofed) request earns a small reply.
+        reason = f"{exc.reason}: {exc.detail}" if exc.detail and candidate else exc.reason
         attributes: list[Attribute] = [ErrorCode(exc.code, reason), *exc.attributes]
         if exc.code in (401, 438):
             attributes += [
@@ -658,7 +674,10 @@ class TurnServer:
         if (
             quotas.allocations_per_user
             and self._per_user[candidate.quota_user] >= quotas.allocations_per_user
-        ) or (quotas.allocations_total and len(self.allocations) >= quotas.allocations_total):
+        ) or (
+            quotas.allocations_total
+            and len(self.allocations) + len(self._reservations) >= quotas.allocations_total
+        ):
             self._events.append(QuotaRejected(client, candidate.username))
             raise errors.AllocationQuotaReached
         # Step 8: a node taken out of rotation sends new clients elsewhere.
@@ -672,12 +691,16 @@ class TurnServer:
         if tcp:
             relay, reservation = self._bind_tcp_relay(family), None
         else:
-            relay, reservation = self._bind_relay(family, token, even_port, dont_fragment, now)
+            relay, reservation = self._bind_relay(
+                family, token, even_port, dont_fragment, now, quota_user=candidate.quota_user
+            )
         relay6: RelaySocket | None = None
         relayed6: Address | None = None
         if dual_stack:
             try:
-                relay6, _ = self._bind_relay(FAMILY_IPV6, None, None, dont_fragment, now)
+                relay6, _ = self._bind_relay(
+                    FAMILY_IPV6, None, None, dont_fragment, now, quota_user=candidate.quota_user
+                )
             except errors.InsufficientCapacity:
                 extra.append(AddressErrorCode(FAMILY_IPV6, 508, "Insufficient Capacity"))
             else:
@@ -723,14 +746,18 @@ class TurnServer:
         even_port: EvenPort | None,
         dont_fragment: bool,
         now: float,
+        *,
+        quota_user: str,
     ) -> tuple[RelaySocket, bytes | None]:
         pool = self.pools[family]
         if token is not None:
             reserved = self._read_token(token.value, now)
             if reserved is None or reserved[1] != family:
                 raise errors.InsufficientCapacity("unknown or expired RESERVATION-TOKEN")
-            held_here = self._reservations.pop(token.value, None) is not None
-            if not held_here and pool.min_port <= reserved[0] <= pool.max_port:
+            held = self._reservations.pop(token.value, None)
+            if held is not None:
+                self._uncount(held.quota_user)
+            elif pool.min_port <= reserved[0] <= pool.max_port:
                 # Our own port, no longer held for this token: it was used already.
                 raise errors.InsufficientCapacity("RESERVATION-TOKEN already used")
             relay = self.binder.bind(family, reserved[0], dont_fragment)
@@ -756,8 +783,9 @@ class TurnServer:
                 pool.take(port + 1)
                 reservation = self._make_token(port + 1, family, now)
                 self._reservations[reservation] = _Reservation(
-                    port + 1, family, now + RESERVATION_LIFETIME
+                    port + 1, family, now + RESERVATION_LIFETIME, quota_user
                 )
+                self._per_user[quota_user] += 1
                 return relay, reservation
             return relay, None
         raise errors.InsufficientCapacity("no relay port free")
@@ -917,6 +945,8 @@ class TurnServer:
         assert connections is not None
         if any(c.peer == peer.address for c in connections.values()):
             raise errors.ConnectionAlreadyExists
+        if len(connections) >= self.config.quotas.permissions_per_allocation:
+            raise errors.InsufficientCapacity("too many peer connections")
         connection = PeerConnection(
             connection_id=self._new_connection_id(),
             allocation=allocation,
@@ -976,6 +1006,7 @@ class TurnServer:
             or peer[0] not in allocation.permissions
             or not self.policy.is_allowed(peer[0])
             or any(c.peer == peer for c in connections.values())
+            or len(connections) >= self.config.quotas.permissions_per_allocation
         ):
             return None, []
         connection = PeerConnection(

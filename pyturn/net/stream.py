@@ -122,9 +122,6 @@ class StreamConnection(asyncio.Protocol):
             self.close()
 
     def _handle_frames(self, frames: list[bytes]) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
         five_tuple = self.five_tuple
         assert five_tuple is not None
         server = self.server
@@ -140,7 +137,19 @@ class StreamConnection(asyncio.Protocol):
                 for action in actions:
                     if isinstance(action, JoinPeerConnection):
                         self._join(action.connection)
-                        return
+                        break
+        self._rearm_idle_timer()
+
+    def _rearm_idle_timer(self) -> None:
+        """A connection lives on its allocation (or as a data pipe); one that has neither
+        must keep talking, or it would hold a descriptor for nothing."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if self.pipe is None and self.five_tuple not in self.server.allocations:
+            self._idle_timer = asyncio.get_running_loop().call_later(
+                self.first_frame_timeout, self._first_frame_timeout
+            )
 
     def _join(self, connection: PeerConnection) -> None:
         """Become the client side of a relayed TCP connection; later bytes are payload."""

@@ -84,7 +84,7 @@ def test_a_refused_reload_still_returns_to_ready(
 ) -> None:
     server = start_server()
     notify_socket.wait_for("READY", "1")
-    server.config_path.write_text("workers: 0\n")
+    server.config_path.write_text("workers: -1\n")
     server.signal(signal.SIGHUP)
     notify_socket.wait_for("RELOADING", "1")
     assert "refused" in notify_socket.wait_for("READY", "1")["STATUS"]

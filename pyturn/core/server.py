@@ -39,6 +39,7 @@ from pyturn.wire import integrity
 from pyturn.wire.attributes import (
     FAMILY_IPV4,
     FAMILY_IPV6,
+    MAGIC_COOKIE,
     PASSWORD_ALGORITHM_MD5,
     TRANSPORT_TCP,
     TRANSPORT_UDP,
@@ -83,10 +84,15 @@ from pyturn.wire.message import (
     decode,
     encode,
     is_stun,
+    message_type,
     new_transaction_id,
     split_message_type,
 )
 
+_SEND_INDICATION_TYPE = message_type(Method.SEND, MessageClass.INDICATION).to_bytes(2, "big")
+_COOKIE_BYTES = MAGIC_COOKIE.to_bytes(4, "big")
+# Returned by a fast path that leaves the datagram to the full codec.
+_SLOW_PATH = object()
 RESERVATION_LIFETIME = 30.0  # RFC 8656 §7.2: a reserved port is held for about 30 s
 _BIND_ATTEMPTS = 8
 
@@ -298,6 +304,10 @@ class TurnServer:
         if is_channel_data(data):
             send = self.route_channel_data(data, five_tuple)
             return [send] if send is not None else []
+        if data[:2] == _SEND_INDICATION_TYPE:
+            fast = self._route_send_indication(data, five_tuple)
+            if fast is not _SLOW_PATH:
+                return [fast] if isinstance(fast, SendToPeer) else []
         if not is_stun(data):
             return []
         try:
@@ -339,6 +349,52 @@ class TurnServer:
         allocation.bytes_to_peer += end - 4
         relay = allocation.relay if allocation.relay6 is None else allocation.relay_for(peer[0])
         return SendToPeer(relay, peer, data[4:end])
+
+    def _route_send_indication(
+        self, data: bytes, five_tuple: FiveTuple
+    ) -> SendToPeer | object | None:
+        """RFC 8656 §11.2 for the common shape of a Send indication, without a decode.
+
+        Handles XOR-PEER-ADDRESS (IPv4), DATA and DONT-FRAGMENT; anything else (IPv6,
+        FINGERPRINT, unknown attributes, odd lengths) returns `_SLOW_PATH` so the full
+        codec decides. The rules are those of `_send_indication`.
+        """
+        allocation = self.allocations.get(five_tuple)
+        if allocation is None or allocation.is_tcp:
+            return None
+        end = len(data)
+        if end < 20 or data[4:8] != _COOKIE_BYTES or 20 + ((data[2] << 8) | data[3]) != end:
+            return _SLOW_PATH
+        pos = 20
+        peer: Address | None = None
+        payload = None
+        while pos < end:
+            if pos + 4 > end:
+                return _SLOW_PATH
+            attr_type = (data[pos] << 8) | data[pos + 1]
+            size = (data[pos + 2] << 8) | data[pos + 3]
+            value_end = pos + 4 + size
+            if value_end > end:
+                return _SLOW_PATH
+            if attr_type == XorPeerAddress.TYPE:
+                if peer is None:
+                    if size != 8 or data[pos + 4] != 0 or data[pos + 5] != FAMILY_IPV4:
+                        return _SLOW_PATH
+                    port = ((data[pos + 6] << 8) | data[pos + 7]) ^ 0x2112
+                    ip = int.from_bytes(data[pos + 8 : pos + 12], "big") ^ 0x2112A442
+                    host = f"{ip >> 24}.{(ip >> 16) & 255}.{(ip >> 8) & 255}.{ip & 255}"
+                    peer = (host, port)
+            elif attr_type == Data.TYPE:
+                if payload is None:
+                    payload = data[pos + 4 : value_end]
+            elif attr_type != DontFragment.TYPE:
+                return _SLOW_PATH
+            pos = value_end + (-size % 4)
+        if peer is None or payload is None or peer[0] not in allocation.permissions:
+            return None
+        allocation.packets_to_peer += 1
+        allocation.bytes_to_peer += len(payload)
+        return SendToPeer(allocation.relay_for(peer[0]), peer, payload)
 
     def expire(self, now: float) -> list[Action]:
         """Age permissions, channels, reservations and allocations up to `now`."""

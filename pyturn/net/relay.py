@@ -31,6 +31,27 @@ _IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
 
 ClientSink = Callable[[bytes], None]
 
+# Bursts of media arrive faster than one event-loop turn drains them; the kernel's
+# default 208 KB buffers drop packets under load. The FORCE options pass the
+# net.core.rmem_max/wmem_max caps when the process may (CAP_NET_ADMIN); otherwise the
+# kernel clamps the request to those caps.
+LISTENER_BUFFER = 4 * 1024 * 1024
+RELAY_BUFFER = 1024 * 1024
+
+
+def grow_buffers(sock: socket.socket, size: int) -> None:
+    for force, plain in (
+        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
+    ):
+        try:
+            if force is None:
+                raise PermissionError
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
 
 class RelayEndpoint:
     """A bound relay port; `allocation` and `sink` are set once the Allocate succeeds."""
@@ -115,6 +136,7 @@ class UdpRelayBinder:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((host, port))
             sock.setblocking(False)
+            grow_buffers(sock, RELAY_BUFFER)
             if dont_fragment:
                 if af == socket.AF_INET:
                     sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DO)

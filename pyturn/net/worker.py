@@ -54,7 +54,7 @@ from pyturn.logs import FieldValue, LogThrottle, configure_logging, format_addre
 from pyturn.metrics import Stats, TurnCollector, make_registry, render
 from pyturn.net.control import LINE_LIMIT, read_message, write_message
 from pyturn.net.http import OpsApp, start_ops_server
-from pyturn.net.relay import RelayEndpoint, UdpRelayBinder
+from pyturn.net.relay import LISTENER_BUFFER, RelayEndpoint, UdpRelayBinder, grow_buffers
 from pyturn.net.sdnotify import SystemdNotifier
 from pyturn.net.stream import ConnectionCounter, StreamConnection, TlsAcceptor
 from pyturn.net.tcp_relay import TcpRelay
@@ -418,6 +418,9 @@ class Worker:
                     reuse_port=self.config.workers > 1,
                 )
                 assert protocol.transport is not None
+                udp_socket = protocol.transport.get_extra_info("socket")
+                if udp_socket is not None:
+                    grow_buffers(udp_socket, LISTENER_BUFFER)
                 port = protocol.local[1]
                 self._closers.append(protocol.transport.close)
             else:  # tcp, or tls: the same framing over TLS (RFC 8656 §3.1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import ClassVar, Self
 
 from pyturn.wire.errors import DecodeError
@@ -37,7 +38,9 @@ _MAX_TEXT = 763
 Address = tuple[str, int]
 
 
+@lru_cache(maxsize=4096)
 def _pack_ip(host: str) -> tuple[int, bytes]:
+    # Cached: a server encodes the same few client and peer addresses over and over.
     try:
         ip = ipaddress.ip_address(host)
     except ValueError as exc:
@@ -61,17 +64,25 @@ def _unpack_address(value: bytes, mask: bytes | None) -> Address:
         raise DecodeError(f"unknown address family {family}")
     if mask is not None:
         port ^= MAGIC_COOKIE >> 16
-        raw = bytes(a ^ b for a, b in zip(raw, mask, strict=False))
-    host = str(ipaddress.IPv4Address(raw) if family == FAMILY_IPV4 else ipaddress.IPv6Address(raw))
-    return host, port
+        raw = _xor(raw, mask)
+    if family == FAMILY_IPV4:
+        return "%d.%d.%d.%d" % tuple(raw), port  # noqa: UP031 (fastest form, per packet)
+    return str(ipaddress.IPv6Address(raw)), port
 
 
 def _pack_address(host: str, port: int, mask: bytes | None) -> bytes:
     family, raw = _pack_ip(host)
     if mask is not None:
         port ^= MAGIC_COOKIE >> 16
-        raw = bytes(a ^ b for a, b in zip(raw, mask, strict=False))
+        raw = _xor(raw, mask)
     return struct.pack("!BBH", 0, family, port) + raw
+
+
+def _xor(raw: bytes, mask: bytes) -> bytes:
+    """raw XOR the first len(raw) bytes of mask (RFC 8489 §14.2), as one integer op."""
+    size = len(raw)
+    value = int.from_bytes(raw, "big") ^ int.from_bytes(mask[:size], "big")
+    return value.to_bytes(size, "big")
 
 
 def _text(value: bytes, limit: int, name: str) -> str:

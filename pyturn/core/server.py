@@ -89,6 +89,9 @@ from pyturn.wire.message import (
     split_message_type,
 )
 
+_BINDING_REQUEST_TYPE = message_type(Method.BINDING, MessageClass.REQUEST).to_bytes(2, "big")
+_BINDING_SUCCESS_TYPE = message_type(Method.BINDING, MessageClass.SUCCESS).to_bytes(2, "big")
+_FINGERPRINT_HEADER = b"\x80\x28\x00\x04"
 _SEND_INDICATION_TYPE = message_type(Method.SEND, MessageClass.INDICATION).to_bytes(2, "big")
 _COOKIE_BYTES = MAGIC_COOKIE.to_bytes(4, "big")
 # Returned by a fast path that leaves the datagram to the full codec.
@@ -100,8 +103,7 @@ _BIND_ATTEMPTS = 8
 # -- actions and events ------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
     """Send `data` back to the client on the 5-tuple the request came from."""
 
     data: bytes
@@ -143,8 +145,9 @@ class ClosePeerConnection:
     connection: PeerConnection
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHandled:
+class RequestHandled(NamedTuple):
+    """A request was answered (for metrics); a tuple, as there is one per request."""
+
     method: int
     code: int  # 0 for a success response
     client: Address
@@ -304,6 +307,10 @@ class TurnServer:
         if is_channel_data(data):
             send = self.route_channel_data(data, five_tuple)
             return [send] if send is not None else []
+        if data[:2] == _BINDING_REQUEST_TYPE:
+            answer = self._answer_binding(data, five_tuple[1])
+            if answer is not None:
+                return answer
         if data[:2] == _SEND_INDICATION_TYPE:
             fast = self._route_send_indication(data, five_tuple)
             if fast is not _SLOW_PATH:
@@ -349,6 +356,41 @@ class TurnServer:
         allocation.bytes_to_peer += end - 4
         relay = allocation.relay if allocation.relay6 is None else allocation.relay_for(peer[0])
         return SendToPeer(relay, peer, data[4:end])
+
+    def _answer_binding(self, data: bytes, client: Address) -> list[Action] | None:
+        """RFC 8489 §7.3: a Binding request with no attributes but FINGERPRINT, answered
+        without a decode; anything else (or SOFTWARE to send) returns None for the codec."""
+        end = len(data)
+        if (
+            end not in (20, 28)
+            or data[4:8] != _COOKIE_BYTES
+            or (data[2] << 8) | data[3] != end - 20
+            or self._software
+            or ":" in client[0]
+        ):
+            return None
+        fingerprint = end == 28
+        if fingerprint and (
+            data[20:24] != _FINGERPRINT_HEADER
+            or int.from_bytes(data[24:28], "big")
+            != integrity.crc(data[:2] + b"\x00\x08" + data[4:20])
+        ):
+            return None  # let the codec drop it
+        txid = data[8:20]
+        host, port = client
+        a, b, c, d = (int(part) for part in host.split("."))
+        mapped = (
+            b"\x00\x20\x00\x08\x00\x01"
+            + (port ^ 0x2112).to_bytes(2, "big")
+            + (((a << 24) | (b << 16) | (c << 8) | d) ^ MAGIC_COOKIE).to_bytes(4, "big")
+        )
+        if fingerprint:
+            head = _BINDING_SUCCESS_TYPE + b"\x00\x14" + _COOKIE_BYTES + txid
+            crc = integrity.crc(head + mapped)
+            response = head + mapped + _FINGERPRINT_HEADER + crc.to_bytes(4, "big")
+        else:
+            response = _BINDING_SUCCESS_TYPE + b"\x00\x0c" + _COOKIE_BYTES + txid + mapped
+        return [Reply(response), RequestHandled(Method.BINDING, 0, client)]
 
     def _route_send_indication(
         self, data: bytes, five_tuple: FiveTuple

@@ -75,3 +75,29 @@ def test_fast_and_full_paths_agree_on_any_send_indication(
     assert client.create_permission(PEER).code == 0
     data = _indication([XorPeerAddress(host, port), Data(payload)], fingerprint=fingerprint)
     assert server.receive(data, client.five_tuple, 0) == _slow(server, client, data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    host=st.ip_addresses(v=4).map(str),
+    port=st.integers(0, 65535),
+    fingerprint=st.booleans(),
+)
+def test_the_binding_fast_path_answers_byte_for_byte_like_the_codec(
+    host: str, port: int, fingerprint: bool
+) -> None:
+    """RFC 8489 §7.3: XOR-MAPPED-ADDRESS, and FINGERPRINT only when the request had one."""
+    from pyturn.core.server import Reply
+    from pyturn.wire.message import decode
+    from tests.core.turn_client import FakeBinder, make_config
+
+    server = TurnServer(make_config(), FakeBinder(), relay_ipv4="192.0.2.10")
+    five_tuple = ("udp", (host, port), ("192.0.2.10", 3478))
+    request = encode(
+        Message(Method.BINDING, MessageClass.REQUEST, new_transaction_id()),
+        fingerprint=fingerprint,
+    )
+    fast = server.receive(request, five_tuple, 0)
+    slow = server._request(decode(request), five_tuple, 0)
+    assert isinstance(fast[0], Reply) and isinstance(slow, Reply)
+    assert fast[0].data == slow.data

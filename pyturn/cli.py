@@ -83,12 +83,9 @@ def serve(config_path: Path | None) -> None:
     SIGTERM or Ctrl-C drains: new allocations are refused, running ones keep relaying
     until they end or shutdown_timeout passes; a second SIGTERM or Ctrl-C stops at once.
     """
+    from pyturn.net.errors import StartupError  # noqa: PLC0415
     from pyturn.net.supervisor import supervise, worker_count  # noqa: PLC0415 (fast --help)
-    from pyturn.net.worker import (  # noqa: PLC0415
-        StartupError,
-        default_relay_ipv4,
-        run,
-    )
+    from pyturn.net.worker import default_relay_ipv4, run  # noqa: PLC0415
 
     if config_path is None:
         config, username, password = _embedded_default()
@@ -118,7 +115,8 @@ def serve(config_path: Path | None) -> None:
 @click.option("--control-fd", type=int, required=True)
 def worker(control_fd: int) -> None:
     """One worker process of `workers: N`; started by `pyturn serve`, not by hand."""
-    from pyturn.net.worker import StartupError, run_worker  # noqa: PLC0415
+    from pyturn.net.errors import StartupError  # noqa: PLC0415
+    from pyturn.net.worker import run_worker  # noqa: PLC0415
 
     try:
         run_worker(control_fd)

@@ -22,6 +22,8 @@ from typing import cast
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from pyturn.net.errors import StartupError
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_HEAD = 8192
@@ -171,8 +173,15 @@ async def start_ops_server(
     """Bind the endpoint; returns the server and the address it is bound to."""
     loop = asyncio.get_running_loop()
     connections: set[_Connection] = set()
-    server = await loop.create_server(
-        lambda: _Connection(app, connections), host=address, port=port, backlog=128
-    )
+    try:
+        server = await loop.create_server(
+            lambda: _Connection(app, connections), host=address, port=port, backlog=128
+        )
+    except OSError as exc:
+        where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        raise StartupError(
+            f"cannot serve metrics on {where} (metrics.address, metrics.port): "
+            f"{exc.strerror or exc}"
+        ) from exc
     sockname = server.sockets[0].getsockname()
     return server, (str(sockname[0]), int(sockname[1]))

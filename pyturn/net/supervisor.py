@@ -38,9 +38,10 @@ from prometheus_client.registry import Collector
 from pyturn.config import Config, ConfigError, Listener, config_to_dict, load_config
 from pyturn.logs import format_address
 from pyturn.net.control import LINE_LIMIT, Message, read_message, write_message
+from pyturn.net.errors import StartupError
 from pyturn.net.http import OpsApp, start_ops_server
 from pyturn.net.sdnotify import SystemdNotifier
-from pyturn.net.worker import StartupError, install_event_loop_policy
+from pyturn.net.worker import install_event_loop_policy
 
 log = logging.getLogger(__name__)
 
@@ -297,14 +298,7 @@ class Supervisor:
     async def _start_ops_endpoint(self) -> None:
         metrics = self.config.metrics
         app = OpsApp(lambda: b"", self.readiness, gather=self.gather_metrics)
-        try:
-            server, address = await start_ops_server(app, metrics.address, metrics.port)
-        except OSError as exc:
-            where = format_address((metrics.address, metrics.port))
-            raise StartupError(
-                f"cannot serve metrics on {where} (metrics.address, metrics.port): "
-                f"{exc.strerror or exc}"
-            ) from exc
+        server, address = await start_ops_server(app, metrics.address, metrics.port)
         self._closers.append(server.close)
         log.info(
             "metrics on http://%s/metrics (all workers), health checks on /live and /ready",

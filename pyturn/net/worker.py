@@ -53,6 +53,7 @@ from pyturn.core.server import (
 from pyturn.logs import FieldValue, LogThrottle, configure_logging, format_address, log_event
 from pyturn.metrics import Stats, TurnCollector, make_registry, render
 from pyturn.net.control import LINE_LIMIT, read_message, write_message
+from pyturn.net.errors import StartupError
 from pyturn.net.http import OpsApp, start_ops_server
 from pyturn.net.relay import LISTENER_BUFFER, RelayEndpoint, UdpRelayBinder, grow_buffers
 from pyturn.net.sdnotify import SystemdNotifier
@@ -69,10 +70,6 @@ _MAX_TIMER_SLEEP = 1.0
 _ROUTINE_AUTH = (AuthFailure.NO_CREDENTIALS, AuthFailure.STALE_NONCE)
 # Sections a reload cannot change in a running process: they name sockets.
 _RESTART_ONLY = ("listen", "relay", "metrics", "workers")
-
-
-class StartupError(Exception):
-    """A socket could not be bound; the message names it."""
 
 
 def install_event_loop_policy() -> str:
@@ -391,16 +388,9 @@ class Worker:
         metrics = self.config.metrics
         registry = self.registry
         app = OpsApp(lambda: render(registry), self.readiness)
-        try:
-            ops_server, self.metrics_address = await start_ops_server(
-                app, metrics.address, metrics.port
-            )
-        except OSError as exc:
-            where = format_address((metrics.address, metrics.port))
-            raise StartupError(
-                f"cannot serve metrics on {where} (metrics.address, metrics.port): "
-                f"{_os_reason(exc)}"
-            ) from exc
+        ops_server, self.metrics_address = await start_ops_server(
+            app, metrics.address, metrics.port
+        )
         self._closers.append(ops_server.close)
         log.info(
             "metrics on http://%s/metrics, health checks on /live and /ready",

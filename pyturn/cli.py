@@ -82,6 +82,8 @@ def serve(config_path: Path | None) -> None:
     SIGHUP reloads the config file (an invalid one is refused and the old one kept).
     SIGTERM or Ctrl-C drains: new allocations are refused, running ones keep relaying
     until they end or shutdown_timeout passes; a second SIGTERM or Ctrl-C stops at once.
+    With `workers` other than 1 (0, the default, is one per CPU) a supervisor runs that
+    many worker processes on the same ports and passes these signals on to them.
     """
     from pyturn.net.errors import StartupError  # noqa: PLC0415
     from pyturn.net.supervisor import supervise, worker_count  # noqa: PLC0415 (fast --help)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 
 import pytest
 
 from pyturn.config import parse_config
 from pyturn.net.supervisor import merge_expositions, relay_slice, worker_config
-from tests.interop.server_process import LOOPBACK, require_tool
+from tests.interop.test_turnutils import CLIENTS, MESSAGES, run_uclient
+from tests.interop.test_turnutils import echo_peer  # noqa: F401 (a pytest fixture)
 from tests.ops.conftest import StartServer
 from tests.ops.helpers import OpsServer, parse_metrics, value, wait_until
 
@@ -66,43 +66,16 @@ def test_metrics_of_the_workers_are_summed_except_per_process_facts() -> None:
 
 @pytest.mark.interop
 def test_two_workers_relay_for_many_clients_and_metrics_add_up(
-    start_server: StartServer,
+    start_server: StartServer, echo_peer: int
 ) -> None:
     """Clients hash to either worker; the supervisor's /metrics counts them all."""
-    uclient = require_tool("turnutils_uclient")
-    peer_tool = require_tool("turnutils_peer")
     server = _start(start_server)
     assert len(_workers(server)) == 2
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe_port:
-        probe_port.bind((LOOPBACK, 0))
-        peer_port = probe_port.getsockname()[1]
-    peer = subprocess.Popen(
-        [peer_tool, "-L", LOOPBACK, "-p", str(peer_port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    messages, clients = 20, 8
-    try:
-        result = subprocess.run(
-            [
-                *(uclient, "-u", "alice", "-w", "alicepw", "-e", LOOPBACK, "-r", str(peer_port)),
-                *("-n", str(messages), "-m", str(clients), "-l", "100", "-c"),
-                *("-p", str(server.udp_port), LOOPBACK),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=dict(os.environ),
-            check=False,
-        )
-    finally:
-        peer.terminate()
-        peer.wait(timeout=5)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Total lost packets 0 " in result.stdout, result.stdout
+    run = run_uclient(server, echo_peer, "-c")
+    sent = MESSAGES * CLIENTS
+    assert (run.returncode, run.lost, run.received) == (0, 0, sent), run.output
     samples = server.scrape()
     assert value(samples, "pyturn_workers") == 2
-    sent = messages * clients
     assert value(samples, RELAYED_PACKETS, direction="client_to_peer", transport="udp") == sent
     assert value(samples, RELAYED_PACKETS, direction="peer_to_client", transport="udp") == sent
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests.interop.test_turnutils import echo_peer  # noqa: F401 (a fixture for test_workers)
 from tests.ops.helpers import OpsServer, ops_config
 
 StartServer = Callable[..., OpsServer]

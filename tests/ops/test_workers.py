@@ -11,7 +11,6 @@ import pytest
 from pyturn.config import parse_config
 from pyturn.net.supervisor import merge_expositions, relay_slice, worker_config
 from tests.interop.test_turnutils import CLIENTS, MESSAGES, run_uclient
-from tests.interop.test_turnutils import echo_peer  # noqa: F401 (a pytest fixture)
 from tests.ops.conftest import StartServer
 from tests.ops.helpers import OpsServer, parse_metrics, value, wait_until
 

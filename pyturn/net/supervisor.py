@@ -189,6 +189,8 @@ class Supervisor:
         placeholders = self._reserve_ports()
         try:
             for index in range(self.count):
+                if self.state != "starting":
+                    break  # a stop signal came in while the workers started
                 await self._start_worker(index)
             results = await asyncio.wait_for(
                 asyncio.gather(*(w.ready for w in self.workers.values())), READY_TIMEOUT
@@ -246,6 +248,9 @@ class Supervisor:
                 "secret": self.secret.hex(),
             },
         )
+        if self.state in ("draining", "stopping"):
+            # Spawned while a stop signal was being handled: it missed the order.
+            write_message(writer, {"op": "drain"})
         self._spawn_task(self._listen_to(worker, reader))
         self._spawn_task(self._watch(worker))
 

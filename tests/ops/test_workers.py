@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +99,31 @@ def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(
     server.signal(signal.SIGTERM)
     assert server.wait_exit(timeout=10) == 0
     assert "stopped: every worker has exited" in server.log_text
+
+
+def test_sigterm_while_the_workers_start_still_stops_everything(tmp_path: Path) -> None:
+    """A stop signal that lands between two worker spawns must reach both workers."""
+    import sys
+    import time
+
+    import yaml
+
+    from tests.interop.server_process import base_config
+
+    config = {**base_config(), "workers": 2, "shutdown_timeout": 0}
+    path = tmp_path / "pyturn.yaml"
+    path.write_text(yaml.safe_dump(config))
+    for delay in (0.2, 0.4, 0.6):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pyturn", "serve", "-c", str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(delay)
+        process.send_signal(signal.SIGTERM)
+        try:
+            assert process.wait(timeout=10) in (0, -signal.SIGTERM), delay
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=5)

@@ -8,15 +8,13 @@ looks at a clock: presence in the dictionary is the permission.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Protocol
 
-from pyturn.wire.attributes import FAMILY_IPV6, Address
+from pyturn.wire.attributes import FAMILY_IPV6, MAGIC_COOKIE, Address, xor_address_value
 from pyturn.wire.message import Method, message_type
 
 # RFC 8656 §9 and §12: fixed lifetimes, not negotiable.
@@ -163,14 +161,7 @@ class Allocation:
 
 
 _DATA_INDICATION_HEAD = _DATA_INDICATION.to_bytes(2, "big")
-_COOKIE = 0x2112A442
-_COOKIE_BYTES = _COOKIE.to_bytes(4, "big")
-
-
-@lru_cache(maxsize=65536)
-def _packed_ip(host: str) -> bytes:
-    return ipaddress.ip_address(host).packed
-
+_COOKIE_BYTES = MAGIC_COOKIE.to_bytes(4, "big")
 
 _random_pool = bytearray()
 
@@ -188,16 +179,8 @@ def data_indication(peer: Address, data: bytes) -> bytes:
     """A Data indication (RFC 8656 §11.4) built directly: it goes out for every datagram
     a peer sends without a channel, so no message objects are made."""
     txid = _transaction_id()
-    host, port = peer
-    packed = _packed_ip(host)
-    x_port = (port ^ (_COOKIE >> 16)).to_bytes(2, "big")
-    if len(packed) == 4:
-        x_addr = (int.from_bytes(packed, "big") ^ _COOKIE).to_bytes(4, "big")
-        peer_attr = b"\x00\x12\x00\x08\x00\x01" + x_port + x_addr
-    else:
-        key = int.from_bytes(_COOKIE_BYTES + txid, "big")
-        x_addr = (int.from_bytes(packed, "big") ^ key).to_bytes(16, "big")
-        peer_attr = b"\x00\x12\x00\x14\x00\x02" + x_port + x_addr
+    value = xor_address_value(peer[0], peer[1], txid)
+    peer_attr = b"\x00\x12" + len(value).to_bytes(2, "big") + value
     size = len(data)
     padding = -size % 4
     length = len(peer_attr) + 4 + size + padding

@@ -69,6 +69,7 @@ from pyturn.wire.attributes import (
     XorMappedAddress,
     XorPeerAddress,
     XorRelayedAddress,
+    xor_address_value,
 )
 from pyturn.wire.channel_data import (
     CHANNEL_MAX,
@@ -366,7 +367,6 @@ class TurnServer:
             or data[4:8] != _COOKIE_BYTES
             or (data[2] << 8) | data[3] != end - 20
             or self._software
-            or ":" in client[0]
         ):
             return None
         fingerprint = end == 28
@@ -377,19 +377,13 @@ class TurnServer:
         ):
             return None  # let the codec drop it
         txid = data[8:20]
-        host, port = client
-        a, b, c, d = (int(part) for part in host.split("."))
-        mapped = (
-            b"\x00\x20\x00\x08\x00\x01"
-            + (port ^ 0x2112).to_bytes(2, "big")
-            + (((a << 24) | (b << 16) | (c << 8) | d) ^ MAGIC_COOKIE).to_bytes(4, "big")
-        )
+        value = xor_address_value(client[0], client[1], txid)
+        mapped = XorMappedAddress.TYPE.to_bytes(2, "big") + len(value).to_bytes(2, "big") + value
+        length = len(mapped) + (8 if fingerprint else 0)
+        head = _BINDING_SUCCESS_TYPE + length.to_bytes(2, "big") + _COOKIE_BYTES + txid
+        response = head + mapped
         if fingerprint:
-            head = _BINDING_SUCCESS_TYPE + b"\x00\x14" + _COOKIE_BYTES + txid
-            crc = integrity.crc(head + mapped)
-            response = head + mapped + _FINGERPRINT_HEADER + crc.to_bytes(4, "big")
-        else:
-            response = _BINDING_SUCCESS_TYPE + b"\x00\x0c" + _COOKIE_BYTES + txid + mapped
+            response += _FINGERPRINT_HEADER + integrity.crc(response).to_bytes(4, "big")
         return [Reply(response), RequestHandled(Method.BINDING, 0, client)]
 
     def _route_send_indication(

@@ -70,12 +70,24 @@ def _unpack_address(value: bytes, mask: bytes | None) -> Address:
     return str(ipaddress.IPv6Address(raw)), port
 
 
-def _pack_address(host: str, port: int, mask: bytes | None) -> bytes:
+def _pack_address(host: str, port: int) -> bytes:
     family, raw = _pack_ip(host)
-    if mask is not None:
-        port ^= MAGIC_COOKIE >> 16
-        raw = _xor(raw, mask)
     return struct.pack("!BBH", 0, family, port) + raw
+
+
+def xor_address_value(host: str, port: int, transaction_id: bytes) -> bytes:
+    """The value of an XOR-MAPPED/PEER/RELAYED-ADDRESS attribute (RFC 8489 §14.2).
+
+    Public for the relay fast paths, which build whole messages without attribute objects.
+    """
+    family, raw = _pack_ip(host)
+    mask = (
+        MAGIC_COOKIE
+        if family == FAMILY_IPV4
+        else (MAGIC_COOKIE << 96) | int.from_bytes(transaction_id, "big")
+    )
+    address = (int.from_bytes(raw, "big") ^ mask).to_bytes(len(raw), "big")
+    return bytes((0, family)) + (port ^ (MAGIC_COOKIE >> 16)).to_bytes(2, "big") + address
 
 
 def _xor(raw: bytes, mask: bytes) -> bytes:
@@ -155,7 +167,7 @@ class _PlainAddress(Attribute):
         return cls(*_unpack_address(value, None))
 
     def encode(self, transaction_id: bytes) -> bytes:
-        return _pack_address(self.host, self.port, None)
+        return _pack_address(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +186,7 @@ class _XorAddress(Attribute):
         return cls(*_unpack_address(value, _COOKIE_BYTES + transaction_id))
 
     def encode(self, transaction_id: bytes) -> bytes:
-        return _pack_address(self.host, self.port, _COOKIE_BYTES + transaction_id)
+        return xor_address_value(self.host, self.port, transaction_id)
 
 
 @dataclass(frozen=True, slots=True)

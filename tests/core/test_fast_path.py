@@ -79,7 +79,7 @@ def test_fast_and_full_paths_agree_on_any_send_indication(
 
 @settings(max_examples=100, deadline=None)
 @given(
-    host=st.ip_addresses(v=4).map(str),
+    host=st.ip_addresses().map(str),
     port=st.integers(0, 65535),
     fingerprint=st.booleans(),
 )

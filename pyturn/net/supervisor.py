@@ -35,13 +35,13 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from pyturn.config import Config, ConfigError, Listener, config_to_dict, load_config
+from pyturn.config import Config, Listener, config_to_dict
 from pyturn.logs import format_address
 from pyturn.net.control import LINE_LIMIT, Message, read_message, write_message
 from pyturn.net.errors import StartupError
 from pyturn.net.http import OpsApp, start_ops_server
 from pyturn.net.sdnotify import SystemdNotifier
-from pyturn.net.worker import install_event_loop_policy
+from pyturn.net.worker import install_event_loop_policy, load_for_reload
 
 log = logging.getLogger(__name__)
 
@@ -351,12 +351,8 @@ class Supervisor:
         if self.config_path is None:
             log.warning("SIGHUP ignored: no config file to reload (embedded default config)")
             return
-        self.notifier.reloading()
-        try:
-            new = load_config(self.config_path)
-        except ConfigError as exc:
-            log.error("config reload refused, keeping the running config: %s", exc)
-            self.notifier.ready("config reload refused; running on the previous config")
+        new = load_for_reload(self.config_path, self.notifier)
+        if new is None:
             return
         # Sockets, relay ports and the worker count need a restart; the rest reloads.
         new = dataclasses.replace(

@@ -120,6 +120,18 @@ def interface_ipv4_addresses() -> list[str]:
     return found
 
 
+def load_for_reload(path: Path, notifier: SystemdNotifier) -> Config | None:
+    """SIGHUP's first step, for a worker and the supervisor alike: the new config, or None
+    (logged, and systemd told) when the file is invalid and the running config stays."""
+    notifier.reloading()
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        log.error("config reload refused, keeping the running config: %s", exc)
+        notifier.ready("config reload refused; running on the previous config")
+        return None
+
+
 def default_relay_ipv6(config: Config) -> str | None:
     """The IPv6 address to advertise for IPv6 relaying, if `relay.address6` is set."""
     relay = config.relay
@@ -491,13 +503,9 @@ class Worker:
         if self.config_path is None:
             log.warning("SIGHUP ignored: no config file to reload (embedded default config)")
             return
-        self.notifier.reloading()
-        try:
-            new = load_config(self.config_path)
-        except ConfigError as exc:
+        new = load_for_reload(self.config_path, self.notifier)
+        if new is None:
             self.stats.config_reloads["failure"] += 1
-            log.error("config reload refused, keeping the running config: %s", exc)
-            self.notifier.ready("config reload refused; running on the previous config")
             return
         if self.apply_config(new, source=str(self.config_path)):
             self.notifier.ready(f"config reloaded from {self.config_path}")

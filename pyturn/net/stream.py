@@ -15,6 +15,7 @@ import ssl
 from collections.abc import Callable
 from typing import cast
 
+from pyturn.config import LimitsConfig
 from pyturn.core.allocation import FiveTuple, PeerConnection
 from pyturn.core.server import JoinPeerConnection, TurnServer
 from pyturn.net.tcp_relay import PipeEnd
@@ -27,13 +28,14 @@ log = logging.getLogger(__name__)
 
 # A slow reader may not make us queue without bound: past this, the client is dropped.
 MAX_WRITE_BUFFER = 1 << 20
-# A connection that has not sent one whole frame by then is closed (slowloris);
-# limits.first_message_timeout in the config.
-FIRST_FRAME_TIMEOUT = 5.0
+# The defaults of the `limits` config section, for connections made outside a worker.
+_LIMITS = LimitsConfig()
+# A connection that has not sent one whole frame by then is closed (slowloris).
+FIRST_FRAME_TIMEOUT = _LIMITS.first_message_timeout
 # Larger than any STUN message or ChannelData frame: a claim beyond it is a lie.
 MAX_PENDING = 65536 + 8
 # One address may not hold every descriptor of the process.
-MAX_CONNECTIONS_PER_SOURCE = 64
+MAX_CONNECTIONS_PER_SOURCE = _LIMITS.connections_per_source
 
 
 class ConnectionCounter:

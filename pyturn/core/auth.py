@@ -95,10 +95,6 @@ class Authenticator:
                 self._passwords[name] = user.password
             self._userhashes[userhash(name, realm)] = name
 
-    @property
-    def has_credentials(self) -> bool:
-        return bool(self._keys or self.secrets)
-
     # -- nonces --------------------------------------------------------------------------
 
     def _nonce_mac(self, expiry: str, client_ip: str) -> str:

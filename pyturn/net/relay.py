@@ -121,7 +121,6 @@ class UdpRelayBinder:
         self.loop = loop
         self.address4 = address4
         self.address6 = address6
-        self.open = 0
 
     def bind(self, family: int, port: int, dont_fragment: bool) -> RelayEndpoint | None:
         if family == FAMILY_IPV4:
@@ -145,7 +144,6 @@ class UdpRelayBinder:
         except OSError:
             sock.close()
             return None
-        self.open += 1
         return RelayEndpoint(sock, port, self.loop)
 
     def bind_tcp(self, family: int, port: int) -> TcpRelayListener | None:
@@ -155,12 +153,8 @@ class UdpRelayBinder:
             af, host = socket.AF_INET6, self.address6
         else:
             return None
-        listener = bind_tcp_listener(self.loop, af, host, port)
-        if listener is not None:
-            self.open += 1
-        return listener
+        return bind_tcp_listener(self.loop, af, host, port)
 
     def release(self, relay: object) -> None:
         if isinstance(relay, (RelayEndpoint, TcpRelayListener)):
             relay.close()
-            self.open -= 1

@@ -1,63 +1,145 @@
-"""UDP client listener: every datagram from a client goes to the core, ChannelData first."""
+"""UDP client listener: every datagram from a client goes to the core, ChannelData first.
+
+The socket is read with `loop.add_reader` and `batch.recv_batch`, so one wake-up takes
+the whole queue in a few system calls (recvmmsg when the native module is built).
+Replies made while a batch is handled are collected and leave together at its end
+(sendmmsg); anything sent outside a batch (relayed peer data, timers) goes at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import socket
 from collections.abc import Callable
-from typing import cast
 
 from pyturn.core.allocation import FiveTuple
 from pyturn.core.server import Action, TurnServer
+from pyturn.net.batch import recv_batch, send_batch, send_many_to
+from pyturn.net.relay import LISTENER_BUFFER, grow_buffers
 from pyturn.wire.attributes import Address
+
+log = logging.getLogger(__name__)
 
 ActionHandler = Callable[[list[Action], FiveTuple, Callable[[bytes], None]], None]
 
+# A wake-up reads at most this many datagrams, so that relay sockets and timers get
+# their turn under a flood; the rest stays queued for the next turn of the loop.
+_DATAGRAMS_PER_WAKEUP = 256
+_BATCH = 64
 
-class UdpListener(asyncio.DatagramProtocol):
+
+class UdpClientSink:
+    """Sends to one client through the listener it came in on; see `UdpListener.send`."""
+
+    __slots__ = ("client", "listener")
+
+    def __init__(self, listener: UdpListener, client: Address) -> None:
+        self.listener = listener
+        self.client = client
+
+    def __call__(self, data: bytes) -> None:
+        self.listener.send(data, self.client)
+
+    def many(self, frames: list[bytes]) -> None:
+        """Several datagrams to this client in one system call (relayed peer data)."""
+        send_many_to(self.listener.sock, self.client, frames)
+
+
+class UdpListener:
     """One bound client-facing UDP socket (`transport: udp` in `listen`)."""
 
     def __init__(
         self,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
         server: TurnServer,
         clock: Callable[[], float],
         handle_actions: ActionHandler,
     ) -> None:
+        self.sock = sock
+        self.loop = loop
         self.server = server
-        self.route_channel_data = server.route_channel_data
         self.clock = clock
         self.handle_actions = handle_actions
-        self.transport: asyncio.DatagramTransport | None = None
-        self.local: Address = ("", 0)
+        sockname = sock.getsockname()
+        self.local: Address = (sockname[0], sockname[1])
+        # Replies made during a batch; None outside one, when sends go out at once.
+        self._pending: list[tuple[bytes, Address]] | None = None
+        loop.add_reader(sock.fileno(), self._readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement the interface without subclassing it.
-        self.transport = cast(asyncio.DatagramTransport, transport)
-        sockname = transport.get_extra_info("sockname")
-        self.local = (sockname[0], sockname[1])
+    @classmethod
+    def open(
+        cls,
+        loop: asyncio.AbstractEventLoop,
+        server: TurnServer,
+        clock: Callable[[], float],
+        handle_actions: ActionHandler,
+        address: Address,
+        *,
+        reuse_port: bool = False,
+    ) -> UdpListener:
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.setblocking(False)
+            grow_buffers(sock, LISTENER_BUFFER)
+            return cls(sock, loop, server, clock, handle_actions)
+        except OSError:
+            sock.close()
+            raise
 
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        # IPv4 addresses already are (host, port); IPv6 ones carry flow info and scope.
-        client = cast(Address, addr if len(addr) == 2 else addr[:2])
-        five_tuple: FiveTuple = ("udp", client, self.local)
-        # Fast path: ChannelData (top bits 01) skips the STUN machinery.
-        if data and 0x40 <= data[0] <= 0x7F:
-            send = self.route_channel_data(data, five_tuple)
-            if send is not None:
-                send.relay.sendto(send.data, send.peer)
-            return
-        actions = self.server.receive(data, five_tuple, self.clock())
-        if actions:
-            self.handle_actions(actions, five_tuple, self.sink_for(client))
+    def _readable(self) -> None:
+        sock = self.sock
+        local = self.local
+        route_channel_data = self.server.route_channel_data
+        receive = self.server.receive
+        pending: list[tuple[bytes, Address]] = []
+        self._pending = pending
+        try:
+            budget = _DATAGRAMS_PER_WAKEUP
+            while budget > 0:
+                try:
+                    datagrams = recv_batch(sock, min(_BATCH, budget))
+                except OSError as exc:
+                    log.debug("udp listener %s: %s", local, exc)
+                    return
+                budget -= len(datagrams)
+                now = self.clock()  # one clock read per batch: it takes microseconds
+                for data, client in datagrams:
+                    five_tuple: FiveTuple = ("udp", client, local)
+                    # Fast path: ChannelData (top bits 01) skips the STUN machinery.
+                    if data and 0x40 <= data[0] <= 0x7F:
+                        send = route_channel_data(data, five_tuple)
+                        if send is not None:
+                            send.relay.sendto(send.data, send.peer)
+                        continue
+                    actions = receive(data, five_tuple, now)
+                    if actions:
+                        self.handle_actions(actions, five_tuple, UdpClientSink(self, client))
+                if len(datagrams) < _BATCH:
+                    break
+        finally:
+            self._pending = None
+            if pending:
+                send_batch(sock, pending)
+        # Datagrams left past the budget keep the socket readable (epoll is level-
+        # triggered): the next turn of the loop reads on.
 
-    def sink_for(self, client: Address) -> Callable[[bytes], None]:
-        transport = self.transport
-        assert transport is not None
+    def send(self, data: bytes, client: Address) -> None:
+        pending = self._pending
+        if pending is not None:
+            pending.append((data, client))
+        else:
+            send_batch(self.sock, [(data, client)])
 
-        def send(data: bytes) -> None:
-            transport.sendto(data, client)
-
-        return send
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port-unreachable from a client that went away: nothing to do.
-        pass
+    def close(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()

@@ -55,7 +55,7 @@ from pyturn.metrics import Stats, TurnCollector, make_registry, render
 from pyturn.net.control import LINE_LIMIT, read_message, write_message
 from pyturn.net.errors import StartupError
 from pyturn.net.http import OpsApp, start_ops_server
-from pyturn.net.relay import LISTENER_BUFFER, RelayEndpoint, UdpRelayBinder, grow_buffers
+from pyturn.net.relay import RelayEndpoint, UdpRelayBinder
 from pyturn.net.sdnotify import SystemdNotifier
 from pyturn.net.stream import ConnectionCounter, StreamConnection, TlsAcceptor
 from pyturn.net.tcp_relay import TcpRelay
@@ -413,18 +413,16 @@ class Worker:
         family = socket.AF_INET6 if ":" in listener.address else socket.AF_INET
         try:
             if listener.transport == "udp":
-                _, protocol = await self.loop.create_datagram_endpoint(
-                    lambda: UdpListener(self.server, self.now, self.handle_actions),
-                    local_addr=(listener.address, listener.port),
-                    family=family,
+                udp = UdpListener.open(
+                    self.loop,
+                    self.server,
+                    self.now,
+                    self.handle_actions,
+                    (listener.address, listener.port),
                     reuse_port=self.config.workers > 1,
                 )
-                assert protocol.transport is not None
-                udp_socket = protocol.transport.get_extra_info("socket")
-                if udp_socket is not None:
-                    grow_buffers(udp_socket, LISTENER_BUFFER)
-                port = protocol.local[1]
-                self._closers.append(protocol.transport.close)
+                port = udp.local[1]
+                self._closers.append(udp.close)
             else:  # tcp, or tls: the same framing over TLS (RFC 8656 §3.1)
                 transport_name = listener.transport
 

@@ -1,0 +1,363 @@
+/*
+ * pyturn.net._batch: many UDP datagrams per system call (recvmmsg/sendmmsg).
+ *
+ * On loopback the kernel's per-datagram cost dominates a relay, and uvloop makes one
+ * recvfrom and one Python callback per datagram. This module lets the I/O layer read a
+ * whole queue of datagrams, and write a batch of them, in one call each. It knows nothing
+ * about TURN: routing stays in Python (pyturn/net/batch.py has the same functions in pure
+ * Python, used when this module could not be built).
+ *
+ * Addresses are the tuples the rest of pyturn uses: (host, port) for IPv4 and IPv6 alike
+ * (IPv6 flow information and scope are dropped, as the Python listener does).
+ */
+#define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
+#include <Python.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <string.h>
+#include <sys/socket.h>
+
+/* One read takes at most this many datagrams; each slot holds the largest UDP payload. */
+#define BATCH 32
+#define SLOT 65536
+
+static unsigned char *rx_buffers;        /* BATCH * SLOT bytes, allocated on first use */
+static struct mmsghdr rx_msgs[BATCH];
+static struct iovec rx_iov[BATCH];
+static struct sockaddr_storage rx_names[BATCH];
+
+static struct mmsghdr tx_msgs[BATCH];
+static struct iovec tx_iov[BATCH];
+static struct sockaddr_storage tx_names[BATCH];
+
+/* Clients send many datagrams from the same address: reuse its tuple rather than
+ * formatting the host string again. Keyed by (IPv4 address << 16 | port); cleared
+ * when it grows past CACHE_LIMIT so that address churn cannot grow it without end. */
+#define CACHE_LIMIT 65536
+static PyObject *ipv4_cache;
+
+static PyObject *
+address_tuple(const struct sockaddr_storage *name)
+{
+    char host[INET6_ADDRSTRLEN];
+    if (name->ss_family == AF_INET) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)name;
+        unsigned long long key =
+            ((unsigned long long)ntohl(sin->sin_addr.s_addr) << 16) | ntohs(sin->sin_port);
+        PyObject *pykey = PyLong_FromUnsignedLongLong(key);
+        if (pykey == NULL)
+            return NULL;
+        PyObject *cached = PyDict_GetItemWithError(ipv4_cache, pykey);
+        if (cached != NULL) {
+            Py_DECREF(pykey);
+            Py_INCREF(cached);
+            return cached;
+        }
+        if (PyErr_Occurred()) {
+            Py_DECREF(pykey);
+            return NULL;
+        }
+        inet_ntop(AF_INET, &sin->sin_addr, host, sizeof host);
+        PyObject *tuple = Py_BuildValue("(si)", host, (int)ntohs(sin->sin_port));
+        if (tuple == NULL) {
+            Py_DECREF(pykey);
+            return NULL;
+        }
+        if (PyDict_GET_SIZE(ipv4_cache) >= CACHE_LIMIT)
+            PyDict_Clear(ipv4_cache);
+        if (PyDict_SetItem(ipv4_cache, pykey, tuple) < 0) {
+            Py_DECREF(pykey);
+            Py_DECREF(tuple);
+            return NULL;
+        }
+        Py_DECREF(pykey);
+        return tuple;
+    }
+    if (name->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)name;
+        inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof host);
+        return Py_BuildValue("(si)", host, (int)ntohs(sin6->sin6_port));
+    }
+    return Py_BuildValue("(si)", "", 0);
+}
+
+/* Errors a UDP socket reports for an earlier datagram (ICMP): they consume the error
+ * and concern one peer; the next call goes on with the queue. */
+static int
+is_stale_icmp_error(int err)
+{
+    return err == ECONNREFUSED || err == EHOSTUNREACH || err == ENETUNREACH ||
+           err == EHOSTDOWN || err == ENETDOWN || err == EMSGSIZE;
+}
+
+PyDoc_STRVAR(recv_batch_doc,
+"recv_batch(sock, limit) -> list[tuple[bytes, tuple[str, int]]]\n\n"
+"Every datagram queued on the non-blocking socket, up to limit, in one or a few\n"
+"recvmmsg calls; an empty list when none is queued.");
+
+static PyObject *
+recv_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "recv_batch(sock, limit)");
+        return NULL;
+    }
+    int fd = PyObject_AsFileDescriptor(args[0]);
+    if (fd < 0)
+        return NULL;
+    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
+    if (limit < 0 && PyErr_Occurred())
+        return NULL;
+    if (rx_buffers == NULL) {
+        rx_buffers = PyMem_RawMalloc((size_t)BATCH * SLOT);
+        if (rx_buffers == NULL)
+            return PyErr_NoMemory();
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    int stale_errors = 0;
+    while (PyList_GET_SIZE(out) < limit) {
+        Py_ssize_t want = limit - PyList_GET_SIZE(out);
+        unsigned int vlen = want > BATCH ? BATCH : (unsigned int)want;
+        for (unsigned int i = 0; i < vlen; i++) {
+            rx_iov[i].iov_base = rx_buffers + (size_t)i * SLOT;
+            rx_iov[i].iov_len = SLOT;
+            memset(&rx_msgs[i].msg_hdr, 0, sizeof rx_msgs[i].msg_hdr);
+            rx_msgs[i].msg_hdr.msg_name = &rx_names[i];
+            rx_msgs[i].msg_hdr.msg_namelen = sizeof rx_names[i];
+            rx_msgs[i].msg_hdr.msg_iov = &rx_iov[i];
+            rx_msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        int n = recvmmsg(fd, rx_msgs, vlen, MSG_DONTWAIT, NULL);
+        if (n < 0) {
+            int err = errno;
+            if (err == EINTR || (is_stale_icmp_error(err) && ++stale_errors < 64))
+                continue;
+            if (err == EAGAIN || err == EWOULDBLOCK || is_stale_icmp_error(err))
+                break;
+            if (PyList_GET_SIZE(out) > 0)
+                break; /* hand over what was read; the error comes back on the next call */
+            Py_DECREF(out);
+            errno = err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        for (int i = 0; i < n; i++) {
+            if (rx_msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
+                continue; /* larger than any UDP payload: cannot happen, never relayed */
+            PyObject *data = PyBytes_FromStringAndSize(
+                (const char *)rx_iov[i].iov_base, (Py_ssize_t)rx_msgs[i].msg_len);
+            if (data == NULL)
+                goto fail;
+            PyObject *addr = address_tuple(&rx_names[i]);
+            if (addr == NULL) {
+                Py_DECREF(data);
+                goto fail;
+            }
+            PyObject *pair = PyTuple_New(2);
+            if (pair == NULL) {
+                Py_DECREF(data);
+                Py_DECREF(addr);
+                goto fail;
+            }
+            PyTuple_SET_ITEM(pair, 0, data);
+            PyTuple_SET_ITEM(pair, 1, addr);
+            int rc = PyList_Append(out, pair);
+            Py_DECREF(pair);
+            if (rc < 0)
+                goto fail;
+        }
+        if ((unsigned int)n < vlen)
+            break; /* the queue is empty */
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+/* Fill `name` from a (host, port[, ...]) tuple; 0 on success, -1 with an exception. */
+static int
+parse_address(PyObject *addr, struct sockaddr_storage *name, socklen_t *namelen)
+{
+    if (!PyTuple_Check(addr) || PyTuple_GET_SIZE(addr) < 2) {
+        PyErr_SetString(PyExc_TypeError, "an address is a (host, port) tuple");
+        return -1;
+    }
+    const char *host = PyUnicode_AsUTF8(PyTuple_GET_ITEM(addr, 0));
+    if (host == NULL)
+        return -1;
+    long port = PyLong_AsLong(PyTuple_GET_ITEM(addr, 1));
+    if (port == -1 && PyErr_Occurred())
+        return -1;
+    if (port < 0 || port > 65535) {
+        PyErr_SetString(PyExc_OverflowError, "port must be 0-65535");
+        return -1;
+    }
+    memset(name, 0, sizeof *name);
+    if (strchr(host, ':') == NULL) {
+        struct sockaddr_in *sin = (struct sockaddr_in *)name;
+        sin->sin_family = AF_INET;
+        sin->sin_port = htons((uint16_t)port);
+        if (inet_pton(AF_INET, host, &sin->sin_addr) != 1)
+            goto bad_host;
+        *namelen = sizeof *sin;
+    } else {
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)name;
+        sin6->sin6_family = AF_INET6;
+        sin6->sin6_port = htons((uint16_t)port);
+        if (inet_pton(AF_INET6, host, &sin6->sin6_addr) != 1)
+            goto bad_host;
+        *namelen = sizeof *sin6;
+    }
+    return 0;
+bad_host:
+    PyErr_Format(PyExc_ValueError, "not a numeric IP address: %R", PyTuple_GET_ITEM(addr, 0));
+    return -1;
+}
+
+/* sendmmsg the first `count` prepared messages. A full socket buffer drops the rest, as
+ * UDP would anyway; an ICMP error left by an earlier datagram skips one message. */
+static Py_ssize_t
+send_prepared(int fd, unsigned int count)
+{
+    unsigned int done = 0;
+    Py_ssize_t sent = 0;
+    while (done < count) {
+        int n = sendmmsg(fd, tx_msgs + done, count - done, MSG_DONTWAIT);
+        if (n > 0) {
+            done += (unsigned int)n;
+            sent += n;
+            continue;
+        }
+        int err = errno;
+        if (n < 0 && err == EINTR)
+            continue;
+        if (n < 0 && (is_stale_icmp_error(err) || err == EACCES || err == EPERM ||
+                      err == EINVAL || err == EAFNOSUPPORT || err == EADDRNOTAVAIL)) {
+            done++; /* this one datagram cannot go; the others may */
+            continue;
+        }
+        break; /* EAGAIN (buffer full) or worse: drop what is left */
+    }
+    return sent;
+}
+
+static void
+prepare(unsigned int i, PyObject *data, struct sockaddr_storage *name, socklen_t namelen)
+{
+    tx_iov[i].iov_base = PyBytes_AS_STRING(data);
+    tx_iov[i].iov_len = (size_t)PyBytes_GET_SIZE(data);
+    memset(&tx_msgs[i].msg_hdr, 0, sizeof tx_msgs[i].msg_hdr);
+    tx_msgs[i].msg_hdr.msg_name = name;
+    tx_msgs[i].msg_hdr.msg_namelen = namelen;
+    tx_msgs[i].msg_hdr.msg_iov = &tx_iov[i];
+    tx_msgs[i].msg_hdr.msg_iovlen = 1;
+}
+
+PyDoc_STRVAR(send_batch_doc,
+"send_batch(sock, items) -> int\n\n"
+"Send each (data, (host, port)) of the list items, in sendmmsg calls of up to 32;\n"
+"returns how many went out. Datagrams the socket cannot take now are dropped.");
+
+static PyObject *
+send_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "send_batch(sock, items: list)");
+        return NULL;
+    }
+    int fd = PyObject_AsFileDescriptor(args[0]);
+    if (fd < 0)
+        return NULL;
+    PyObject *items = args[1];
+    Py_ssize_t total = PyList_GET_SIZE(items), sent = 0;
+    for (Py_ssize_t start = 0; start < total; start += BATCH) {
+        unsigned int count = 0;
+        for (Py_ssize_t j = start; j < total && count < BATCH; j++, count++) {
+            PyObject *item = PyList_GET_ITEM(items, j);
+            if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 ||
+                !PyBytes_Check(PyTuple_GET_ITEM(item, 0))) {
+                PyErr_SetString(PyExc_TypeError, "items are (bytes, address) pairs");
+                return NULL;
+            }
+            socklen_t namelen;
+            if (parse_address(PyTuple_GET_ITEM(item, 1), &tx_names[count], &namelen) < 0)
+                return NULL;
+            prepare(count, PyTuple_GET_ITEM(item, 0), &tx_names[count], namelen);
+        }
+        sent += send_prepared(fd, count);
+    }
+    return PyLong_FromSsize_t(sent);
+}
+
+PyDoc_STRVAR(send_many_to_doc,
+"send_many_to(sock, address, frames) -> int\n\n"
+"Send every bytes object of the list frames to one (host, port), in sendmmsg calls of\n"
+"up to 32; returns how many went out. Datagrams the socket cannot take are dropped.");
+
+static PyObject *
+send_many_to(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyList_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "send_many_to(sock, address, frames: list)");
+        return NULL;
+    }
+    int fd = PyObject_AsFileDescriptor(args[0]);
+    if (fd < 0)
+        return NULL;
+    struct sockaddr_storage name;
+    socklen_t namelen;
+    if (parse_address(args[1], &name, &namelen) < 0)
+        return NULL;
+    PyObject *frames = args[2];
+    Py_ssize_t total = PyList_GET_SIZE(frames), sent = 0;
+    for (Py_ssize_t start = 0; start < total; start += BATCH) {
+        unsigned int count = 0;
+        for (Py_ssize_t j = start; j < total && count < BATCH; j++, count++) {
+            PyObject *frame = PyList_GET_ITEM(frames, j);
+            if (!PyBytes_Check(frame)) {
+                PyErr_SetString(PyExc_TypeError, "frames are bytes");
+                return NULL;
+            }
+            prepare(count, frame, &name, namelen);
+        }
+        sent += send_prepared(fd, count);
+    }
+    return PyLong_FromSsize_t(sent);
+}
+
+static PyMethodDef batch_methods[] = {
+    {"recv_batch", (PyCFunction)(void (*)(void))recv_batch, METH_FASTCALL, recv_batch_doc},
+    {"send_batch", (PyCFunction)(void (*)(void))send_batch, METH_FASTCALL, send_batch_doc},
+    {"send_many_to", (PyCFunction)(void (*)(void))send_many_to, METH_FASTCALL,
+     send_many_to_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef batch_module = {
+    PyModuleDef_HEAD_INIT,
+    "pyturn.net._batch",
+    "recvmmsg/sendmmsg for the UDP relay (see pyturn/net/batch.py).",
+    -1,
+    batch_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__batch(void)
+{
+    ipv4_cache = PyDict_New();
+    if (ipv4_cache == NULL)
+        return NULL;
+    PyObject *module = PyModule_Create(&batch_module);
+    if (module == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(module, "BATCH", BATCH) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

@@ -1,0 +1,107 @@
+"""Many UDP datagrams per call: recvmmsg/sendmmsg when the native module is built.
+
+`pyturn.net._batch` (C, compiled at install time by hatch_build.py) reads or writes up
+to 32 datagrams per system call. Without it the same functions below make one call per
+datagram, so behaviour is identical and only the speed differs. `NATIVE` says which one
+runs; the start-up log line names it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Callable
+
+from pyturn.wire.attributes import Address
+
+# ICMP errors queued on a UDP socket by an earlier datagram: they concern one peer.
+_STALE = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.EHOSTDOWN,
+        errno.ENETDOWN,
+        errno.EMSGSIZE,
+    }
+)
+_UNSENDABLE = _STALE | {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EINVAL,
+    errno.EAFNOSUPPORT,
+    errno.EADDRNOTAVAIL,
+}
+_MAX_DATAGRAM = 65535
+
+
+def _recv_batch(sock: socket.socket, limit: int) -> list[tuple[bytes, Address]]:
+    out: list[tuple[bytes, Address]] = []
+    recvfrom = sock.recvfrom
+    stale = 0
+    while len(out) < limit:
+        try:
+            data, addr = recvfrom(_MAX_DATAGRAM)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError as exc:
+            if exc.errno in _STALE and stale < 64:
+                stale += 1
+                continue
+            if out or exc.errno in _STALE:
+                break
+            raise
+        out.append((data, addr if len(addr) == 2 else addr[:2]))
+    return out
+
+
+def _send_one(sock: socket.socket, data: bytes, address: Address) -> bool:
+    """False when the socket buffer is full (the caller drops the rest)."""
+    try:
+        sock.sendto(data, address)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError as exc:
+        if exc.errno not in _UNSENDABLE:
+            return False
+    return True
+
+
+def _send_batch(sock: socket.socket, items: list[tuple[bytes, Address]]) -> int:
+    sent = 0
+    for data, address in items:
+        if not _send_one(sock, data, address):
+            break
+        sent += 1
+    return sent
+
+
+def _send_many_to(sock: socket.socket, address: Address, frames: list[bytes]) -> int:
+    sent = 0
+    for frame in frames:
+        if not _send_one(sock, frame, address):
+            break
+        sent += 1
+    return sent
+
+
+RecvBatch = Callable[[socket.socket, int], list[tuple[bytes, Address]]]
+SendBatch = Callable[[socket.socket, list[tuple[bytes, Address]]], int]
+SendManyTo = Callable[[socket.socket, Address, list[bytes]], int]
+
+recv_batch: RecvBatch = _recv_batch
+send_batch: SendBatch = _send_batch
+send_many_to: SendManyTo = _send_many_to
+NATIVE = False
+
+if not os.environ.get("PYTURN_NO_NATIVE"):
+    try:
+        from pyturn.net import _batch
+    except ImportError:
+        pass
+    else:
+        recv_batch = _batch.recv_batch
+        send_batch = _batch.send_batch
+        send_many_to = _batch.send_many_to
+        NATIVE = True

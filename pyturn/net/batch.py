@@ -105,3 +105,10 @@ if not os.environ.get("PYTURN_NO_NATIVE"):
         send_batch = _batch.send_batch
         send_many_to = _batch.send_many_to
         NATIVE = True
+
+
+def describe() -> str:
+    """For the start-up log: which UDP I/O path this process runs."""
+    if NATIVE:
+        return "udp i/o: recvmmsg/sendmmsg batches (native module)"
+    return "udp i/o: one system call per datagram (native module not built or disabled)"

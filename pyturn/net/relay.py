@@ -42,6 +42,7 @@ class BatchingSink(Protocol):
 
     def many(self, frames: list[bytes]) -> None: ...
 
+
 # Bursts of media arrive faster than one event-loop turn drains them; the kernel's
 # default 208 KB buffers drop packets under load. The FORCE options pass the
 # net.core.rmem_max/wmem_max caps when the process may (CAP_NET_ADMIN); otherwise the

@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 
 from pyturn.config import Config, Listener, config_to_dict
 from pyturn.logs import format_address
+from pyturn.net import batch
 from pyturn.net.control import LINE_LIMIT, Message, read_message, write_message
 from pyturn.net.errors import StartupError
 from pyturn.net.http import OpsApp, start_ops_server
@@ -397,6 +398,7 @@ class Supervisor:
 
 def supervise(config: Config, config_path: Path | None) -> None:
     install_event_loop_policy()
+    log.info(batch.describe())
     asyncio.run(_supervise(config, config_path))
 
 

@@ -52,6 +52,7 @@ from pyturn.core.server import (
 )
 from pyturn.logs import FieldValue, LogThrottle, configure_logging, format_address, log_event
 from pyturn.metrics import Stats, TurnCollector, make_registry, render
+from pyturn.net import batch
 from pyturn.net.control import LINE_LIMIT, read_message, write_message
 from pyturn.net.errors import StartupError
 from pyturn.net.http import OpsApp, start_ops_server
@@ -643,6 +644,7 @@ def run(
 ) -> None:
     loop_name = install_event_loop_policy()
     log.debug("event loop: %s", loop_name)
+    log.info(batch.describe())
     asyncio.run(serve(config, on_ready, config_path=config_path))
 
 

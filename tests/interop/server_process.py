@@ -212,8 +212,11 @@ class ServerStartError(RuntimeError):
 class ServerProcess:
     """One `pyturn serve -c FILE` child process with its captured log."""
 
-    def __init__(self, config: Mapping[str, Any], workdir: Path) -> None:
+    def __init__(
+        self, config: Mapping[str, Any], workdir: Path, env: Mapping[str, str] | None = None
+    ) -> None:
         self.config = dict(config)
+        self.env = dict(env or {})
         self.workdir = workdir
         self.config_path = workdir / "pyturn.yaml"
         self.process: subprocess.Popen[bytes] | None = None
@@ -337,7 +340,7 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pyturn", "serve", "-c", str(self.config_path)],
             stdin=subprocess.DEVNULL,

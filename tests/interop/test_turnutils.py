@@ -17,10 +17,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from pyturn.core.auth import rest_password, rest_username
+from pyturn.net import batch
 from tests.interop.server_process import (
     LOOPBACK,
     PASSWORD,
@@ -28,6 +30,7 @@ from tests.interop.server_process import (
     USER,
     ServerFactory,
     ServerProcess,
+    base_config,
     relayed_packets,
     require_tool,
 )
@@ -235,3 +238,22 @@ def test_uclient_with_an_expired_rest_credential_gets_no_allocation(
     assert run.returncode != 0 or not run.received, run.output
     server.wait_for_event("auth failed", user=username, reason="expired_rest_credential")
     assert not server.events("allocation created"), server.log_text
+
+
+def test_the_session_server_reads_and_writes_udp_in_batches(turn_server: ServerProcess) -> None:
+    """With the native module built (test_batch checks that it is), the server uses it."""
+    if not batch.NATIVE:
+        pytest.skip("the native batching module is not built here")
+    turn_server.wait_for_log(r"udp i/o: recvmmsg/sendmmsg batches")
+
+
+@pytest.mark.parametrize("flags", [(), ("-s",)], ids=["channels", "send-indications"])
+def test_uclient_relays_every_message_through_the_pure_python_udp_path(
+    tmp_path: Path, echo_peer: int, flags: tuple[str, ...]
+) -> None:
+    """PYTURN_NO_NATIVE=1: one system call per datagram, the same results."""
+    with ServerProcess(base_config(), tmp_path, env={"PYTURN_NO_NATIVE": "1"}) as server:
+        server.wait_for_log(r"udp i/o: one system call per datagram")
+        mark = server.log_mark()
+        run = run_uclient(server, echo_peer, *flags)
+        assert_all_echoed(server, mark, run, USER)

@@ -14,10 +14,10 @@ import logging
 import socket
 from collections.abc import Callable
 
-from pyturn.core.allocation import FiveTuple
+from pyturn.core.allocation import FiveTuple, RelaySocket
 from pyturn.core.server import Action, TurnServer
 from pyturn.net.batch import recv_batch, send_batch, send_many_to
-from pyturn.net.relay import LISTENER_BUFFER, grow_buffers
+from pyturn.net.relay import LISTENER_BUFFER, RelayEndpoint, grow_buffers
 from pyturn.wire.attributes import Address
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,8 @@ class UdpListener:
         receive = self.server.receive
         pending: list[tuple[bytes, Address]] = []
         self._pending = pending
+        # ChannelData payloads of this batch by (relay, peer): one sendmmsg per flow.
+        to_peers: dict[tuple[RelaySocket, Address], list[bytes]] = {}
         try:
             budget = _DATAGRAMS_PER_WAKEUP
             while budget > 0:
@@ -118,7 +120,12 @@ class UdpListener:
                     if data and 0x40 <= data[0] <= 0x7F:
                         send = route_channel_data(data, five_tuple)
                         if send is not None:
-                            send.relay.sendto(send.data, send.peer)
+                            flow = (send.relay, send.peer)
+                            queued = to_peers.get(flow)
+                            if queued is None:
+                                to_peers[flow] = [send.data]
+                            else:
+                                queued.append(send.data)
                         continue
                     actions = receive(data, five_tuple, now)
                     if actions:
@@ -127,6 +134,12 @@ class UdpListener:
                     break
         finally:
             self._pending = None
+            for (relay, peer), payloads in to_peers.items():
+                if isinstance(relay, RelayEndpoint):
+                    send_many_to(relay.sock, peer, payloads)
+                else:
+                    for payload in payloads:
+                        relay.sendto(payload, peer)
             if pending:
                 send_batch(sock, pending)
         # Datagrams left past the budget keep the socket readable (epoll is level-

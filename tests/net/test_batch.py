@@ -161,3 +161,23 @@ def test_the_native_module_is_built_where_a_compiler_is() -> None:
         pytest.skip("no C compiler on this machine")
     assert batch.NATIVE, "pyturn/net/_batch.c was not compiled: reinstall (make test)"
     assert "recvmmsg" in batch.describe()
+
+
+def test_runs_of_equal_frames_arrive_as_separate_datagrams_in_order(
+    impl: Impl, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    """The native module sends such runs with UDP GSO; the receiver must not notice."""
+    receiver, sender = pair
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    frames = (
+        [b"a%03d" % i + bytes(96) for i in range(70)]  # 100 bytes each: 64 + 6 segments
+        + [b"short"]  # the shorter last segment of a run
+        + [b"b%03d" % i + bytes(8996) for i in range(9)]  # 9000 bytes: 65000-byte runs
+        + [b"", b"c" * 100, b"d" * 100]  # an empty datagram breaks nothing
+    )
+    assert impl.send_many_to(sender, receiver.getsockname()[:2], frames) == len(frames)
+    assert [d for d, _ in _drain(receiver, len(frames))] == frames
+    if impl.send_many_to is not batch._send_many_to:
+        from pyturn.net import _batch
+
+        assert _batch.gso(), "the kernel refused UDP_SEGMENT on loopback"

@@ -3,7 +3,9 @@
 The socket is read with `loop.add_reader` and `batch.recv_batch`, so one wake-up takes
 the whole queue in a few system calls (recvmmsg when the native module is built).
 Replies made while a batch is handled are collected and leave together at its end
-(sendmmsg); anything sent outside a batch (relayed peer data, timers) goes at once.
+(sendmmsg); anything sent outside a batch goes at once. Payloads for peers (ChannelData
+and Send indications) are grouped by (relay, peer) flow and leave at the end of the
+batch too, one send_many_to per flow, so equal-sized runs can use UDP GSO.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import socket
 from collections.abc import Callable
 
 from pyturn.core.allocation import FiveTuple, RelaySocket
-from pyturn.core.server import Action, TurnServer
+from pyturn.core.server import Action, SendToPeer, TurnServer
 from pyturn.net.batch import recv_batch, send_batch, send_many_to
 from pyturn.net.relay import LISTENER_BUFFER, RelayEndpoint, grow_buffers
 from pyturn.wire.attributes import Address
@@ -116,20 +118,28 @@ class UdpListener:
                 now = self.clock()  # one clock read per batch: it takes microseconds
                 for data, client in datagrams:
                     five_tuple: FiveTuple = ("udp", client, local)
+                    send: SendToPeer | Action | None
                     # Fast path: ChannelData (top bits 01) skips the STUN machinery.
                     if data and 0x40 <= data[0] <= 0x7F:
                         send = route_channel_data(data, five_tuple)
-                        if send is not None:
-                            flow = (send.relay, send.peer)
-                            queued = to_peers.get(flow)
-                            if queued is None:
-                                to_peers[flow] = [send.data]
-                            else:
-                                queued.append(send.data)
-                        continue
-                    actions = receive(data, five_tuple, now)
-                    if actions:
-                        self.handle_actions(actions, five_tuple, UdpClientSink(self, client))
+                        if send is None:
+                            continue
+                    else:
+                        actions = receive(data, five_tuple, now)
+                        if not actions:
+                            continue
+                        # A lone SendToPeer (a Send indication) joins its flow below;
+                        # everything else is the worker's business.
+                        send = actions[0]
+                        if len(actions) > 1 or not isinstance(send, SendToPeer):
+                            self.handle_actions(actions, five_tuple, UdpClientSink(self, client))
+                            continue
+                    flow = (send.relay, send.peer)
+                    queued = to_peers.get(flow)
+                    if queued is None:
+                        to_peers[flow] = [send.data]
+                    else:
+                        queued.append(send.data)
                 if len(datagrams) < _BATCH:
                     break
         finally:

@@ -83,16 +83,29 @@ def test_the_dockerfile_runs_as_non_root_with_the_config_in_etc_pyturn() -> None
     for parts in instructions:
         if parts[0].isupper() and len(parts) == 2:
             by_name.setdefault(parts[0], []).append(parts[1])
-    assert re.fullmatch(r"python:3\.\d+-slim", by_name["FROM"][0])
+    stages = [re.fullmatch(r"python:3\.\d+-slim(?: AS (\w+))?", f) for f in by_name["FROM"]]
+    assert all(stages), by_name["FROM"]
+    names = {m.group(1) for m in stages if m and m.group(1)}
     user = by_name["USER"][-1]
     assert user.split(":")[0] not in ("root", "0")
     assert by_name["CMD"] == ['["serve", "-c", "/etc/pyturn/pyturn.yaml"]']
     assert by_name["ENTRYPOINT"] == ['["pyturn"]']
     for copy in by_name["COPY"]:
+        if copy.startswith("--from="):  # from an earlier stage, not from the build context
+            assert copy.split()[0].removeprefix("--from=") in names
+            continue
         *sources, _ = copy.split()
         for source in sources:
             assert (ROOT / source).exists(), f"COPY source {source} is missing"
     assert "9641/tcp" in by_name["EXPOSE"][0]
+
+
+def test_the_image_is_built_with_the_batching_module_and_checks_it_loads() -> None:
+    """The build stage has a compiler; the final stage refuses an image without it."""
+    text = DOCKERFILE.read_text()
+    build, final = text.split("\nFROM python:3.11-slim\n")
+    assert "gcc" in build and "hatch_build.py" in build and "pip wheel" in build
+    assert "assert batch.NATIVE" in final
 
 
 def test_the_readme_explains_host_networking_for_docker() -> None:

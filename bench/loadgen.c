@@ -19,9 +19,9 @@
  *   hold     Allocate --allocs allocations (with a channel each), print "held", wait for a
  *            line on stdin, release them all with Refresh(LIFETIME=0), print "released".
  *   stub     The plain forwarder: a minimal, unauthenticated TURN-shaped UDP relay in C
- *            with recvmmsg/sendmmsg batching (no HMAC checks, no lifetimes).  Running the
- *            generator against it shows how fast the generator can go.  Prints "port N"
- *            and serves until stdin closes or --max-time passes.
+ *            with recvmmsg/sendmmsg batching and UDP GSO (no HMAC checks, no lifetimes).
+ *            Running the generator against it shows how fast the generator can go.
+ *            Prints "port N" and serves until stdin closes or --max-time passes.
  *
  * HMAC-SHA1 (MESSAGE-INTEGRITY) is implemented here so the binary needs only libc.
  */
@@ -1321,9 +1321,41 @@ static void stub_stun(const uint8_t *b, int n, const struct sockaddr_in *from) {
 
 static uint8_t srx[BATCH][PKT];
 
+/* Send iov[0..count) to one address with one sendmmsg, each run of equal-sized datagrams
+ * (the last may be shorter) as one UDP GSO message: what pyturn's native module does,
+ * so that the stub stays the ceiling it is meant to be. --gso 0 turns it off. */
+static void stub_send_runs(int fd, struct iovec *iov, int count, struct sockaddr_in *to) {
+    static struct mmsghdr msgs[BATCH];
+    static union { char buf[CMSG_SPACE(sizeof(uint16_t))]; struct cmsghdr align; } ctl[BATCH];
+    int m = 0;
+    for (int i = 0; i < count;) {
+        size_t size = iov[i].iov_len, total = size;
+        int j = i + 1;
+        while (cfg.gso && size > 0 && j < count && j - i < 64 && iov[j].iov_len > 0 &&
+               iov[j].iov_len <= size && total + iov[j].iov_len <= 65000) {
+            total += iov[j].iov_len;
+            if (iov[j++].iov_len < size) break;
+        }
+        struct msghdr *h = &msgs[m].msg_hdr;
+        memset(h, 0, sizeof *h);
+        h->msg_name = to; h->msg_namelen = sizeof *to;
+        h->msg_iov = &iov[i]; h->msg_iovlen = (size_t)(j - i);
+        if (j - i > 1) {
+            h->msg_control = ctl[m].buf; h->msg_controllen = sizeof ctl[m].buf;
+            struct cmsghdr *c = CMSG_FIRSTHDR(h);
+            c->cmsg_level = SOL_UDP; c->cmsg_type = UDP_SEGMENT;
+            c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+            uint16_t seg = (uint16_t)size;
+            memcpy(CMSG_DATA(c), &seg, sizeof seg);
+        }
+        m++; i = j;
+    }
+    if (m > 0) sendmmsg(fd, msgs, (unsigned)m, 0);
+}
+
 static void stub_listener(void) {
-    struct mmsghdr out[BATCH];
     struct iovec oiov[BATCH];
+    struct sockaddr_in *opeer[BATCH];
     int ofd[BATCH];
     for (int rounds = 0; rounds < 16; rounds++) {
         for (int i = 0; i < BATCH; i++) {
@@ -1341,20 +1373,24 @@ static void stub_listener(void) {
                 sclient_t *c = stub_find(&rx_names[i]);
                 int dlen = get16(b + 2);
                 if (!c || !c->has_channel || get16(b) != c->channel || 4 + dlen > len) continue;
-                oiov[k].iov_base = (void *)(b + 4); oiov[k].iov_len = (size_t)dlen;
-                memset(&out[k].msg_hdr, 0, sizeof out[k].msg_hdr);
-                out[k].msg_hdr.msg_iov = &oiov[k]; out[k].msg_hdr.msg_iovlen = 1;
-                out[k].msg_hdr.msg_name = &c->peer; out[k].msg_hdr.msg_namelen = sizeof c->peer;
-                ofd[k++] = c->relay_fd;
+                /* keep the batch grouped by relay socket (stable), as pyturn groups flows */
+                int at = k;
+                while (at > 0 && ofd[at - 1] > c->relay_fd) {
+                    oiov[at] = oiov[at - 1]; ofd[at] = ofd[at - 1]; opeer[at] = opeer[at - 1];
+                    at--;
+                }
+                oiov[at].iov_base = (void *)(b + 4); oiov[at].iov_len = (size_t)dlen;
+                ofd[at] = c->relay_fd; opeer[at] = &c->peer;
+                k++;
             } else {
                 stub_stun(b, len, &rx_names[i]);
             }
         }
-        /* one sendmmsg per run of datagrams that leave through the same relay socket */
+        /* one send per relay socket: its client's single peer */
         for (int i = 0; i < k;) {
             int j = i;
             while (j < k && ofd[j] == ofd[i]) j++;
-            sendmmsg(ofd[i], out + i, (unsigned)(j - i), 0);
+            stub_send_runs(ofd[i], oiov + i, j - i, opeer[i]);
             i = j;
         }
         if (n < BATCH) return;
@@ -1391,9 +1427,8 @@ static void stub_relay(int fd) {
                 memset(b + HEADROOM + len, 0, (size_t)(padded - len));
                 rx_iov[i].iov_base = b; rx_iov[i].iov_len = (size_t)(HEADROOM + padded);
             }
-            rx_msgs[i].msg_hdr.msg_name = &c->addr; rx_msgs[i].msg_hdr.msg_namelen = sizeof c->addr;
         }
-        sendmmsg(stub_fd, rx_msgs, (unsigned)n, 0);
+        stub_send_runs(stub_fd, rx_iov, n, &c->addr);
         if (n < BATCH) return;
     }
 }

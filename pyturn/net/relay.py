@@ -51,18 +51,25 @@ LISTENER_BUFFER = 4 * 1024 * 1024
 RELAY_BUFFER = 1024 * 1024
 
 
+_force_allowed = True  # cleared on the first refusal: the process's rights do not change
+
+
 def grow_buffers(sock: socket.socket, size: int) -> None:
+    global _force_allowed  # noqa: PLW0603 (a one-way switch, see above)
     for force, plain in (
         (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
         (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
     ):
-        try:
-            if force is None:
-                raise PermissionError
-            sock.setsockopt(socket.SOL_SOCKET, force, size)
-        except OSError:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, plain, size)
+        if force is not None and _force_allowed:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, size)
+                continue
+            except PermissionError:
+                _force_allowed = False
+            except OSError:
+                pass
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
 class RelayEndpoint:

@@ -8,6 +8,7 @@ looks at a clock: presence in the dictionary is the permission.
 
 from __future__ import annotations
 
+import array
 import os
 import secrets
 from collections.abc import Callable
@@ -240,7 +241,11 @@ class PortPool:
         self.min_port = min_port
         self.max_port = max_port
         self.free: list[int] = list(range(min_port, max_port + 1))
-        self._index: dict[int, int] = {p: i for i, p in enumerate(self.free)}
+        # Each port's position in `free`, -1 once taken, at index port - min_port. An
+        # array, not a dict: putting a port back stores a C integer rather than a new
+        # int object, and such objects, made while allocations come and go and kept for
+        # good, would each pin a whole arena of freed memory.
+        self._index = array.array("i", range(len(self.free)))
 
     def __len__(self) -> int:
         return len(self.free)
@@ -251,22 +256,28 @@ class PortPool:
         return self.take(self.free[secrets.randbelow(len(self.free))])
 
     def take(self, port: int) -> int | None:
-        i = self._index.pop(port, None)
-        if i is None:
+        if not self.min_port <= port <= self.max_port:
             return None
+        index = self._index
+        i = index[port - self.min_port]
+        if i < 0:
+            return None
+        index[port - self.min_port] = -1
+        # The pool's own int: the caller's may be a fresh one (a reservation token's).
+        port = self.free[i]
         last = self.free.pop()
         if last != port:
             self.free[i] = last
-            self._index[last] = i
+            index[last - self.min_port] = i
         return port
 
     def is_free(self, port: int) -> bool:
-        return port in self._index
+        return self.min_port <= port <= self.max_port and self._index[port - self.min_port] >= 0
 
     def put(self, port: int) -> None:
-        if port in self._index or not self.min_port <= port <= self.max_port:
+        if not self.min_port <= port <= self.max_port or self._index[port - self.min_port] >= 0:
             return
-        self._index[port] = len(self.free)
+        self._index[port - self.min_port] = len(self.free)
         self.free.append(port)
 
     def random_even_pair(self, tries: int = 64) -> int | None:

@@ -69,6 +69,7 @@ from pyturn.wire.attributes import (
     XorMappedAddress,
     XorPeerAddress,
     XorRelayedAddress,
+    clear_address_cache,
     xor_address_value,
 )
 from pyturn.wire.channel_data import (
@@ -272,6 +273,8 @@ class TurnServer:
             Method.CONNECTION_BIND: self._connection_bind,
         }
         self.peer_connections: dict[int, PeerConnection] = {}
+        # Allocations deleted since the last `compact`, for the I/O layer to decide when.
+        self.ended_since_compact = 0
 
     def reconfigure(self, config: Config) -> None:
         """Take new users, secrets, policy, quotas and lifetimes; allocations stay."""
@@ -474,9 +477,25 @@ class TurnServer:
             allocation.scheduled_at = at
             heapq.heappush(self._timers, (at, next(self._seq), allocation))
 
+    def compact(self, now: float) -> None:
+        """Let go of what ended allocations leave behind: their stale timer entries (each
+        keeps a whole allocation alive until its old deadline), hash tables sized for the
+        peak, refilled per-source budgets and cached addresses. O(live allocations), for
+        the I/O layer to call once many allocations have ended, never per packet."""
+        self.ended_since_compact = 0
+        self._timers = [t for t in self._timers if not t[2].closed]
+        heapq.heapify(self._timers)
+        # Dicts never shrink as entries go; a copy is sized for what is left.
+        self.allocations = dict(self.allocations)
+        self.peer_connections = dict(self.peer_connections)
+        self._per_user = Counter(self._per_user)
+        self.unsigned_budget.prune(now)
+        clear_address_cache()
+
     def _delete(self, allocation: Allocation, reason: str, now: float) -> AllocationDeleted:
         allocation.closed = True
         self.allocations.pop(allocation.five_tuple, None)
+        self.ended_since_compact += 1
         # A deleted allocation's timer entry would stay until its old deadline (up to
         # max_lifetime): under churn, drop the stale entries once they dominate.
         if len(self._timers) > 2 * len(self.allocations) + 64:

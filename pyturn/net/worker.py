@@ -20,8 +20,12 @@ startup -> serve -> drain -> shutdown, as uvicorn does it:
 from __future__ import annotations
 
 import asyncio
+import collections
+import collections.abc
 import contextlib
 import dataclasses
+import functools
+import gc
 import logging
 import os
 import signal
@@ -66,6 +70,13 @@ from pyturn.net.udp import UdpListener
 log = logging.getLogger(__name__)
 
 _MAX_TIMER_SLEEP = 1.0
+# Memory is handed back once at least this many allocations (and at least as many as are
+# still running) have ended: the work is O(running allocations), so it stays amortised.
+_COMPACT_AFTER = 256
+# A full collection walks what was made since start-up: only with few allocations left.
+_COLLECT_BELOW = 256
+# Start-up objects are frozen (and uvloop's cache found) this long after start.
+_SETTLE_AFTER = 1.0
 # Auth failures that are part of the normal flow (the first challenge, an expired nonce)
 # are logged at DEBUG; the others at INFO, for fail2ban.
 _ROUTINE_AUTH = (AuthFailure.NO_CREDENTIALS, AuthFailure.STALE_NONCE)
@@ -168,6 +179,35 @@ def _listening_socket(family: int, host: str, port: int, reuse_port: bool) -> so
     return sock
 
 
+def _uvloop_address_cache() -> collections.abc.MutableMapping[object, object] | None:
+    """uvloop's cache of converted send addresses, or None (asyncio, another uvloop).
+
+    uvloop keeps the last 2048 (host, port) tuples a transport sent to, in a private
+    module-level LRU that Python code cannot name; its entries of gone clients, made
+    while allocations came and went, are what keeps the freed memory from the OS. It is
+    found once, through the collector, as the dict inside uvloop's only LruCache.
+    """
+    for obj in gc.get_objects():
+        kind = type(obj)
+        if kind.__name__ == "LruCache" and kind.__module__ == "uvloop.loop":
+            for inner in gc.get_referents(obj):
+                if isinstance(inner, collections.OrderedDict):
+                    return inner
+    return None
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where there is none (musl, macOS)."""
+    try:
+        import ctypes  # noqa: PLC0415 (only once memory is to be given back)
+
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
 def _discard(data: bytes) -> None:
     """A sink for a client that has already gone."""
 
@@ -239,6 +279,8 @@ class Worker:
         self._timer: asyncio.TimerHandle | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
+        self._settle_timer: asyncio.TimerHandle | None = None
+        self._address_cache: collections.abc.MutableMapping[object, object] | None = None
         self._stopped = asyncio.Event()
 
     def now(self) -> float:
@@ -321,9 +363,13 @@ class Worker:
                     **_traffic(a),
                 },
             )
-            if self.state == "draining" and not self.server.allocations:
-                log.info("drained: every allocation has ended")
-                self._stopped.set()
+            if not self.server.allocations:
+                if self.state == "draining":
+                    log.info("drained: every allocation has ended")
+                    self._stopped.set()
+                else:
+                    # Now rather than at the next tick: nothing is left to relay.
+                    self.loop.call_soon(self._return_memory)
         elif isinstance(event, AuthFailed | PeerDenied | QuotaRejected):
             self._log_refusal(event)
 
@@ -369,7 +415,27 @@ class Worker:
             else:
                 self._tcp_action(action)
         self.throttle.flush(now)
+        self._return_memory()
         self._rearm_timer()
+
+    def _return_memory(self) -> None:
+        """Once many allocations have ended, drop what they left behind and give the
+        freed heap pages back to the OS (a few ms at most, on the timer path only)."""
+        server = self.server
+        ended = server.ended_since_compact
+        if ended < _COMPACT_AFTER or ended < len(server.allocations):
+            return
+        server.compact(self.now())
+        if self._address_cache is not None:
+            self._address_cache.clear()  # a cache: a miss only converts the address again
+        if len(server.allocations) <= _COLLECT_BELOW:
+            # A full collection also empties the interpreter's free lists (thousands of
+            # tuples of gone clients); it walks every object made since start-up (the
+            # rest is frozen), so it runs only when few allocations are left.
+            gc.collect()
+        trim = _malloc_trim()
+        if trim is not None:
+            trim(0)
 
     def _ping_watchdog(self) -> None:
         interval = self.notifier.watchdog_interval
@@ -396,6 +462,16 @@ class Worker:
         for listener in self.config.listen:
             await self._bind(listener)
         self._rearm_timer()
+        self._settle_timer = self.loop.call_later(_SETTLE_AFTER, self._settle)
+
+    def _settle(self) -> None:
+        """Once start-up is over, and off its path (the scan takes several ms)."""
+        self._settle_timer = None
+        if type(self.loop).__module__.startswith("uvloop"):
+            self._address_cache = _uvloop_address_cache()
+        # What start-up made lives as long as the process: the collector need not walk it
+        # again, so a full collection costs what was made since (freezing is a splice).
+        gc.freeze()
 
     async def _start_ops_endpoint(self) -> None:
         metrics = self.config.metrics
@@ -605,10 +681,10 @@ class Worker:
         for close in self._closers:
             close()
         self._closers.clear()
-        for handle in (self._timer, self._watchdog, self._drain_timer):
+        for handle in (self._timer, self._watchdog, self._drain_timer, self._settle_timer):
             if handle is not None:
                 handle.cancel()
-        self._timer = self._watchdog = self._drain_timer = None
+        self._timer = self._watchdog = self._drain_timer = self._settle_timer = None
         for action in self.server.close_all(self.now()):
             if isinstance(action, Event):
                 self._event(action)

@@ -48,6 +48,11 @@ def _pack_ip(host: str) -> tuple[int, bytes]:
     return (FAMILY_IPV4 if ip.version == 4 else FAMILY_IPV6), ip.packed
 
 
+def clear_address_cache() -> None:
+    """Empty the address cache, whose entries of long-gone clients would otherwise stay."""
+    _pack_ip.cache_clear()
+
+
 def _unpack_address(value: bytes, mask: bytes | None) -> Address:
     """Decode the shared MAPPED-ADDRESS layout; `mask` is the XOR key for the X- forms."""
     if len(value) < 4 or value[0] != 0:

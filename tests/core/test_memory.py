@@ -1,0 +1,93 @@
+"""What ended allocations leave behind: nothing, once `compact` has run."""
+
+from __future__ import annotations
+
+from pyturn.core.allocation import PortPool
+from pyturn.core.limits import SourceBudget
+from pyturn.wire.message import Method
+from tests.core.turn_client import PEER, T0, MakeServer, TurnTestClient
+
+
+def test_compact_leaves_no_state_of_ended_allocations(make_server: MakeServer) -> None:
+    server = make_server()
+    clients = [TurnTestClient(server, client=(f"203.0.113.{i}", 4000 + i)) for i in range(1, 9)]
+    for client in clients:
+        bare = client.encode_request(Method.ALLOCATE, auth=False)
+        assert client.exchange(bare, now=T0).code == 401  # a per-source budget entry
+        assert client.allocate(now=T0).code == 0
+        assert client.channel_bind(0x4000, PEER, now=T0).code == 0
+    for client in clients:
+        assert client.refresh(0, now=T0 + 1).code == 0
+    assert server.ended_since_compact == len(clients)
+    assert server.allocations == {}
+    server.compact(T0 + 10)
+    assert server.ended_since_compact == 0
+    assert server._timers == []
+    assert len(server.unsigned_budget) == 0
+    assert not server._per_user
+    assert server.peer_connections == {}
+
+
+def test_compact_keeps_running_allocations_and_their_timers(make_server: MakeServer) -> None:
+    server = make_server()
+    kept = TurnTestClient(server, client=("203.0.113.1", 4000))
+    gone = TurnTestClient(server, client=("203.0.113.2", 4000))
+    assert kept.allocate(now=T0).code == 0
+    assert gone.allocate(now=T0).code == 0
+    assert gone.refresh(0, now=T0).code == 0
+    server.compact(T0)
+    assert list(server.allocations) == [kept.five_tuple]
+    assert [t[2] for t in server._timers] == [server.allocations[kept.five_tuple]]
+    assert server.next_deadline() is not None
+    assert len(server.expire(T0 + 600)) == 1
+    assert server.allocations == {}
+
+
+def test_budget_prune_forgets_only_refilled_sources() -> None:
+    budget = SourceBudget(burst=2, rate=1.0)
+    assert budget.allow("a", 0.0)
+    assert budget.allow("b", 0.5)
+    budget.prune(0.9)
+    assert len(budget) == 2  # neither bucket is full again yet
+    budget.prune(1.0)
+    assert len(budget) == 1  # "a" refilled: forgetting it changes nothing
+    budget.prune(1.5)
+    assert len(budget) == 0
+    assert budget.allow("a", 1.5) and budget.allow("a", 1.5)
+    assert not budget.allow("a", 1.5)
+
+
+def test_budget_without_refill_keeps_its_sources() -> None:
+    budget = SourceBudget(burst=1, rate=0)
+    assert budget.allow("a", 0.0)
+    budget.prune(1e9)
+    assert not budget.allow("a", 1e9)
+
+
+def test_port_pool_take_and_put() -> None:
+    pool = PortPool(50000, 50009)
+    assert len(pool) == 10
+    taken = {pool.take_random() for _ in range(10)}
+    assert taken == set(range(50000, 50010))
+    assert pool.take_random() is None
+    assert not pool.is_free(50003)
+    pool.put(50003)
+    pool.put(50003)  # twice: still one free port
+    pool.put(60000)  # outside the range: ignored
+    assert len(pool) == 1 and pool.is_free(50003)
+    assert not pool.is_free(60000)
+    assert pool.take(50004) is None
+    assert pool.take(60000) is None
+    assert pool.take(50003) == 50003
+    assert len(pool) == 0
+
+
+def test_port_pool_hands_out_its_own_int_objects() -> None:
+    """A reservation token's port is a fresh int; the pool returns the one it keeps."""
+    pool = PortPool(50000, 50009)
+    fresh = int("50005")
+    mine = pool.take(fresh)
+    assert mine is not None
+    assert mine == fresh and mine is not fresh
+    pool.put(mine)
+    assert pool.free[-1] is mine

@@ -1,3 +1,3 @@
-from pyturn.cli import main
+from pyturn.launch import main
 
 main()

@@ -434,6 +434,16 @@ send_many_to(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(sent);
 }
 
+PyDoc_STRVAR(forget_addresses_doc,
+"forget_addresses() -> None\n\nEmpty the cache of IPv4 address tuples made by recv_batch.");
+
+static PyObject *
+forget_addresses(PyObject *module, PyObject *unused)
+{
+    PyDict_Clear(ipv4_cache);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(gso_doc, "gso() -> bool\n\nWhether UDP GSO is still in use by send_many_to.");
 
 static PyObject *
@@ -448,6 +458,7 @@ static PyMethodDef batch_methods[] = {
     {"send_many_to", (PyCFunction)(void (*)(void))send_many_to, METH_FASTCALL,
      send_many_to_doc},
     {"gso", gso, METH_NOARGS, gso_doc},
+    {"forget_addresses", forget_addresses, METH_NOARGS, forget_addresses_doc},
     {NULL, NULL, 0, NULL},
 };
 

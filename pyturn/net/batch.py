@@ -90,9 +90,17 @@ RecvBatch = Callable[[socket.socket, int], list[tuple[bytes, Address]]]
 SendBatch = Callable[[socket.socket, list[tuple[bytes, Address]]], int]
 SendManyTo = Callable[[socket.socket, Address, list[bytes]], int]
 
+
+def _forget_addresses() -> None:
+    """The pure-Python functions keep no address cache."""
+
+
 recv_batch: RecvBatch = _recv_batch
 send_batch: SendBatch = _send_batch
 send_many_to: SendManyTo = _send_many_to
+# Drops the native module's cache of client address tuples: those of gone clients would
+# otherwise pin freed memory (the worker calls it when many allocations have ended).
+forget_addresses: Callable[[], None] = _forget_addresses
 NATIVE = False
 
 if not os.environ.get("PYTURN_NO_NATIVE"):
@@ -104,6 +112,7 @@ if not os.environ.get("PYTURN_NO_NATIVE"):
         recv_batch = _batch.recv_batch
         send_batch = _batch.send_batch
         send_many_to = _batch.send_many_to
+        forget_addresses = _batch.forget_addresses
         NATIVE = True
 
 

@@ -141,6 +141,7 @@ class RelayEndpoint:
         # at once instead of at some later full collection.
         self.allocation = None
         self.sink = None
+        self.send_frames = None
 
 
 class UdpRelayBinder:

@@ -227,6 +227,7 @@ class Supervisor:
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
         process = await asyncio.create_subprocess_exec(
             sys.executable,
+            "-P",  # the working directory stays off sys.path
             "-m",
             "pyturn",
             "worker",

@@ -20,8 +20,6 @@ startup -> serve -> drain -> shutdown, as uvicorn does it:
 from __future__ import annotations
 
 import asyncio
-import collections
-import collections.abc
 import contextlib
 import dataclasses
 import functools
@@ -75,8 +73,6 @@ _MAX_TIMER_SLEEP = 1.0
 _COMPACT_AFTER = 256
 # A full collection walks what was made since start-up: only with few allocations left.
 _COLLECT_BELOW = 256
-# Start-up objects are frozen (and uvloop's cache found) this long after start.
-_SETTLE_AFTER = 1.0
 # Auth failures that are part of the normal flow (the first challenge, an expired nonce)
 # are logged at DEBUG; the others at INFO, for fail2ban.
 _ROUTINE_AUTH = (AuthFailure.NO_CREDENTIALS, AuthFailure.STALE_NONCE)
@@ -179,23 +175,6 @@ def _listening_socket(family: int, host: str, port: int, reuse_port: bool) -> so
     return sock
 
 
-def _uvloop_address_cache() -> collections.abc.MutableMapping[object, object] | None:
-    """uvloop's cache of converted send addresses, or None (asyncio, another uvloop).
-
-    uvloop keeps the last 2048 (host, port) tuples a transport sent to, in a private
-    module-level LRU that Python code cannot name; its entries of gone clients, made
-    while allocations came and went, are what keeps the freed memory from the OS. It is
-    found once, through the collector, as the dict inside uvloop's only LruCache.
-    """
-    for obj in gc.get_objects():
-        kind = type(obj)
-        if kind.__name__ == "LruCache" and kind.__module__ == "uvloop.loop":
-            for inner in gc.get_referents(obj):
-                if isinstance(inner, collections.OrderedDict):
-                    return inner
-    return None
-
-
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's malloc_trim, or None where there is none (musl, macOS)."""
@@ -279,8 +258,6 @@ class Worker:
         self._timer: asyncio.TimerHandle | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
-        self._settle_timer: asyncio.TimerHandle | None = None
-        self._address_cache: collections.abc.MutableMapping[object, object] | None = None
         self._stopped = asyncio.Event()
 
     def now(self) -> float:
@@ -426,8 +403,7 @@ class Worker:
         if ended < _COMPACT_AFTER or ended < len(server.allocations):
             return
         server.compact(self.now())
-        if self._address_cache is not None:
-            self._address_cache.clear()  # a cache: a miss only converts the address again
+        batch.forget_addresses()  # a cache: a miss only formats the address again
         if len(server.allocations) <= _COLLECT_BELOW:
             # A full collection also empties the interpreter's free lists (thousands of
             # tuples of gone clients); it walks every object made since start-up (the
@@ -462,15 +438,10 @@ class Worker:
         for listener in self.config.listen:
             await self._bind(listener)
         self._rearm_timer()
-        self._settle_timer = self.loop.call_later(_SETTLE_AFTER, self._settle)
-
-    def _settle(self) -> None:
-        """Once start-up is over, and off its path (the scan takes several ms)."""
-        self._settle_timer = None
-        if type(self.loop).__module__.startswith("uvloop"):
-            self._address_cache = _uvloop_address_cache()
+        _malloc_trim()  # loads ctypes now: made during a wave of allocations, it would pin
         # What start-up made lives as long as the process: the collector need not walk it
         # again, so a full collection costs what was made since (freezing is a splice).
+        # Before the first client, so that no allocation is ever frozen with it.
         gc.freeze()
 
     async def _start_ops_endpoint(self) -> None:
@@ -681,10 +652,10 @@ class Worker:
         for close in self._closers:
             close()
         self._closers.clear()
-        for handle in (self._timer, self._watchdog, self._drain_timer, self._settle_timer):
+        for handle in (self._timer, self._watchdog, self._drain_timer):
             if handle is not None:
                 handle.cancel()
-        self._timer = self._watchdog = self._drain_timer = self._settle_timer = None
+        self._timer = self._watchdog = self._drain_timer = None
         for action in self.server.close_all(self.now()):
             if isinstance(action, Event):
                 self._event(action)

@@ -181,3 +181,18 @@ def test_runs_of_equal_frames_arrive_as_separate_datagrams_in_order(
         from pyturn.net import _batch
 
         assert _batch.gso(), "the kernel refused UDP_SEGMENT on loopback"
+
+
+def test_forgetting_addresses_keeps_recv_batch_working(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    receiver, sender = pair
+    sender.sendto(b"before", receiver.getsockname())
+    select.select([receiver], [], [], 2.0)
+    first = batch.recv_batch(receiver, 8)
+    batch.forget_addresses()
+    sender.sendto(b"after", receiver.getsockname())
+    select.select([receiver], [], [], 2.0)
+    second = batch.recv_batch(receiver, 8)
+    assert first == [(b"before", sender.getsockname()[:2])]
+    assert second == [(b"after", sender.getsockname()[:2])]

@@ -87,6 +87,7 @@ class Stats:
 
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, str]] = Counter()
+        self._request_labels: dict[tuple[int, int], tuple[str, str]] = {}
         self.auth_failures: Counter[AuthFailure] = Counter()
         self.peers_denied = 0
         self.quota_rejections = 0
@@ -101,8 +102,15 @@ class Stats:
         self.lifetime_sum = 0.0
 
     def record(self, event: Event) -> None:
-        if isinstance(event, RequestHandled):
-            self.requests[method_label(event.method), code_label(event.code)] += 1
+        # RequestHandled comes once per request: its labels are made once per (method, code).
+        if type(event) is RequestHandled:
+            key = (event.method, event.code)
+            labels = self._request_labels.get(key)
+            if labels is None:
+                labels = (method_label(event.method), code_label(event.code))
+                if len(self._request_labels) < 256:  # clients choose the method number
+                    self._request_labels[key] = labels
+            self.requests[labels] += 1
         elif isinstance(event, AllocationCreated):
             self.allocations_created[event.allocation.five_tuple[0]] += 1
         elif isinstance(event, AllocationDeleted):

@@ -84,6 +84,8 @@ from pyturn.wire.message import (
     Method,
     decode,
     encode,
+    encode_attributes,
+    finish,
     is_stun,
     message_type,
     new_transaction_id,
@@ -584,13 +586,15 @@ class TurnServer:
         fingerprint: bool = False,
     ) -> Reply:
         msg_class = MessageClass.ERROR if code else MessageClass.SUCCESS
-        response = Message(
-            msg.method, msg_class, msg.transaction_id, (*attributes, *self._software)
-        )
+        if self._software:
+            attributes = [*attributes, *self._software]
         self._events.append(RequestHandled(msg.method, code, client))
+        txid = msg.transaction_id
         return Reply(
-            encode(
-                response,
+            finish(
+                message_type(msg.method, msg_class),
+                txid,
+                encode_attributes(attributes, txid),
                 integrity_key=key,
                 integrity_sha256=sha256,
                 integrity_sha1=not sha256,

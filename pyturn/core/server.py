@@ -14,7 +14,7 @@ import hmac
 import itertools
 import secrets
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -85,6 +85,7 @@ from pyturn.wire.message import (
     decode,
     encode,
     encode_attributes,
+    encode_tlv,
     finish,
     is_stun,
     message_type,
@@ -101,6 +102,7 @@ _COOKIE_BYTES = MAGIC_COOKIE.to_bytes(4, "big")
 _SLOW_PATH = object()
 RESERVATION_LIFETIME = 30.0  # RFC 8656 §7.2: a reserved port is held for about 30 s
 _BIND_ATTEMPTS = 8
+_ALGORITHMS_TLV = encode_tlv(PasswordAlgorithms(SUPPORTED_ALGORITHMS))
 
 
 # -- actions and events ------------------------------------------------------------------
@@ -302,6 +304,9 @@ class TurnServer:
         if v6 and relay.address6:
             self.relay_ips[FAMILY_IPV6] = v6
         self._software = (Software(config.software),) if config.software else ()
+        # The constant attributes of replies, encoded once.
+        self._software_tlv = tuple(encode_tlv(a) for a in self._software)
+        self._challenge_realm = encode_tlv(Realm(config.realm))
 
     # -- entry points --------------------------------------------------------------------
 
@@ -578,7 +583,7 @@ class TurnServer:
         self,
         msg: Message,
         client: Address,
-        attributes: list[Attribute],
+        attributes: Sequence[Attribute | bytes],
         *,
         code: int = 0,
         key: bytes | None = None,
@@ -586,8 +591,8 @@ class TurnServer:
         fingerprint: bool = False,
     ) -> Reply:
         msg_class = MessageClass.ERROR if code else MessageClass.SUCCESS
-        if self._software:
-            attributes = [*attributes, *self._software]
+        if self._software_tlv:
+            attributes = [*attributes, *self._software_tlv]
         self._events.append(RequestHandled(msg.method, code, client))
         txid = msg.transaction_id
         return Reply(
@@ -613,12 +618,12 @@ class TurnServer:
         # The detail tells a developer which rule was broken; only authenticated clients
         # get it, so an unauthenticated (possibly spoofed) request earns a small reply.
         reason = f"{exc.reason}: {exc.detail}" if exc.detail and candidate else exc.reason
-        attributes: list[Attribute] = [ErrorCode(exc.code, reason), *exc.attributes]
+        attributes: list[Attribute | bytes] = [ErrorCode(exc.code, reason), *exc.attributes]
         if exc.code in (401, 438):
             attributes += [
-                Realm(self.config.realm),
+                self._challenge_realm,
                 Nonce(self.auth.make_nonce(five_tuple[1][0], now)),
-                PasswordAlgorithms(SUPPORTED_ALGORITHMS),
+                _ALGORITHMS_TLV,
             ]
         key = candidate.key if candidate is not None and exc.signed else None
         sha256 = msg.integrity_sha256_offset is not None

@@ -113,8 +113,11 @@ class Message:
     # (which its MESSAGE-INTEGRITY depends on) must reproduce them.
     padding: tuple[bytes, ...] | None = field(default=None, compare=False, repr=False)
     # The first attribute of each type, made by `decode`: a request handler asks for
-    # many types, most of them absent.
-    first: dict[type[Attribute], Attribute] | None = field(default=None, compare=False, repr=False)
+    # many types, most of them absent. Not an init field, so `dataclasses.replace`
+    # (which may change `attributes`) does not carry it over.
+    first: dict[type[Attribute], Attribute] | None = field(
+        default=None, init=False, compare=False, repr=False
+    )
 
     def get(self, kind: type[A]) -> A | None:
         """The first attribute of this type (RFC 8489 §14: later duplicates are ignored)."""
@@ -215,7 +218,7 @@ def decode(data: bytes) -> Message:
             fp_offset = pos
         pos = padded_end
 
-    return Message(
+    message = Message(
         method=method,
         msg_class=MessageClass(msg_class),
         transaction_id=transaction_id,
@@ -225,8 +228,9 @@ def decode(data: bytes) -> Message:
         integrity_sha256_offset=mi256_offset,
         fingerprint_offset=fp_offset,
         padding=tuple(paddings),
-        first=first,
     )
+    object.__setattr__(message, "first", first)  # frozen: the way dataclasses do it
+    return message
 
 
 # Attributes are immutable and a server sees the same few values over and over (the
@@ -272,25 +276,40 @@ def _tlv(attr_type: int, value: bytes, padding: bytes | None = None) -> bytes:
 
 
 def encode_attributes(
-    attributes: Sequence[Attribute],
+    attributes: Sequence[Attribute | bytes],
     transaction_id: bytes,
     paddings: Sequence[bytes] | None = None,
 ) -> bytes:
-    """The TLVs of `attributes`, padded with `paddings` where they fit, else with zeros."""
+    """The TLVs of `attributes`, padded with `paddings` where they fit, else with zeros.
+
+    A `bytes` item is an attribute encoded already (see `encode_tlv`), for the constant
+    ones a server sends again and again (REALM, PASSWORD-ALGORITHMS, SOFTWARE).
+    """
     if paddings is not None and len(paddings) == len(attributes):
         return b"".join(
             [
-                _tlv(attr.attr_type, attr.encode(transaction_id), paddings[i])
+                attr
+                if isinstance(attr, bytes)
+                else _tlv(attr.attr_type, attr.encode(transaction_id), paddings[i])
                 for i, attr in enumerate(attributes)
             ]
         )
     pack = _TLV.pack
     parts: list[bytes] = []
     for attr in attributes:
+        if isinstance(attr, bytes):
+            parts.append(attr)
+            continue
         value = attr.encode(transaction_id)
         size = len(value)
         parts += (pack(attr.attr_type, size), value, _ZEROS[size & 3])
     return b"".join(parts)
+
+
+def encode_tlv(attribute: Attribute) -> bytes:
+    """`attribute` as `encode_attributes` writes it, for one whose value does not depend
+    on the transaction ID (not the XOR addresses)."""
+    return encode_attributes((attribute,), bytes(12))
 
 
 def encode(

@@ -61,6 +61,10 @@ DIRECTIONS = ("client_to_peer", "peer_to_client")
 _FAMILY_NAMES = {FAMILY_IPV4: "ipv4", FAMILY_IPV6: "ipv6"}
 
 
+# Distinct (method, code) pairs counted by number before they are folded into labels.
+_HANDLED_KEYS = 256
+
+
 def method_label(method: int) -> str:
     return _METHOD_NAMES.get(method, "other")
 
@@ -86,8 +90,8 @@ class Stats:
     """Counters of one worker, kept as plain integers; `record` takes one core event."""
 
     def __init__(self) -> None:
-        self.requests: Counter[tuple[str, str]] = Counter()
-        self._request_labels: dict[tuple[int, int], tuple[str, str]] = {}
+        self._requests: Counter[tuple[str, str]] = Counter()
+        self._handled: dict[tuple[int, int], int] = {}
         self.auth_failures: Counter[AuthFailure] = Counter()
         self.peers_denied = 0
         self.quota_rejections = 0
@@ -102,15 +106,13 @@ class Stats:
         self.lifetime_sum = 0.0
 
     def record(self, event: Event) -> None:
-        # RequestHandled comes once per request: its labels are made once per (method, code).
+        # RequestHandled comes once per request: counted by number, labelled when read.
         if type(event) is RequestHandled:
+            handled = self._handled
             key = (event.method, event.code)
-            labels = self._request_labels.get(key)
-            if labels is None:
-                labels = (method_label(event.method), code_label(event.code))
-                if len(self._request_labels) < 256:  # clients choose the method number
-                    self._request_labels[key] = labels
-            self.requests[labels] += 1
+            handled[key] = handled.get(key, 0) + 1
+            if len(handled) > _HANDLED_KEYS:  # clients choose the method number
+                self._fold_handled()
         elif isinstance(event, AllocationCreated):
             self.allocations_created[event.allocation.five_tuple[0]] += 1
         elif isinstance(event, AllocationDeleted):
@@ -123,6 +125,17 @@ class Stats:
             self.quota_rejections += 1
         elif isinstance(event, ReplySuppressed):
             self.replies_suppressed[event.code] += 1
+
+    @property
+    def requests(self) -> Counter[tuple[str, str]]:
+        """Requests answered, by (method label, code label)."""
+        self._fold_handled()
+        return self._requests
+
+    def _fold_handled(self) -> None:
+        for (method, code), count in self._handled.items():
+            self._requests[method_label(method), code_label(code)] += count
+        self._handled.clear()
 
     def _deleted(self, event: AllocationDeleted) -> None:
         a = event.allocation

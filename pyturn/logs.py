@@ -70,12 +70,14 @@ def log_event(
     text = " ".join([f"{key}={_text_value(value)}" for key, value in fields.items()])
     # The record is made here rather than by `logger.log`, whose search of the stack for
     # the caller costs more than the rest of the line; it would find this very function.
-    frame = sys._getframe()
+    # (The frame is not kept in a local: a frame referring to itself is a reference
+    # cycle that would hold this call's objects, and its callers' frames, until the
+    # garbage collector runs.)
     record = logger.makeRecord(
         logger.name,
         level,
-        frame.f_code.co_filename,
-        frame.f_lineno,
+        _LOG_EVENT_FILE,
+        sys._getframe().f_lineno,
         "%s %s",
         (event.replace("_", " "), text),
         None,
@@ -83,6 +85,9 @@ def log_event(
         {"event": event, "fields": dict(fields)},
     )
     logger.handle(record)
+
+
+_LOG_EVENT_FILE = log_event.__code__.co_filename
 
 
 class JsonFormatter(logging.Formatter):

@@ -319,6 +319,12 @@ class Worker:
         elif type(event) is AllocationDeleted:
             a = event.allocation
             self.tcp_relay.close_allocation(a)
+            for relay in a.relays:
+                if isinstance(relay, RelayEndpoint):
+                    # Closed by the core already; undoing `attach` breaks the relay <->
+                    # allocation reference cycle, so both go when the last reference
+                    # does rather than at the garbage collector's next full pass.
+                    relay.allocation = relay.sink = None
             log_event(
                 log,
                 logging.INFO,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import enum
-import hashlib
 import hmac
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 
 from pyturn.config import UserEntry
 from pyturn.wire.attributes import PASSWORD_ALGORITHM_MD5, PASSWORD_ALGORITHM_SHA256
-from pyturn.wire.integrity import long_term_key, userhash
+from pyturn.wire.integrity import hmac_sha256, long_term_key, userhash
 
 # RFC 8489 §9.2: "obMatJos2" then 24 bits of security features in base64. Bit 0 (the
 # top bit) is password algorithms, bit 1 username anonymity: 0xC00000 is "wAAA".
@@ -109,7 +108,8 @@ class Authenticator:
 
     def _nonce_mac(self, expiry: str, client_ip: str) -> str:
         material = f"{expiry}|{client_ip}".encode()
-        return hmac.new(self._nonce_secret, material, hashlib.sha256).hexdigest()[:24]
+        # The one-shot C function; the same 24 hex digits as hmac.new(...).hexdigest().
+        return hmac_sha256(self._nonce_secret, material)[:12].hex()
 
     def make_nonce(self, client_ip: str, now: float) -> str:
         expiry = f"{int(now + self.nonce_lifetime):x}"

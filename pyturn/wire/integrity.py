@@ -12,6 +12,7 @@ import hmac
 import stringprep
 import unicodedata
 import zlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pyturn.wire.attributes import PASSWORD_ALGORITHM_MD5, PASSWORD_ALGORITHM_SHA256
@@ -21,13 +22,21 @@ if TYPE_CHECKING:
 
 FINGERPRINT_XOR = 0x5354554E
 
+# hmac.digest is a Python wrapper around this OpenSSL one-shot; every signed request and
+# reply goes through it twice.
+_hmac_digest: Callable[[bytes, bytes, str], bytes]
+try:
+    from _hashlib import hmac_digest as _hmac_digest
+except ImportError:  # a Python built without OpenSSL
+    _hmac_digest = hmac.digest
+
 
 def hmac_sha1(key: bytes, data: bytes) -> bytes:
-    return hmac.digest(key, data, "sha1")
+    return _hmac_digest(key, data, "sha1")
 
 
 def hmac_sha256(key: bytes, data: bytes) -> bytes:
-    return hmac.digest(key, data, "sha256")
+    return _hmac_digest(key, data, "sha256")
 
 
 def crc(data: bytes) -> int:

@@ -42,6 +42,9 @@ def format_address(address: tuple[str, int]) -> str:
 
 # What would blur the key=value layout: whitespace (as str.isspace sees it), quotes, "=".
 _NEEDS_QUOTES = re.compile(r"[\s\"'=]")
+# Values seen to need no quoting: transports, usernames, reasons come back line after line.
+_PLAIN: set[str] = set()
+_PLAIN_SIZE = 1024
 
 
 def _text_value(value: FieldValue) -> str:
@@ -52,9 +55,14 @@ def _text_value(value: FieldValue) -> str:
         return f"{value:.3f}".rstrip("0").rstrip(".")
     text = value if kind is str else "-" if value is None else str(value)
     assert isinstance(text, str)
+    if text in _PLAIN:
+        return text
     # Usernames come from clients: quote anything that would blur the key=value layout.
     if not text or _NEEDS_QUOTES.search(text) is not None or not text.isprintable():
         return json.dumps(text)
+    if len(_PLAIN) >= _PLAIN_SIZE:
+        _PLAIN.clear()
+    _PLAIN.add(text)
     return text
 
 
@@ -67,7 +75,12 @@ def log_event(
     """
     if not logger.isEnabledFor(level):
         return
-    text = " ".join([f"{key}={_text_value(value)}" for key, value in fields.items()])
+    text = " ".join(
+        [
+            f"{key}={value}" if type(value) is int else f"{key}={_text_value(value)}"
+            for key, value in fields.items()
+        ]
+    )
     # The record is made here rather than by `logger.log`, whose search of the stack for
     # the caller costs more than the rest of the line; it would find this very function.
     # (The frame is not kept in a local: a frame referring to itself is a reference

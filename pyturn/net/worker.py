@@ -384,7 +384,7 @@ class Worker:
         (it never sleeps more than a second, so under churn it rarely needs to)."""
         timer = self._timer
         if timer is not None:
-            due = min(allocation.next_deadline(), allocation.expires_at)
+            due = allocation.next_deadline()
             if timer.when() <= self.loop.time() + (due - self.now()):
                 return
         self._rearm_timer()

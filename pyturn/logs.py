@@ -11,12 +11,15 @@ in one "suppressed" line.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
+from typing import TextIO
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -37,13 +40,29 @@ def format_address(address: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# What would blur the key=value layout: whitespace (as str.isspace sees it), quotes, "=".
+_NEEDS_QUOTES = re.compile(r"[\s\"'=]")
+# Values seen to need no quoting: transports, usernames, reasons come back line after line.
+_PLAIN: set[str] = set()
+_PLAIN_SIZE = 1024
+
+
 def _text_value(value: FieldValue) -> str:
+    kind = type(value)
+    if kind is int or kind is bool:
+        return str(value)  # digits, a sign, True/False: never quoted
     if isinstance(value, float):
         return f"{value:.3f}".rstrip("0").rstrip(".")
-    text = "-" if value is None else str(value)
+    text = value if kind is str else "-" if value is None else str(value)
+    assert isinstance(text, str)
+    if text in _PLAIN:
+        return text
     # Usernames come from clients: quote anything that would blur the key=value layout.
-    if not text or any(c.isspace() or c in "\"'=" for c in text) or not text.isprintable():
+    if not text or _NEEDS_QUOTES.search(text) is not None or not text.isprintable():
         return json.dumps(text)
+    if len(_PLAIN) >= _PLAIN_SIZE:
+        _PLAIN.clear()
+    _PLAIN.add(text)
     return text
 
 
@@ -56,14 +75,32 @@ def log_event(
     """
     if not logger.isEnabledFor(level):
         return
-    text = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
-    logger.log(
-        level,
-        "%s %s",
-        event.replace("_", " "),
-        text,
-        extra={"event": event, "fields": dict(fields)},
+    text = " ".join(
+        [
+            f"{key}={value}" if type(value) is int else f"{key}={_text_value(value)}"
+            for key, value in fields.items()
+        ]
     )
+    # The record is made here rather than by `logger.log`, whose search of the stack for
+    # the caller costs more than the rest of the line; it would find this very function.
+    # (The frame is not kept in a local: a frame referring to itself is a reference
+    # cycle that would hold this call's objects, and its callers' frames, until the
+    # garbage collector runs.)
+    record = logger.makeRecord(
+        logger.name,
+        level,
+        _LOG_EVENT_FILE,
+        sys._getframe().f_lineno,
+        "%s %s",
+        (event.replace("_", " "), text),
+        None,
+        "log_event",
+        {"event": event, "fields": dict(fields)},
+    )
+    logger.handle(record)
+
+
+_LOG_EVENT_FILE = log_event.__code__.co_filename
 
 
 class JsonFormatter(logging.Formatter):
@@ -92,15 +129,87 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """`%(asctime)s %(levelname)s %(name)s: %(message)s`, as `logging.Formatter` writes it.
+
+    The date and time part changes once a second, so it is formatted once a second.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._second = -1
+        self._second_text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._second_text = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        return f"{self._second_text},{int(record.msecs):03d}"
+
+
+class LoopBatchingHandler(logging.StreamHandler[TextIO]):
+    """A stream handler that writes what one event-loop turn logged in one go.
+
+    A line logged on a thread running an asyncio loop waits for the end of that loop
+    turn (a `call_soon`), then goes out with the turn's other lines in one write instead
+    of a system call each; anywhere else lines are written at once. `flush` (which
+    `logging.shutdown` calls at exit) writes whatever is still waiting.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        # The loop a flush is queued on: a loop that stopped before running it must not
+        # keep later lines waiting.
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        self._pending.append(line)
+        loop = asyncio.events._get_running_loop()
+        if loop is None:
+            self._write_pending()
+        elif loop is not self._flush_loop:
+            self._flush_loop = loop
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._write_pending()
+        finally:
+            self.release()
+
+    def _write_pending(self) -> None:
+        self._flush_loop = None
+        if not self._pending:
+            return
+        text = "".join(self._pending)
+        self._pending.clear()
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except Exception:
+            self.handleError(logging.makeLogRecord({"msg": text.rstrip("\n")}))
+
+
 def configure_logging(level: str = "info", fmt: str = "text") -> None:
     """Send logs to stderr (journald under systemd); safe to call again on reload."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LoopBatchingHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     for existing in list(root.handlers):
+        existing.flush()  # lines still waiting for the end of the loop turn
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(_LEVELS.get(level, logging.INFO))

@@ -61,6 +61,10 @@ DIRECTIONS = ("client_to_peer", "peer_to_client")
 _FAMILY_NAMES = {FAMILY_IPV4: "ipv4", FAMILY_IPV6: "ipv6"}
 
 
+# Distinct (method, code) pairs counted by number before they are folded into labels.
+_HANDLED_KEYS = 256
+
+
 def method_label(method: int) -> str:
     return _METHOD_NAMES.get(method, "other")
 
@@ -86,7 +90,8 @@ class Stats:
     """Counters of one worker, kept as plain integers; `record` takes one core event."""
 
     def __init__(self) -> None:
-        self.requests: Counter[tuple[str, str]] = Counter()
+        self._requests: Counter[tuple[str, str]] = Counter()
+        self._handled: dict[int, int] = {}
         self.auth_failures: Counter[AuthFailure] = Counter()
         self.peers_denied = 0
         self.quota_rejections = 0
@@ -101,8 +106,14 @@ class Stats:
         self.lifetime_sum = 0.0
 
     def record(self, event: Event) -> None:
-        if isinstance(event, RequestHandled):
-            self.requests[method_label(event.method), code_label(event.code)] += 1
+        # RequestHandled comes once per request: counted by number, labelled when read.
+        if type(event) is RequestHandled:
+            handled = self._handled
+            # An int key, not a tuple: nothing for the garbage collector to track.
+            key = (event.method << 10) | event.code  # codes are below 700
+            handled[key] = handled.get(key, 0) + 1
+            if len(handled) > _HANDLED_KEYS:  # clients choose the method number
+                self._fold_handled()
         elif isinstance(event, AllocationCreated):
             self.allocations_created[event.allocation.five_tuple[0]] += 1
         elif isinstance(event, AllocationDeleted):
@@ -115,6 +126,17 @@ class Stats:
             self.quota_rejections += 1
         elif isinstance(event, ReplySuppressed):
             self.replies_suppressed[event.code] += 1
+
+    @property
+    def requests(self) -> Counter[tuple[str, str]]:
+        """Requests answered, by (method label, code label)."""
+        self._fold_handled()
+        return self._requests
+
+    def _fold_handled(self) -> None:
+        for key, count in self._handled.items():
+            self._requests[method_label(key >> 10), code_label(key & 0x3FF)] += count
+        self._handled.clear()
 
     def _deleted(self, event: AllocationDeleted) -> None:
         a = event.allocation

@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import base64
 import enum
-import hashlib
 import hmac
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pyturn.config import UserEntry
 from pyturn.wire.attributes import PASSWORD_ALGORITHM_MD5, PASSWORD_ALGORITHM_SHA256
-from pyturn.wire.integrity import long_term_key, userhash
+from pyturn.wire.integrity import hmac_sha256, long_term_key, userhash
 
 # RFC 8489 §9.2: "obMatJos2" then 24 bits of security features in base64. Bit 0 (the
 # top bit) is password algorithms, bit 1 username anonymity: 0xC00000 is "wAAA".
 NONCE_COOKIE = "obMatJos2" + base64.b64encode(bytes((0xC0, 0, 0))).decode("ascii")
 SUPPORTED_ALGORITHMS = ((PASSWORD_ALGORITHM_MD5, b""), (PASSWORD_ALGORITHM_SHA256, b""))
+# Nonces remembered as already checked; only ones that passed the MAC check get in.
+_CHECKED_NONCES = 4096
+_DERIVED_KEYS = 4096
 
 
 class AuthFailure(enum.Enum):
@@ -85,6 +87,10 @@ class Authenticator:
         self._nonce_secret = nonce_secret or secrets.token_bytes(32)
         self._keys: dict[str, bytes] = {}
         self._passwords: dict[str, str] = {}
+        # Nonces that passed the MAC check, by (nonce, client IP) -> expiry: a session
+        # signs its Allocate, Refresh, CreatePermission... with the same nonce.
+        self._checked_nonces: dict[tuple[str, str], int] = {}
+        self._derived_keys: dict[tuple[str, int], tuple[Candidate, ...]] = {}
         # RFC 8489 §9.2.4: a client may hide its name behind SHA-256(username ":" realm).
         self._userhashes: dict[bytes, str] = {}
         for name, user in (users or {}).items():
@@ -94,12 +100,16 @@ class Authenticator:
                 self._keys[name] = long_term_key(name, realm, user.password)
                 self._passwords[name] = user.password
             self._userhashes[userhash(name, realm)] = name
+        self._md5_candidates = {
+            name: (Candidate(name, name, key),) for name, key in self._keys.items()
+        }
 
     # -- nonces --------------------------------------------------------------------------
 
     def _nonce_mac(self, expiry: str, client_ip: str) -> str:
         material = f"{expiry}|{client_ip}".encode()
-        return hmac.new(self._nonce_secret, material, hashlib.sha256).hexdigest()[:24]
+        # The one-shot C function; the same 24 hex digits as hmac.new(...).hexdigest().
+        return hmac_sha256(self._nonce_secret, material)[:12].hex()
 
     def make_nonce(self, client_ip: str, now: float) -> str:
         expiry = f"{int(now + self.nonce_lifetime):x}"
@@ -107,17 +117,25 @@ class Authenticator:
 
     def nonce_is_valid(self, nonce: str, client_ip: str, now: float) -> bool:
         """False for a nonce we did not issue to this IP, or one past its expiry (438)."""
-        if not nonce.startswith(NONCE_COOKIE):
-            return False
-        expiry, sep, mac = nonce[len(NONCE_COOKIE) :].partition("-")
-        if not sep or not 1 <= len(expiry) <= 12:
-            return False
-        try:
-            expires_at = int(expiry, 16)
-        except ValueError:
-            return False
-        if not mac.isascii() or not hmac.compare_digest(mac, self._nonce_mac(expiry, client_ip)):
-            return False
+        checked = self._checked_nonces
+        expires_at = checked.get((nonce, client_ip))
+        if expires_at is None:
+            if not nonce.startswith(NONCE_COOKIE):
+                return False
+            expiry, sep, mac = nonce[len(NONCE_COOKIE) :].partition("-")
+            if not sep or not 1 <= len(expiry) <= 12:
+                return False
+            try:
+                expires_at = int(expiry, 16)
+            except ValueError:
+                return False
+            if not mac.isascii() or not hmac.compare_digest(
+                mac, self._nonce_mac(expiry, client_ip)
+            ):
+                return False
+            if len(checked) >= _CHECKED_NONCES:
+                checked.clear()
+            checked[nonce, client_ip] = expires_at
         return now < expires_at
 
     # -- keys ----------------------------------------------------------------------------
@@ -128,7 +146,7 @@ class Authenticator:
 
     def candidates(
         self, username: str, now: float, algorithm: int = PASSWORD_ALGORITHM_MD5
-    ) -> list[Candidate] | AuthFailure:
+    ) -> Sequence[Candidate] | AuthFailure:
         """Every key that could have signed a request from `username`.
 
         A static user wins over a REST-shaped name. REST credentials yield one candidate per
@@ -139,12 +157,13 @@ class Authenticator:
         if algorithm == PASSWORD_ALGORITHM_SHA256:
             password = self._passwords.get(username)
             if password is not None:
-                key = long_term_key(username, self.realm, password, algorithm)
-                return [Candidate(username, username, key)]
+                return self._derived(username, algorithm, lambda: self._sha256_static(username))
             if username in self._keys:
                 return AuthFailure.BAD_PASSWORD
-        elif username in self._keys:
-            return [Candidate(username, username, self._keys[username])]
+        else:
+            static = self._md5_candidates.get(username)
+            if static is not None:
+                return static
         if not self.secrets:
             return AuthFailure.UNKNOWN_USER
         parsed = parse_rest_username(username)
@@ -154,11 +173,34 @@ class Authenticator:
         if expires_at <= now:
             return AuthFailure.EXPIRED_REST_CREDENTIAL
         quota_user = user or username
-        return [
-            Candidate(
-                username,
-                quota_user,
-                long_term_key(username, self.realm, rest_password(secret, username), algorithm),
-            )
-            for secret in self.secrets
-        ]
+        return self._derived(
+            username,
+            algorithm,
+            lambda: tuple(
+                Candidate(
+                    username,
+                    quota_user,
+                    long_term_key(username, self.realm, rest_password(secret, username), algorithm),
+                )
+                for secret in self.secrets
+            ),
+        )
+
+    def _sha256_static(self, username: str) -> tuple[Candidate, ...]:
+        password = self._passwords[username]
+        key = long_term_key(username, self.realm, password, PASSWORD_ALGORITHM_SHA256)
+        return (Candidate(username, username, key),)
+
+    def _derived(
+        self, username: str, algorithm: int, derive: Callable[[], tuple[Candidate, ...]]
+    ) -> tuple[Candidate, ...]:
+        """Keys derived from a password (string preparation, then a hash, per request
+        otherwise), kept per name and algorithm: they depend on nothing else that can
+        change without a new Authenticator."""
+        found = self._derived_keys.get((username, algorithm))
+        if found is None:
+            found = derive()
+            if len(self._derived_keys) >= _DERIVED_KEYS:
+                self._derived_keys.clear()
+            self._derived_keys[username, algorithm] = found
+        return found

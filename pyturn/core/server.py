@@ -14,7 +14,7 @@ import hmac
 import itertools
 import secrets
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -85,6 +85,9 @@ from pyturn.wire.message import (
     Method,
     decode,
     encode,
+    encode_attributes,
+    encode_tlv,
+    finish,
     is_stun,
     message_type,
     new_transaction_id,
@@ -93,13 +96,25 @@ from pyturn.wire.message import (
 
 _BINDING_REQUEST_TYPE = message_type(Method.BINDING, MessageClass.REQUEST).to_bytes(2, "big")
 _BINDING_SUCCESS_TYPE = message_type(Method.BINDING, MessageClass.SUCCESS).to_bytes(2, "big")
+_BINDING = Method.BINDING
 _FINGERPRINT_HEADER = b"\x80\x28\x00\x04"
 _SEND_INDICATION_TYPE = message_type(Method.SEND, MessageClass.INDICATION).to_bytes(2, "big")
 _COOKIE_BYTES = MAGIC_COOKIE.to_bytes(4, "big")
+# A Binding success's header up to the transaction ID, by message length: XOR-MAPPED-
+# ADDRESS for IPv4 (12) or IPv6 (24), each with FINGERPRINT (+8) or without.
+_BINDING_HEADS = {
+    length: _BINDING_SUCCESS_TYPE + length.to_bytes(2, "big") + _COOKIE_BYTES
+    for length in (12, 20, 24, 32)
+}
+_XOR_MAPPED_HEADERS = {
+    size: XorMappedAddress.TYPE.to_bytes(2, "big") + size.to_bytes(2, "big") for size in (8, 20)
+}
+_MAPPED_CACHE = 4096
 # Returned by a fast path that leaves the datagram to the full codec.
 _SLOW_PATH = object()
 RESERVATION_LIFETIME = 30.0  # RFC 8656 §7.2: a reserved port is held for about 30 s
 _BIND_ATTEMPTS = 8
+_ALGORITHMS_TLV = encode_tlv(PasswordAlgorithms(SUPPORTED_ALGORITHMS))
 
 
 # -- actions and events ------------------------------------------------------------------
@@ -257,6 +272,8 @@ class TurnServer:
         self._timers: list[tuple[float, int, Allocation]] = []
         self._seq = itertools.count()
         self._events: list[Action] = []
+        # Encoded XOR-MAPPED-ADDRESS attributes of IPv4 clients (see _answer_binding).
+        self._mapped_v4: dict[Address, bytes] = {}
         self._relay_ipv4 = relay_ipv4
         self._relay_ipv6 = relay_ipv6
         self.reconfigure(config)
@@ -303,19 +320,25 @@ class TurnServer:
         if v6 and relay.address6:
             self.relay_ips[FAMILY_IPV6] = v6
         self._software = (Software(config.software),) if config.software else ()
+        # The constant attributes of replies, encoded once.
+        self._software_tlv = tuple(encode_tlv(a) for a in self._software)
+        self._challenge_realm = encode_tlv(Realm(config.realm))
 
     # -- entry points --------------------------------------------------------------------
 
     def receive(self, data: bytes, five_tuple: FiveTuple, now: float) -> list[Action]:
         """Handle one datagram (UDP) or one frame (TCP/TLS) from a client."""
-        if is_channel_data(data):
-            send = self.route_channel_data(data, five_tuple)
-            return [send] if send is not None else []
-        if data[:2] == _BINDING_REQUEST_TYPE:
+        kind = data[:2]
+        # Binding first: it is what most clients send most (a Binding request is never
+        # ChannelData, whose first byte is 0x40-0x7F, so the order changes no outcome).
+        if kind == _BINDING_REQUEST_TYPE:
             answer = self._answer_binding(data, five_tuple[1])
             if answer is not None:
                 return answer
-        if data[:2] == _SEND_INDICATION_TYPE:
+        elif is_channel_data(data):
+            send = self.route_channel_data(data, five_tuple)
+            return [send] if send is not None else []
+        elif kind == _SEND_INDICATION_TYPE:
             fast = self._route_send_indication(data, five_tuple)
             if fast is not _SLOW_PATH:
                 return [fast] if isinstance(fast, SendToPeer) else []
@@ -366,9 +389,10 @@ class TurnServer:
         without a decode; anything else (or SOFTWARE to send) returns None for the codec."""
         end = len(data)
         if (
-            end not in (20, 28)
+            (end != 20 and end != 28)  # noqa: PLR1714 (two compares beat a tuple lookup)
             or data[4:8] != _COOKIE_BYTES
-            or (data[2] << 8) | data[3] != end - 20
+            or data[2]
+            or data[3] != end - 20
             or self._software
         ):
             return None
@@ -380,14 +404,23 @@ class TurnServer:
         ):
             return None  # let the codec drop it
         txid = data[8:20]
-        value = xor_address_value(client[0], client[1], txid)
-        mapped = XorMappedAddress.TYPE.to_bytes(2, "big") + len(value).to_bytes(2, "big") + value
-        length = len(mapped) + (8 if fingerprint else 0)
-        head = _BINDING_SUCCESS_TYPE + length.to_bytes(2, "big") + _COOKIE_BYTES + txid
-        response = head + mapped
+        # An IPv4 XOR-MAPPED-ADDRESS does not depend on the transaction ID: a client that
+        # asks again (keepalives, ICE checks) gets the bytes made the first time.
+        mapped = self._mapped_v4.get(client)
+        if mapped is None:
+            value = xor_address_value(client[0], client[1], txid)
+            mapped = _XOR_MAPPED_HEADERS[len(value)] + value
+            if value[1] == FAMILY_IPV4:
+                if len(self._mapped_v4) >= _MAPPED_CACHE:
+                    self._mapped_v4.clear()
+                self._mapped_v4[client] = mapped
         if fingerprint:
+            # The CRC covers everything before the FINGERPRINT attribute (RFC 8489 §14.7).
+            response = b"".join((_BINDING_HEADS[len(mapped) + 8], txid, mapped))
             response += _FINGERPRINT_HEADER + integrity.crc(response).to_bytes(4, "big")
-        return [Reply(response), RequestHandled(Method.BINDING, 0, client)]
+        else:
+            response = b"".join((_BINDING_HEADS[len(mapped)], txid, mapped))
+        return [Reply(response), RequestHandled(_BINDING, 0, client)]
 
     def _route_send_indication(
         self, data: bytes, five_tuple: FiveTuple
@@ -595,7 +628,7 @@ class TurnServer:
         self,
         msg: Message,
         client: Address,
-        attributes: list[Attribute],
+        attributes: Sequence[Attribute | bytes],
         *,
         code: int = 0,
         key: bytes | None = None,
@@ -603,13 +636,15 @@ class TurnServer:
         fingerprint: bool = False,
     ) -> Reply:
         msg_class = MessageClass.ERROR if code else MessageClass.SUCCESS
-        response = Message(
-            msg.method, msg_class, msg.transaction_id, (*attributes, *self._software)
-        )
+        if self._software_tlv:
+            attributes = [*attributes, *self._software_tlv]
         self._events.append(RequestHandled(msg.method, code, client))
+        txid = msg.transaction_id
         return Reply(
-            encode(
-                response,
+            finish(
+                message_type(msg.method, msg_class),
+                txid,
+                encode_attributes(attributes, txid),
                 integrity_key=key,
                 integrity_sha256=sha256,
                 integrity_sha1=not sha256,
@@ -628,12 +663,12 @@ class TurnServer:
         # The detail tells a developer which rule was broken; only authenticated clients
         # get it, so an unauthenticated (possibly spoofed) request earns a small reply.
         reason = f"{exc.reason}: {exc.detail}" if exc.detail and candidate else exc.reason
-        attributes: list[Attribute] = [ErrorCode(exc.code, reason), *exc.attributes]
+        attributes: list[Attribute | bytes] = [ErrorCode(exc.code, reason), *exc.attributes]
         if exc.code in (401, 438):
             attributes += [
-                Realm(self.config.realm),
+                self._challenge_realm,
                 Nonce(self.auth.make_nonce(five_tuple[1][0], now)),
-                PasswordAlgorithms(SUPPORTED_ALGORITHMS),
+                _ALGORITHMS_TLV,
             ]
         key = candidate.key if candidate is not None and exc.signed else None
         sha256 = msg.integrity_sha256_offset is not None

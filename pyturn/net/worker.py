@@ -48,6 +48,8 @@ from pyturn.core.server import (
     PeerDenied,
     QuotaRejected,
     Reply,
+    ReplySuppressed,
+    RequestHandled,
     SendToClient,
     SendToPeer,
     TurnServer,
@@ -78,6 +80,16 @@ _COLLECT_BELOW = 256
 _ROUTINE_AUTH = (AuthFailure.NO_CREDENTIALS, AuthFailure.STALE_NONCE)
 # Sections a reload cannot change in a running process: they name sockets.
 _RESTART_ONLY = ("listen", "relay", "metrics", "workers")
+# Every Event but RequestHandled, which handle_actions counts itself.
+_EVENT_TYPES = (
+    AllocationCreated,
+    AllocationDeleted,
+    AllocationRefreshed,
+    AuthFailed,
+    PeerDenied,
+    QuotaRejected,
+    ReplySuppressed,
+)
 
 
 def install_event_loop_policy() -> str:
@@ -273,12 +285,16 @@ class Worker:
     def handle_actions(
         self, actions: list[Action], five_tuple: FiveTuple, reply: Callable[[bytes], None]
     ) -> None:
+        # Dispatch on the exact type: every request passes here, and isinstance against
+        # the Event union tests each of its members in turn.
         for action in actions:
-            if isinstance(action, Reply):
+            if type(action) is Reply:
                 reply(action.data)
-            elif isinstance(action, SendToPeer):
+            elif type(action) is RequestHandled:
+                self.stats.record(action)
+            elif type(action) is SendToPeer:
                 action.relay.sendto(action.data, action.peer)
-            elif isinstance(action, Event):
+            elif isinstance(action, _EVENT_TYPES):
                 self._event(action, reply)
             else:
                 self._tcp_action(action)
@@ -301,7 +317,9 @@ class Worker:
     def _event(self, event: Event, reply: Callable[[bytes], None] | None = None) -> None:
         """Count one core event for the metrics and write its log line, if it has one."""
         self.stats.record(event)
-        if isinstance(event, AllocationCreated):
+        if type(event) is RequestHandled:
+            return
+        if type(event) is AllocationCreated:
             allocation = event.allocation
             if reply is not None:
                 for relay in allocation.relays:  # two for a dual-stack allocation
@@ -316,17 +334,8 @@ class Worker:
                 "allocation_created",
                 {**_session(allocation), "lifetime": lifetime},
             )
-            self._rearm_timer()
-        elif isinstance(event, AllocationRefreshed):
-            a = event.allocation
-            duration = a.expires_at - event.lifetime - a.created_at
-            log_event(
-                log,
-                logging.INFO,
-                "allocation_refreshed",
-                {**_session(a), "lifetime": event.lifetime, "duration": duration, **_traffic(a)},
-            )
-        elif isinstance(event, AllocationDeleted):
+            self._arm_timer_for(allocation)
+        elif type(event) is AllocationDeleted:
             a = event.allocation
             self.tcp_relay.close_allocation(a)
             log_event(
@@ -347,33 +356,55 @@ class Worker:
                 else:
                     # Now rather than at the next tick: nothing is left to relay.
                     self.loop.call_soon(self._return_memory)
+        elif type(event) is AllocationRefreshed:
+            a = event.allocation
+            duration = a.expires_at - event.lifetime - a.created_at
+            log_event(
+                log,
+                logging.INFO,
+                "allocation_refreshed",
+                {**_session(a), "lifetime": event.lifetime, "duration": duration, **_traffic(a)},
+            )
         elif isinstance(event, AuthFailed | PeerDenied | QuotaRejected):
             self._log_refusal(event)
 
     def _log_refusal(self, event: AuthFailed | PeerDenied | QuotaRejected) -> None:
         """One line per refusal, for fail2ban; throttled, as clients can cause them at will."""
         level = logging.INFO
+        if isinstance(event, AuthFailed):
+            name = "auth_failed"
+            if event.reason in _ROUTINE_AUTH:
+                level = logging.DEBUG  # the normal challenge, not worth a line at INFO
+        elif isinstance(event, PeerDenied):
+            name = "peer_denied"
+        else:
+            name = "quota_rejected"
+        # Checked first: the first challenge of every session comes here, mostly unlogged.
+        if not log.isEnabledFor(level):
+            return
+        if level > logging.DEBUG and not self.throttle.allow(event.client[0], name, self.now()):
+            return
         fields: dict[str, FieldValue] = {
             "client": format_address(event.client),
             "user": event.username,
         }
         if isinstance(event, AuthFailed):
-            name = "auth_failed"
             fields["reason"] = event.reason.value
-            if event.reason in _ROUTINE_AUTH:
-                level = logging.DEBUG  # the normal challenge, not worth a line at INFO
         elif isinstance(event, PeerDenied):
-            name = "peer_denied"
             fields["peer"] = event.peer[0]
-        else:
-            name = "quota_rejected"
-        if not log.isEnabledFor(level):
-            return
-        if level > logging.DEBUG and not self.throttle.allow(event.client[0], name, self.now()):
-            return
         log_event(log, level, name, fields)
 
     # -- timer -----------------------------------------------------------------------------
+
+    def _arm_timer_for(self, allocation: Allocation) -> None:
+        """Re-arm the timer only if it would fire after the new allocation's first deadline
+        (it never sleeps more than a second, so under churn it rarely needs to)."""
+        timer = self._timer
+        if timer is not None:
+            due = allocation.next_deadline()
+            if timer.when() <= self.loop.time() + (due - self.now()):
+                return
+        self._rearm_timer()
 
     def _rearm_timer(self) -> None:
         if self._timer is not None:
@@ -438,11 +469,6 @@ class Worker:
         for listener in self.config.listen:
             await self._bind(listener)
         self._rearm_timer()
-        _malloc_trim()  # loads ctypes now: made during a wave of allocations, it would pin
-        # What start-up made lives as long as the process: the collector need not walk it
-        # again, so a full collection costs what was made since (freezing is a splice).
-        # Before the first client, so that no allocation is ever frozen with it.
-        gc.freeze()
 
     async def _start_ops_endpoint(self) -> None:
         metrics = self.config.metrics
@@ -531,6 +557,12 @@ class Worker:
     def mark_ready(self, started: float) -> None:
         """Every listener is bound: say so in /ready, to systemd and in the log."""
         self.state = "serving"
+        _malloc_trim()  # loads ctypes now: made during a wave of allocations, it would pin
+        # What start-up made (modules, config, sockets) lives as long as the process:
+        # kept out of the collector's sight, a full collection under allocation churn
+        # scans only what serving made, not every object the process ever loaded. Before
+        # the first client, so that no allocation is ever frozen with it.
+        gc.freeze()
         log.info(
             "ready in %.0f ms: realm=%s relay=%s ports %d-%d",
             (time.perf_counter() - started) * 1000,

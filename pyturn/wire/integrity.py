@@ -12,7 +12,7 @@ import hmac
 import stringprep
 import unicodedata
 import zlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from pyturn.wire.attributes import PASSWORD_ALGORITHM_MD5, PASSWORD_ALGORITHM_SHA256
 
@@ -22,12 +22,47 @@ if TYPE_CHECKING:
 FINGERPRINT_XOR = 0x5354554E
 
 
+# An HMAC keyed once and copied for each message skips the key set-up (and, with
+# OpenSSL 3, the algorithm lookup) that a one-shot HMAC repeats every time. The keys are
+# few: the nonce secret and one long-term key per user.
+class _MacState(Protocol):
+    def copy(self) -> _MacState: ...
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def digest(self) -> bytes: ...
+
+
+_templates: dict[tuple[bytes, str], _MacState] = {}
+_TEMPLATES = 1024
+
+
+def _new_template(key: bytes, algorithm: str) -> _MacState:
+    try:
+        from _hashlib import hmac_new  # noqa: PLC0415 (absent without OpenSSL)
+    except ImportError:
+        return hmac.new(key, digestmod=algorithm)
+    return hmac_new(key, digestmod=algorithm)
+
+
+def _hmac(key: bytes, data: bytes, algorithm: str) -> bytes:
+    template = _templates.get((key, algorithm))
+    if template is None:
+        template = _new_template(key, algorithm)
+        if len(_templates) >= _TEMPLATES:
+            _templates.clear()
+        _templates[key, algorithm] = template
+    state = template.copy()
+    state.update(data)
+    return state.digest()
+
+
 def hmac_sha1(key: bytes, data: bytes) -> bytes:
-    return hmac.digest(key, data, "sha1")
+    return _hmac(key, data, "sha1")
 
 
 def hmac_sha256(key: bytes, data: bytes) -> bytes:
-    return hmac.digest(key, data, "sha256")
+    return _hmac(key, data, "sha256")
 
 
 def crc(data: bytes) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TypeVar
@@ -16,11 +16,28 @@ from typing import TypeVar
 from pyturn.wire import integrity as _integrity
 from pyturn.wire.attributes import (
     MAGIC_COOKIE,
+    AdditionalAddressFamily,
     Attribute,
+    ChannelNumber,
+    DontFragment,
+    EvenPort,
     Fingerprint,
+    IceControlled,
+    IceControlling,
+    Lifetime,
     MessageIntegrity,
     MessageIntegritySha256,
+    Nonce,
+    PasswordAlgorithm,
+    PasswordAlgorithms,
+    Priority,
+    Realm,
+    RequestedAddressFamily,
+    RequestedTransport,
+    Software,
     UnknownAttribute,
+    UseCandidate,
+    Username,
     decode_attribute,
 )
 from pyturn.wire.errors import DecodeError
@@ -95,9 +112,18 @@ class Message:
     # Padding bytes as received: RFC 5769 pads with spaces, and a byte-exact re-encode
     # (which its MESSAGE-INTEGRITY depends on) must reproduce them.
     padding: tuple[bytes, ...] | None = field(default=None, compare=False, repr=False)
+    # The first attribute of each type, made by `decode`: a request handler asks for
+    # many types, most of them absent. Not an init field, so `dataclasses.replace`
+    # (which may change `attributes`) does not carry it over.
+    first: dict[type[Attribute], Attribute] | None = field(
+        default=None, init=False, compare=False, repr=False
+    )
 
     def get(self, kind: type[A]) -> A | None:
         """The first attribute of this type (RFC 8489 §14: later duplicates are ignored)."""
+        first = self.first
+        if first is not None:
+            return first.get(kind)  # type: ignore[return-value]
         for attr in self.attributes:
             if type(attr) is kind:
                 return attr
@@ -132,7 +158,8 @@ def decode(data: bytes) -> Message:
     FINGERPRINT; and FINGERPRINT must be the last attribute.
     """
     data = bytes(data)
-    if len(data) < HEADER_SIZE:
+    end = len(data)
+    if end < HEADER_SIZE:
         raise DecodeError("shorter than a STUN header")
     msg_type, length, cookie, transaction_id = _HEADER.unpack_from(data)
     if msg_type & 0xC000:
@@ -141,62 +168,153 @@ def decode(data: bytes) -> Message:
         raise DecodeError("wrong magic cookie")
     if length % 4:
         raise DecodeError("message length is not a multiple of 4")
-    if HEADER_SIZE + length != len(data):
-        raise DecodeError(f"length field says {length} but {len(data) - HEADER_SIZE} follow")
+    if HEADER_SIZE + length != end:
+        raise DecodeError(f"length field says {length} but {end - HEADER_SIZE} follow")
     method, msg_class = split_message_type(msg_type)
 
     attributes: list[Attribute] = []
     paddings: list[bytes] = []
+    first: dict[type[Attribute], Attribute] = {}
     mi_offset = mi256_offset = fp_offset = None
+    memo = _MEMO
+    unpack_tlv = _TLV.unpack_from
     pos = HEADER_SIZE
-    end = len(data)
     while pos < end:
         if pos + 4 > end:
             raise DecodeError("attribute header truncated")
-        attr_type, attr_len = _TLV.unpack_from(data, pos)
+        attr_type, attr_len = unpack_tlv(data, pos)
         value_end = pos + 4 + attr_len
         padded_end = value_end + (-attr_len % 4)
         if padded_end > end:
             raise DecodeError(f"attribute 0x{attr_type:04x} runs past the end of the message")
         if fp_offset is not None:
             raise DecodeError("FINGERPRINT must be the last attribute")
+        if (mi_offset is not None and attr_type not in _AFTER_MI) or (
+            mi256_offset is not None and attr_type != _FINGERPRINT
+        ):
+            pos = padded_end
+            continue  # ignored
         value = data[pos + 4 : value_end]
-        ignored = (mi_offset is not None and attr_type not in _AFTER_MI) or (
-            mi256_offset is not None and attr_type != Fingerprint.TYPE
-        )
-        if not ignored:
+        if attr_type in _MEMO_TYPES:
+            key = (attr_type, value)
+            attr = memo.get(key)
+            if attr is None:
+                attr = decode_attribute(attr_type, value, transaction_id)
+                if len(memo) >= _MEMO_SIZE:
+                    memo.clear()
+                memo[key] = attr
+        else:
             attr = decode_attribute(attr_type, value, transaction_id)
-            attributes.append(attr)
-            paddings.append(data[value_end:padded_end])
-            if attr_type == MessageIntegrity.TYPE:
-                mi_offset = pos
-            elif attr_type == MessageIntegritySha256.TYPE:
-                mi256_offset = pos
-            elif attr_type == Fingerprint.TYPE:
-                fp_offset = pos
+        attributes.append(attr)
+        paddings.append(data[value_end:padded_end])
+        kind = type(attr)
+        if kind not in first:
+            first[kind] = attr
+        if attr_type == _MESSAGE_INTEGRITY:
+            mi_offset = pos
+        elif attr_type == _MESSAGE_INTEGRITY_SHA256:
+            mi256_offset = pos
+        elif attr_type == _FINGERPRINT:
+            fp_offset = pos
         pos = padded_end
 
-    return Message(
-        method=method,
-        msg_class=MessageClass(msg_class),
-        transaction_id=transaction_id,
-        attributes=tuple(attributes),
-        raw=data,
-        integrity_offset=mi_offset,
-        integrity_sha256_offset=mi256_offset,
-        fingerprint_offset=fp_offset,
-        padding=tuple(paddings),
+    # Positional, in field order: keyword arguments cost a fifth of the call.
+    message = Message(
+        method,
+        _CLASSES[msg_class],
+        transaction_id,
+        tuple(attributes),
+        data,
+        mi_offset,
+        mi256_offset,
+        fp_offset,
+        tuple(paddings),
     )
+    object.__setattr__(message, "first", first)  # frozen: the way dataclasses do it
+    return message
 
 
+# Attributes are immutable and a server sees the same few values over and over (the
+# realm, usernames, a client's nonce, REQUESTED-TRANSPORT, LIFETIME), so decoded ones
+# are kept by (type, value). Only types whose value alone decides the result: the XOR
+# addresses depend on the transaction ID, and integrity values never repeat.
+_MEMO_TYPES = frozenset(
+    cls.TYPE
+    for cls in (
+        Username,
+        Realm,
+        Nonce,
+        Software,
+        RequestedTransport,
+        Lifetime,
+        RequestedAddressFamily,
+        AdditionalAddressFamily,
+        EvenPort,
+        DontFragment,
+        PasswordAlgorithm,
+        PasswordAlgorithms,
+        ChannelNumber,
+        Priority,
+        UseCandidate,
+        IceControlled,
+        IceControlling,
+    )
+)
+_MEMO_SIZE = 4096
+_MEMO: dict[tuple[int, bytes], Attribute] = {}
+_MESSAGE_INTEGRITY = MessageIntegrity.TYPE
+_MESSAGE_INTEGRITY_SHA256 = MessageIntegritySha256.TYPE
+_FINGERPRINT = Fingerprint.TYPE
+_CLASSES = tuple(MessageClass)  # by value, 0-3: cheaper than calling the enum
 _AFTER_MI = frozenset({MessageIntegritySha256.TYPE, Fingerprint.TYPE})
 
 
+_ZEROS = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")  # by len(value) % 4
+
+
 def _tlv(attr_type: int, value: bytes, padding: bytes | None = None) -> bytes:
-    pad = -len(value) % 4
-    if padding is None or len(padding) != pad:
-        padding = b"\x00" * pad
-    return _TLV.pack(attr_type, len(value)) + value + padding
+    size = len(value)
+    zeros = _ZEROS[size & 3]
+    if padding is None or len(padding) != len(zeros):
+        padding = zeros
+    return _TLV.pack(attr_type, size) + value + padding
+
+
+def encode_attributes(
+    attributes: Sequence[Attribute | bytes],
+    transaction_id: bytes,
+    paddings: Sequence[bytes] | None = None,
+) -> bytes:
+    """The TLVs of `attributes`, padded with `paddings` where they fit, else with zeros.
+
+    A `bytes` item is an attribute encoded already (see `encode_tlv`), for the constant
+    ones a server sends again and again (REALM, PASSWORD-ALGORITHMS, SOFTWARE).
+    """
+    if paddings is not None and len(paddings) == len(attributes):
+        return b"".join(
+            [
+                attr
+                if isinstance(attr, bytes)
+                else _tlv(attr.attr_type, attr.encode(transaction_id), paddings[i])
+                for i, attr in enumerate(attributes)
+            ]
+        )
+    pack = _TLV.pack
+    parts: list[bytes] = []
+    for attr in attributes:
+        if isinstance(attr, bytes):
+            parts.append(attr)
+            continue
+        value = attr.encode(transaction_id)
+        size = len(value)
+        parts += (pack(attr.attr_type, size), value, _ZEROS[size & 3])
+    return b"".join(parts)
+
+
+def encode_tlv(attribute: Attribute) -> bytes:
+    """`attribute` as `encode_attributes` writes it, for one whose value does not depend
+    on the transaction ID (not the XOR addresses)."""
+    return encode_attributes((attribute,), bytes(12))
 
 
 def encode(
@@ -215,17 +333,10 @@ def encode(
     decoded message re-encodes byte for byte.
     """
     txid = message.transaction_id
-    paddings = message.padding
-    if paddings is not None and len(paddings) != len(message.attributes):
-        paddings = None
-    parts = [
-        _tlv(attr.attr_type, attr.encode(txid), paddings[i] if paddings else None)
-        for i, attr in enumerate(message.attributes)
-    ]
     return finish(
         message_type(message.method, message.msg_class),
         txid,
-        b"".join(parts),
+        encode_attributes(message.attributes, txid, message.padding),
         integrity_key=integrity_key,
         integrity_sha256=integrity_sha256,
         integrity_sha1=integrity_sha1,

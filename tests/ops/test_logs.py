@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -10,7 +11,15 @@ import signal
 import pytest
 import yaml
 
-from pyturn.logs import JsonFormatter, LogThrottle, configure_logging, format_address, log_event
+from pyturn.logs import (
+    JsonFormatter,
+    LogThrottle,
+    LoopBatchingHandler,
+    TextFormatter,
+    configure_logging,
+    format_address,
+    log_event,
+)
 from pyturn.probe import ProbeClient
 from pyturn.wire.attributes import RequestedTransport
 from pyturn.wire.message import Method
@@ -191,3 +200,47 @@ def test_configure_logging_can_be_called_again_on_reload() -> None:
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+def test_the_text_formatter_writes_what_logging_formatter_writes() -> None:
+    plain = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ours = TextFormatter()
+    for created in (1_800_000_000.0, 1_800_000_000.999, 1_800_000_001.5, 1_800_000_000.25):
+        record = logging.makeLogRecord(
+            {"name": "pyturn.x", "levelno": 20, "levelname": "INFO", "msg": "a %s", "args": (1,)}
+        )
+        record.created = created
+        record.msecs = (created - int(created)) * 1000
+        assert ours.format(record) == plain.format(record)
+
+
+def test_lines_logged_in_a_loop_turn_are_written_together_at_its_end() -> None:
+    stream = io.StringIO()
+    handler = LoopBatchingHandler(stream)
+    logger = logging.getLogger("pyturn.test.batching")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+    async def turn() -> list[str]:
+        logger.info("one")
+        logger.info("two")
+        seen = [stream.getvalue()]
+        await asyncio.sleep(0)  # the end of the turn
+        seen.append(stream.getvalue())
+        return seen
+
+    try:
+        assert asyncio.run(turn()) == ["", "one\ntwo\n"]
+        logger.info("three")  # no loop running: written at once
+        assert stream.getvalue() == "one\ntwo\nthree\n"
+
+        async def last_words() -> None:
+            logger.info("four")  # the loop ends before its turn does
+
+        asyncio.run(last_words())
+        handler.flush()  # what logging.shutdown does at exit
+        assert stream.getvalue().endswith("three\nfour\n")
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True

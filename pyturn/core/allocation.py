@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import array
 import os
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -176,6 +175,16 @@ def _transaction_id() -> bytes:
     return txid
 
 
+def _random_below(n: int) -> int:
+    """A random index below n (at most 65,536 ports) from the pooled OS bytes: 48 bits
+    reduced modulo n, so no index is favoured by more than n / 2**48."""
+    if len(_random_pool) < 6:
+        _random_pool.extend(os.urandom(4096))
+    value = int.from_bytes(_random_pool[-6:], "big")
+    del _random_pool[-6:]
+    return value % n
+
+
 def data_indication(peer: Address, data: bytes) -> bytes:
     """A Data indication (RFC 8656 §11.4) built directly: it goes out for every datagram
     a peer sends without a channel, so no message objects are made."""
@@ -253,7 +262,7 @@ class PortPool:
     def take_random(self) -> int | None:
         if not self.free:
             return None
-        return self.take(self.free[secrets.randbelow(len(self.free))])
+        return self.take(self.free[_random_below(len(self.free))])
 
     def take(self, port: int) -> int | None:
         if not self.min_port <= port <= self.max_port:
@@ -283,7 +292,7 @@ class PortPool:
     def random_even_pair(self, tries: int = 64) -> int | None:
         """An even port whose successor is also free (EVEN-PORT with R, RFC 8656 §14.6)."""
         for _ in range(tries):
-            port = self.free[secrets.randbelow(len(self.free))] if self.free else None
+            port = self.free[_random_below(len(self.free))] if self.free else None
             if port is None:
                 return None
             even = port & ~1
@@ -298,7 +307,7 @@ class PortPool:
         for _ in range(tries):
             if not self.free:
                 return None
-            port = self.free[secrets.randbelow(len(self.free))]
+            port = self.free[_random_below(len(self.free))]
             if port % 2 == 0:
                 return port
         return next((p for p in self.free if p % 2 == 0), None)

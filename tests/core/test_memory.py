@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from pyturn.core.allocation import PortPool
 from pyturn.core.limits import SourceBudget
 from pyturn.wire.message import Method
@@ -91,3 +93,17 @@ def test_port_pool_hands_out_its_own_int_objects() -> None:
     assert mine == fresh and mine is not fresh
     pool.put(mine)
     assert pool.free[-1] is mine
+
+
+def test_random_ports_cover_the_pool_evenly() -> None:
+    """RFC 8656 §7.2 recommends randomized port assignment (RFC 6056): every free port
+    comes up, none far more often than the others."""
+    pool = PortPool(50000, 50006)
+    counts: Counter[int] = Counter()
+    for _ in range(7000):
+        port = pool.take_random()
+        assert port is not None
+        counts[port] += 1
+        pool.put(port)
+    assert set(counts) == set(range(50000, 50007))
+    assert all(700 < n < 1300 for n in counts.values()), counts  # 1000 +- 10 sigma

@@ -7,11 +7,15 @@ import io
 import json
 import logging
 import signal
+import sys
+import time
 
 import pytest
 import yaml
 
+from pyturn import logs
 from pyturn.logs import (
+    FieldValue,
     JsonFormatter,
     LogThrottle,
     LoopBatchingHandler,
@@ -244,3 +248,43 @@ def test_lines_logged_in_a_loop_turn_are_written_together_at_its_end() -> None:
     finally:
         logger.removeHandler(handler)
         logger.propagate = True
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_session_lines_without_a_record_are_what_the_formatter_writes(
+    monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """log_event skips the LogRecord when only pyturn's handler would see it; the line
+    must be the one the record would have become."""
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.987654)
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    try:
+        configure_logging("info", fmt)  # ours becomes the only handler (pytest's go)
+        handler = root.handlers[0]
+        logger = logging.getLogger("pyturn.tests.direct")
+        fields: dict[str, FieldValue] = {
+            "client": "[2001:db8::1]:3478",
+            "user": 'mallory "x"=y é',
+            "lifetime": 600,
+            "duration": 12.5,
+            "dual": True,
+            "peer": None,
+        }
+        assert logs._only_handler(logger, logging.INFO) is handler
+        log_event(logger, logging.INFO, "allocation_created", fields)
+        # Another handler anywhere on the way sends the call through a LogRecord.
+        other = logging.NullHandler()
+        logger.addHandler(other)
+        assert logs._only_handler(logger, logging.INFO) is None
+        log_event(logger, logging.INFO, "allocation_created", fields)
+        logger.removeHandler(other)
+        handler.flush()
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    direct, via_record = stream.getvalue().splitlines()
+    assert direct == via_record
+    assert "allocation created" in direct

@@ -40,25 +40,27 @@ LISTENER_BUFFER = 4 * 1024 * 1024
 RELAY_BUFFER = 1024 * 1024
 
 
+_RCVBUFFORCE: int | None = getattr(socket, "SO_RCVBUFFORCE", None)
+_SNDBUFFORCE: int | None = getattr(socket, "SO_SNDBUFFORCE", None)
 _force_allowed = True  # cleared on the first refusal: the process's rights do not change
 
 
 def grow_buffers(sock: socket.socket, size: int) -> None:
     global _force_allowed  # noqa: PLW0603 (a one-way switch, see above)
-    for force, plain in (
-        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
-        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
-    ):
-        if force is not None and _force_allowed:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, force, size)
-                continue
-            except PermissionError:
-                _force_allowed = False
-            except OSError:
-                pass
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, plain, size)
+    if _force_allowed and _RCVBUFFORCE is not None and _SNDBUFFORCE is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _RCVBUFFORCE, size)
+            sock.setsockopt(socket.SOL_SOCKET, _SNDBUFFORCE, size)
+        except PermissionError:
+            _force_allowed = False
+        except OSError:
+            pass
+        else:
+            return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
 class RelayEndpoint:

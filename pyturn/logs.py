@@ -47,6 +47,11 @@ _PLAIN: set[str] = set()
 _PLAIN_SIZE = 1024
 
 
+def forget_plain_values() -> None:
+    """Empty the memo of quote-free values (client addresses of gone sessions)."""
+    _PLAIN.clear()
+
+
 def _text_value(value: FieldValue) -> str:
     kind = type(value)
     if kind is int or kind is bool:

@@ -115,6 +115,12 @@ class Authenticator:
         expiry = f"{int(now + self.nonce_lifetime):x}"
         return f"{NONCE_COOKIE}{expiry}-{self._nonce_mac(expiry, client_ip)}"
 
+    def forget_cached(self) -> None:
+        """Drop the caches of checked nonces and derived keys: entries of gone clients
+        would keep freed memory from the OS (TurnServer.compact calls this)."""
+        self._checked_nonces = {}
+        self._derived_keys = {}
+
     def nonce_is_valid(self, nonce: str, client_ip: str, now: float) -> bool:
         """False for a nonce we did not issue to this IP, or one past its expiry (438)."""
         checked = self._checked_nonces

@@ -88,6 +88,7 @@ from pyturn.wire.message import (
     encode_attributes,
     encode_tlv,
     finish,
+    forget_decoded,
     is_stun,
     message_type,
     new_transaction_id,
@@ -523,7 +524,13 @@ class TurnServer:
         self.peer_connections = dict(self.peer_connections)
         self._per_user = Counter(self._per_user)
         self.unsigned_budget.prune(now)
+        # Caches by client, nonce or key: cheap to fill again, but their entries of gone
+        # clients, spread over the heap, would keep its pages from the OS.
         clear_address_cache()
+        forget_decoded()
+        integrity.forget_templates()
+        self.auth.forget_cached()
+        self._mapped_v4 = {}
 
     def _delete(self, allocation: Allocation, reason: str, now: float) -> AllocationDeleted:
         allocation.closed = True

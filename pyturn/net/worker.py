@@ -54,7 +54,14 @@ from pyturn.core.server import (
     SendToPeer,
     TurnServer,
 )
-from pyturn.logs import FieldValue, LogThrottle, configure_logging, format_address, log_event
+from pyturn.logs import (
+    FieldValue,
+    LogThrottle,
+    configure_logging,
+    forget_plain_values,
+    format_address,
+    log_event,
+)
 from pyturn.metrics import Stats, TurnCollector, make_registry, render
 from pyturn.net import batch
 from pyturn.net.control import LINE_LIMIT, read_message, write_message
@@ -271,6 +278,8 @@ class Worker:
         self._watchdog: asyncio.TimerHandle | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()
+        # Most allocations at once since memory was last handed back (_return_memory).
+        self._peak_allocations = 0
 
     def now(self) -> float:
         """Monotonic time in Unix seconds, so REST expiry stamps compare directly."""
@@ -327,6 +336,8 @@ class Worker:
                         relay.attach(allocation, reply)
                 allocation.client_sink = reply
                 self.tcp_relay.attach(allocation)
+            running = len(self.server.allocations)
+            self._peak_allocations = max(self._peak_allocations, running)
             lifetime = round(allocation.expires_at - allocation.created_at)
             log_event(
                 log,
@@ -434,8 +445,16 @@ class Worker:
         if ended < _COMPACT_AFTER or ended < len(server.allocations):
             return
         server.compact(self.now())
-        batch.forget_addresses()  # a cache: a miss only formats the address again
-        if len(server.allocations) <= _COLLECT_BELOW:
+        batch.forget_addresses()  # caches: a miss only formats the address again
+        forget_plain_values()
+        running = len(server.allocations)
+        if running * 2 > self._peak_allocations:
+            # Churn, not the end of a wave: what was freed is about to be used again,
+            # and a full collection and a trim every few hundred allocations would cost
+            # more than the compaction itself.
+            return
+        self._peak_allocations = running
+        if running <= _COLLECT_BELOW:
             # A full collection also empties the interpreter's free lists (thousands of
             # tuples of gone clients); it walks every object made since start-up (the
             # rest is frozen), so it runs only when few allocations are left.

@@ -37,6 +37,11 @@ _templates: dict[tuple[bytes, str], _MacState] = {}
 _TEMPLATES = 1024
 
 
+def forget_templates() -> None:
+    """Empty the cache of keyed MAC states (one per key: REST users have one each)."""
+    _templates.clear()
+
+
 def _new_template(key: bytes, algorithm: str) -> _MacState:
     try:
         from _hashlib import hmac_new  # noqa: PLC0415 (absent without OpenSSL)

@@ -262,6 +262,13 @@ _MEMO_TYPES = frozenset(
 )
 _MEMO_SIZE = 4096
 _MEMO: dict[tuple[int, bytes], Attribute] = {}
+
+
+def forget_decoded() -> None:
+    """Empty the cache of decoded attributes (nonces and usernames of gone clients)."""
+    _MEMO.clear()
+
+
 _MESSAGE_INTEGRITY = MessageIntegrity.TYPE
 _MESSAGE_INTEGRITY_SHA256 = MessageIntegritySha256.TYPE
 _FINGERPRINT = Fingerprint.TYPE

@@ -6,6 +6,7 @@ from collections import Counter
 
 from pyturn.core.allocation import PortPool
 from pyturn.core.limits import SourceBudget
+from pyturn.wire import integrity, message
 from pyturn.wire.message import Method
 from tests.core.turn_client import PEER, T0, MakeServer, TurnTestClient
 
@@ -14,6 +15,7 @@ def test_compact_leaves_no_state_of_ended_allocations(make_server: MakeServer) -
     server = make_server()
     clients = [TurnTestClient(server, client=(f"203.0.113.{i}", 4000 + i)) for i in range(1, 9)]
     for client in clients:
+        assert client.exchange(client.encode_request(Method.BINDING, auth=False), now=T0).code == 0
         bare = client.encode_request(Method.ALLOCATE, auth=False)
         assert client.exchange(bare, now=T0).code == 401  # a per-source budget entry
         assert client.allocate(now=T0).code == 0
@@ -22,12 +24,20 @@ def test_compact_leaves_no_state_of_ended_allocations(make_server: MakeServer) -
         assert client.refresh(0, now=T0 + 1).code == 0
     assert server.ended_since_compact == len(clients)
     assert server.allocations == {}
+    assert server.auth._checked_nonces and server._mapped_v4 and message._MEMO
+    assert integrity._templates
     server.compact(T0 + 10)
     assert server.ended_since_compact == 0
     assert server._timers == []
     assert len(server.unsigned_budget) == 0
     assert not server._per_user
     assert server.peer_connections == {}
+    # Caches by client, nonce or key are empty too (their entries would pin heap pages).
+    assert server.auth._checked_nonces == {}
+    assert server.auth._derived_keys == {}
+    assert server._mapped_v4 == {}
+    assert message._MEMO == {}
+    assert integrity._templates == {}
 
 
 def test_compact_keeps_running_allocations_and_their_timers(make_server: MakeServer) -> None:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import select
 import socket
 from collections.abc import Callable
 
@@ -25,6 +26,8 @@ from pyturn.wire.attributes import FAMILY_IPV4, Address
 log = logging.getLogger(__name__)
 
 _READS_PER_WAKEUP = 64
+# Relay sockets served per wake-up of the poller; the rest wait for the next loop turn.
+_SOCKETS_PER_WAKEUP = 256
 # Linux: IP_MTU_DISCOVER with IP_PMTUDISC_DO sets DF on every datagram (RFC 8656 §14.8).
 _IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 _IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
@@ -63,15 +66,69 @@ def grow_buffers(sock: socket.socket, size: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
+class RelayPoller:
+    """Watches every relay socket of a worker through one epoll instance of its own.
+
+    The event loop watches just the epoll descriptor; one wake-up then serves every relay
+    socket with datagrams queued. Registering a socket is one epoll_ctl, where the
+    loop's add_reader costs several times that per Allocate, and a busy relay costs one
+    loop callback per turn rather than one per socket. Without epoll (not Linux) each
+    socket is given to the loop's add_reader instead.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._sockets: dict[int, RelayEndpoint] = {}
+        self._epoll = select.epoll() if hasattr(select, "epoll") else None
+        if self._epoll is not None:
+            loop.add_reader(self._epoll.fileno(), self._ready)
+
+    def watch(self, endpoint: RelayEndpoint) -> None:
+        fd = endpoint.sock.fileno()
+        if self._epoll is None:
+            self._loop.add_reader(fd, endpoint.readable)
+            return
+        self._sockets[fd] = endpoint
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def forget(self, endpoint: RelayEndpoint) -> None:
+        fd = endpoint.sock.fileno()
+        if fd < 0:
+            return
+        if self._epoll is None:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(fd)
+            return
+        if self._sockets.get(fd) is endpoint:
+            del self._sockets[fd]
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(fd)
+
+    def _ready(self) -> None:
+        assert self._epoll is not None
+        sockets = self._sockets
+        for fd, _ in self._epoll.poll(0, _SOCKETS_PER_WAKEUP):
+            endpoint = sockets.get(fd)
+            if endpoint is not None:
+                endpoint.readable()
+
+    def close(self) -> None:
+        if self._epoll is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
+        self._sockets.clear()
+
+
 class RelayEndpoint:
     """A bound relay port; `allocation` and `sink` are set once the Allocate succeeds."""
 
-    __slots__ = ("_loop", "allocation", "port", "send_frames", "sink", "sock")
+    __slots__ = ("_poller", "allocation", "port", "send_frames", "sink", "sock")
 
-    def __init__(self, sock: socket.socket, port: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, sock: socket.socket, port: int, poller: RelayPoller) -> None:
         self.sock = sock
         self.port = port
-        self._loop = loop
+        self._poller = poller
         self.allocation: Allocation | None = None
         self.sink: ClientSink | None = None
         self.send_frames: Callable[[list[bytes]], None] | None = None
@@ -91,7 +148,7 @@ class RelayEndpoint:
                     sink(frame)
 
             self.send_frames = send_frames
-        self._loop.add_reader(self.sock.fileno(), self._readable)
+        self._poller.watch(self)
 
     def sendto(self, data: bytes, peer: Address) -> None:
         try:
@@ -104,7 +161,7 @@ class RelayEndpoint:
             if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                 log.debug("relay send to %s failed: %s", peer, exc)
 
-    def _readable(self) -> None:
+    def readable(self) -> None:
         allocation = self.allocation
         send_frames = self.send_frames
         if allocation is None or send_frames is None:
@@ -128,8 +185,7 @@ class RelayEndpoint:
             send_frames(frames)
 
     def close(self) -> None:
-        with contextlib.suppress(ValueError, OSError):
-            self._loop.remove_reader(self.sock.fileno())
+        self._poller.forget(self)
         self.sock.close()
         # The allocation points back at this endpoint: cutting the cycle frees both
         # at once instead of at some later full collection.
@@ -150,6 +206,11 @@ class UdpRelayBinder:
         self.loop = loop
         self.address4 = address4
         self.address6 = address6
+        self.poller = RelayPoller(loop)
+
+    def close(self) -> None:
+        """At shutdown, once every allocation has been released."""
+        self.poller.close()
 
     def bind(self, family: int, port: int, dont_fragment: bool) -> RelayEndpoint | None:
         if family == FAMILY_IPV4:
@@ -173,7 +234,7 @@ class UdpRelayBinder:
         except OSError:
             sock.close()
             return None
-        return RelayEndpoint(sock, port, self.loop)
+        return RelayEndpoint(sock, port, self.poller)
 
     def bind_tcp(self, family: int, port: int) -> TcpRelayListener | None:
         if family == FAMILY_IPV4:

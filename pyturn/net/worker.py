@@ -710,6 +710,7 @@ class Worker:
         for action in self.server.close_all(self.now()):
             if isinstance(action, Event):
                 self._event(action)
+        self.binder.close()
         self.notifier.close()
         log.info("stopped")
 

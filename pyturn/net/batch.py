@@ -8,9 +8,9 @@ runs; the start-up log line names it.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
-import socket
 from collections.abc import Callable
 
 from pyturn.wire.attributes import Address
@@ -36,7 +36,7 @@ _UNSENDABLE = _STALE | {
 _MAX_DATAGRAM = 65535
 
 
-def _recv_batch(sock: socket.socket, limit: int) -> list[tuple[bytes, Address]]:
+def _recv_batch(sock: _socket.socket, limit: int) -> list[tuple[bytes, Address]]:
     out: list[tuple[bytes, Address]] = []
     recvfrom = sock.recvfrom
     stale = 0
@@ -56,7 +56,7 @@ def _recv_batch(sock: socket.socket, limit: int) -> list[tuple[bytes, Address]]:
     return out
 
 
-def _send_one(sock: socket.socket, data: bytes, address: Address) -> bool:
+def _send_one(sock: _socket.socket, data: bytes, address: Address) -> bool:
     """False when the socket buffer is full (the caller drops the rest)."""
     try:
         sock.sendto(data, address)
@@ -68,7 +68,7 @@ def _send_one(sock: socket.socket, data: bytes, address: Address) -> bool:
     return True
 
 
-def _send_batch(sock: socket.socket, items: list[tuple[bytes, Address]]) -> int:
+def _send_batch(sock: _socket.socket, items: list[tuple[bytes, Address]]) -> int:
     sent = 0
     for data, address in items:
         if not _send_one(sock, data, address):
@@ -77,7 +77,7 @@ def _send_batch(sock: socket.socket, items: list[tuple[bytes, Address]]) -> int:
     return sent
 
 
-def _send_many_to(sock: socket.socket, address: Address, frames: list[bytes]) -> int:
+def _send_many_to(sock: _socket.socket, address: Address, frames: list[bytes]) -> int:
     sent = 0
     for frame in frames:
         if not _send_one(sock, frame, address):
@@ -86,9 +86,9 @@ def _send_many_to(sock: socket.socket, address: Address, frames: list[bytes]) ->
     return sent
 
 
-RecvBatch = Callable[[socket.socket, int], list[tuple[bytes, Address]]]
-SendBatch = Callable[[socket.socket, list[tuple[bytes, Address]]], int]
-SendManyTo = Callable[[socket.socket, Address, list[bytes]], int]
+RecvBatch = Callable[[_socket.socket, int], list[tuple[bytes, Address]]]
+SendBatch = Callable[[_socket.socket, list[tuple[bytes, Address]]], int]
+SendManyTo = Callable[[_socket.socket, Address, list[bytes]], int]
 
 
 def _forget_addresses() -> None:

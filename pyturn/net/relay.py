@@ -10,6 +10,7 @@ client's sink (one sendmmsg for a UDP client), with no awaits, logging or clock 
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -48,7 +49,7 @@ _SNDBUFFORCE: int | None = getattr(socket, "SO_SNDBUFFORCE", None)
 _force_allowed = True  # cleared on the first refusal: the process's rights do not change
 
 
-def grow_buffers(sock: socket.socket, size: int) -> None:
+def grow_buffers(sock: _socket.socket, size: int) -> None:
     global _force_allowed  # noqa: PLW0603 (a one-way switch, see above)
     if _force_allowed and _RCVBUFFORCE is not None and _SNDBUFFORCE is not None:
         try:
@@ -125,7 +126,7 @@ class RelayEndpoint:
 
     __slots__ = ("_poller", "allocation", "port", "send_frames", "sink", "sock")
 
-    def __init__(self, sock: socket.socket, port: int, poller: RelayPoller) -> None:
+    def __init__(self, sock: _socket.socket, port: int, poller: RelayPoller) -> None:
         self.sock = sock
         self.port = port
         self._poller = poller
@@ -219,7 +220,9 @@ class UdpRelayBinder:
             if self.address6 is None:
                 return None
             af, host = socket.AF_INET6, self.address6
-        sock = socket.socket(af, socket.SOCK_DGRAM)
+        # The C socket type itself: socket.socket adds a Python __init__ and close that
+        # cost more than a microsecond per Allocate, for features a relay port never uses.
+        sock = _socket.socket(af, socket.SOCK_DGRAM)
         try:
             if af == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

@@ -91,12 +91,13 @@ def new_transaction_id() -> bytes:
     return secrets.token_bytes(12)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
-    """A decoded (or to-be-encoded) STUN message.
+    """A decoded (or to-be-encoded) STUN message; treat it as a value.
 
     `method` stays an int so that messages with a method we do not know still decode
-    (and can be answered 400); compare it against `Method`.
+    (and can be answered 400); compare it against `Method`. Not frozen: a frozen
+    dataclass sets each field through object.__setattr__, a sixth of a decode.
     """
 
     method: int
@@ -230,7 +231,7 @@ def decode(data: bytes) -> Message:
         fp_offset,
         tuple(paddings),
     )
-    object.__setattr__(message, "first", first)  # frozen: the way dataclasses do it
+    message.first = first
     return message
 
 

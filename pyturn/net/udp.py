@@ -104,7 +104,8 @@ class UdpListener:
         receive = self.server.receive
         pending: list[tuple[bytes, Address]] = []
         self._pending = pending
-        # ChannelData payloads of this batch by (relay, peer): one sendmmsg per flow.
+        # Payloads for peers (ChannelData, Send indications) by (relay, peer): one
+        # send_many_to per flow at the end of the batch.
         to_peers: dict[tuple[RelaySocket, Address], list[bytes]] = {}
         try:
             budget = _DATAGRAMS_PER_WAKEUP

@@ -438,8 +438,10 @@ class Worker:
         self._rearm_timer()
 
     def _return_memory(self) -> None:
-        """Once many allocations have ended, drop what they left behind and give the
-        freed heap pages back to the OS (a few ms at most, on the timer path only)."""
+        """Once many allocations have ended, drop what they left behind; once the running
+        allocations fell to half their peak, also give the freed heap pages back to the OS.
+        A few ms at most, from the timer or when the last allocation ends, never per packet.
+        """
         server = self.server
         ended = server.ended_since_compact
         if ended < _COMPACT_AFTER or ended < len(server.allocations):

@@ -241,12 +241,12 @@ class UdpRelayBinder:
 
     def bind_tcp(self, family: int, port: int) -> TcpRelayListener | None:
         if family == FAMILY_IPV4:
-            af, host = socket.AF_INET, self.address4
+            host = self.address4
         elif self.address6 is not None:
-            af, host = socket.AF_INET6, self.address6
+            host = self.address6
         else:
             return None
-        return bind_tcp_listener(self.loop, af, host, port)
+        return bind_tcp_listener(self.loop, host, port)
 
     def release(self, relay: object) -> None:
         if isinstance(relay, (RelayEndpoint, TcpRelayListener)):

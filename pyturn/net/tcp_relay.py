@@ -17,6 +17,7 @@ from typing import cast
 
 from pyturn.core.allocation import Allocation, PeerConnection
 from pyturn.core.server import Action, TurnServer
+from pyturn.net.sockets import bound_socket
 from pyturn.wire.attributes import Address
 
 log = logging.getLogger(__name__)
@@ -159,18 +160,12 @@ class TcpRelayListener:
 
 
 def bind_tcp_listener(
-    loop: asyncio.AbstractEventLoop, family: int, host: str, port: int
+    loop: asyncio.AbstractEventLoop, host: str, port: int
 ) -> TcpRelayListener | None:
-    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        _reuse(sock)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
-        sock.listen(64)
-        sock.setblocking(False)
+        # reuse_port: the outgoing connections to peers share this port (see _reuse).
+        sock = bound_socket(socket.SOCK_STREAM, host, port, reuse_port=True, backlog=64)
     except OSError:
-        sock.close()
         return None
     return TcpRelayListener(sock, host, port, loop)
 

@@ -20,6 +20,7 @@ from pyturn.core.allocation import FiveTuple, RelaySocket
 from pyturn.core.server import Action, SendToPeer, TurnServer
 from pyturn.net.batch import recv_batch, send_batch, send_many_to
 from pyturn.net.relay import LISTENER_BUFFER, RelayEndpoint, grow_buffers
+from pyturn.net.sockets import bound_socket
 from pyturn.wire.attributes import Address
 
 log = logging.getLogger(__name__)
@@ -82,15 +83,8 @@ class UdpListener:
         *,
         reuse_port: bool = False,
     ) -> UdpListener:
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock = bound_socket(socket.SOCK_DGRAM, address[0], address[1], reuse_port=reuse_port)
         try:
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.setblocking(False)
             grow_buffers(sock, LISTENER_BUFFER)
             return cls(sock, loop, server, clock, handle_actions)
         except OSError:

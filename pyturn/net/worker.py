@@ -69,6 +69,7 @@ from pyturn.net.errors import StartupError
 from pyturn.net.http import OpsApp, start_ops_server
 from pyturn.net.relay import RelayEndpoint, UdpRelayBinder
 from pyturn.net.sdnotify import SystemdNotifier
+from pyturn.net.sockets import bound_socket
 from pyturn.net.stream import ConnectionCounter, StreamConnection, TlsAcceptor
 from pyturn.net.tcp_relay import TcpRelay
 from pyturn.net.tls import TlsContext, TlsError
@@ -176,22 +177,6 @@ def default_relay_ipv6(config: Config) -> str | None:
         "relay.external_address6 so clients learn a reachable IPv6 relay address"
     )
     return "::1"
-
-
-def _listening_socket(family: int, host: str, port: int, reuse_port: bool) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 @functools.cache
@@ -533,8 +518,12 @@ class Worker:
 
                 if transport_name == "tls":
                     assert self.tls is not None
-                    sock = _listening_socket(
-                        family, listener.address, listener.port, self.config.workers > 1
+                    sock = bound_socket(
+                        socket.SOCK_STREAM,
+                        listener.address,
+                        listener.port,
+                        reuse_port=self.config.workers > 1,
+                        backlog=1024,
                     )
                     acceptor = TlsAcceptor(
                         sock,

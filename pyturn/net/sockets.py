@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
 
 
 def bound_socket(
@@ -37,3 +41,19 @@ def bound_socket(
         sock.close()
         raise
     return sock
+
+
+def accept_ready(
+    sock: socket.socket, limit: int, where: str
+) -> Iterator[tuple[socket.socket, tuple[str, int]]]:
+    """The connections already waiting on a non-blocking listening socket, up to `limit`
+    per call (the rest wait for the loop's next turn), each as (socket, (host, port))."""
+    for _ in range(limit):
+        try:
+            conn, address = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.debug("accept on %s failed: %s", where, exc)
+            return
+        yield conn, (str(address[0]), int(address[1]))

@@ -18,6 +18,7 @@ from typing import cast
 from pyturn.config import LimitsConfig
 from pyturn.core.allocation import FiveTuple, PeerConnection
 from pyturn.core.server import JoinPeerConnection, TurnServer
+from pyturn.net.sockets import accept_ready
 from pyturn.net.tcp_relay import PipeEnd
 from pyturn.net.udp import ActionHandler
 from pyturn.wire.attributes import Address
@@ -233,15 +234,7 @@ class TlsAcceptor:
         self.loop.add_reader(sock.fileno(), self._accept)
 
     def _accept(self) -> None:
-        for _ in range(64):
-            try:
-                conn, address = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.debug("TLS accept failed: %s", exc)
-                return
-            ip = str(address[0])
+        for conn, (ip, _) in accept_ready(self.sock, 64, "a TLS listener"):
             if not self.counter.admit(ip):
                 log.debug("connection from %s refused: too many from that address", ip)
                 conn.close()

@@ -17,7 +17,7 @@ from typing import cast
 
 from pyturn.core.allocation import Allocation, PeerConnection
 from pyturn.core.server import Action, TurnServer
-from pyturn.net.sockets import bound_socket
+from pyturn.net.sockets import accept_ready, bound_socket
 from pyturn.wire.attributes import Address
 
 log = logging.getLogger(__name__)
@@ -139,19 +139,12 @@ class TcpRelayListener:
         self._loop.add_reader(self.sock.fileno(), self._accept)
 
     def _accept(self) -> None:
-        for _ in range(16):
-            try:
-                conn, address = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.debug("accept on relay port %d failed: %s", self.port, exc)
-                return
+        for conn, address in accept_ready(self.sock, 16, f"relay port {self.port}"):
             conn.setblocking(False)
             if self.on_peer is None:
                 conn.close()
             else:
-                self.on_peer(self, conn, (str(address[0]), int(address[1])))
+                self.on_peer(self, conn, address)
 
     def close(self) -> None:
         with contextlib.suppress(ValueError, OSError):

@@ -19,7 +19,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -140,6 +140,17 @@ def _only_handler(logger: logging.Logger, level: int) -> LoopBatchingHandler | N
 _LOG_EVENT_FILE = log_event.__code__.co_filename
 
 
+class EventLine(NamedTuple):
+    """A `log_event` call, for a formatter to write without a LogRecord."""
+
+    created: float
+    logger: str
+    level: int
+    event: str
+    text: str
+    fields: Mapping[str, FieldValue]
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, for log pipelines.
 
@@ -165,26 +176,18 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False, default=str)
 
-    def event_line(
-        self,
-        created: float,
-        logger: str,
-        level: int,
-        event: str,
-        text: str,
-        *,
-        fields: Mapping[str, FieldValue],
-    ) -> str:
-        """What `format` makes of a `log_event` record with these values."""
+    def event_line(self, line: EventLine) -> str:
+        """What `format` makes of the record `log_event` would have made."""
+        created = line.created
         entry: dict[str, object] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
             + f".{int((created - int(created)) * 1000):03d}Z",
-            "level": logging.getLevelName(level).lower(),
-            "logger": logger,
-            "message": f"{event.replace('_', ' ')} {text}",
-            "event": event,
+            "level": logging.getLevelName(line.level).lower(),
+            "logger": line.logger,
+            "message": f"{line.event.replace('_', ' ')} {line.text}",
+            "event": line.event,
         }
-        for name, item in fields.items():
+        for name, item in line.fields.items():
             entry.setdefault(name, item)
         return json.dumps(entry, ensure_ascii=False, default=str)
 
@@ -213,19 +216,11 @@ class TextFormatter(logging.Formatter):
         # As LogRecord computes msecs.
         return f"{self._second_text},{int((created - second) * 1000):03d}"
 
-    def event_line(
-        self,
-        created: float,
-        logger: str,
-        level: int,
-        event: str,
-        text: str,
-        *,
-        fields: Mapping[str, FieldValue],
-    ) -> str:
-        """What `format` makes of a `log_event` record with these values."""
-        level_name = logging.getLevelName(level)
-        return f"{self._stamp(created)} {level_name} {logger}: {event.replace('_', ' ')} {text}"
+    def event_line(self, line: EventLine) -> str:
+        """What `format` makes of the record `log_event` would have made."""
+        stamp = self._stamp(line.created)
+        level = logging.getLevelName(line.level)
+        return f"{stamp} {level} {line.logger}: {line.event.replace('_', ' ')} {line.text}"
 
 
 class LoopBatchingHandler(logging.StreamHandler[TextIO]):
@@ -258,7 +253,7 @@ class LoopBatchingHandler(logging.StreamHandler[TextIO]):
         """The line of a `log_event` call, as this handler's formatter would write it."""
         formatter = self.formatter
         assert isinstance(formatter, TextFormatter | JsonFormatter)
-        return formatter.event_line(time.time(), logger, level, event, text, fields=fields)
+        return formatter.event_line(EventLine(time.time(), logger, level, event, text, fields))
 
     def add_line(self, line: str) -> None:
         self._pending.append(line + self.terminator)

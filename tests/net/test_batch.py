@@ -7,8 +7,10 @@ import os
 import select
 import shutil
 import socket
+import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -159,6 +161,8 @@ def test_the_native_module_is_built_where_a_compiler_is() -> None:
         pytest.skip("PYTURN_NO_NATIVE is set")
     if shutil.which(os.environ.get("CC", "gcc")) is None and shutil.which("cc") is None:
         pytest.skip("no C compiler on this machine")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        pytest.skip("no Python headers for this interpreter")
     assert batch.NATIVE, "pyturn/net/_batch.c was not compiled: reinstall (make test)"
     assert "recvmmsg" in batch.describe()
 

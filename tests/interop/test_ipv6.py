@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from tests.interop.server_process import (
     require_tool,
     running_server,
 )
-from tests.interop.test_turnutils import UclientRun
+from tests.interop.test_turnutils import UclientRun, turnutils_peer
 from tests.interop.turn_wire_client import WireClient, error_code, error_text, open_client
 
 pytestmark = pytest.mark.interop
@@ -226,43 +225,8 @@ def test_a_dual_stack_allocation_relays_to_an_ipv4_and_an_ipv6_peer(
 @pytest.fixture(scope="module")
 def v6_echo_peer() -> Iterator[int]:
     """turnutils_peer (UDP echo) on [::1]; yields its port."""
-    tool = require_tool("turnutils_peer")
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-        probe.bind((LOOPBACK6, 0))
-        port = int(probe.getsockname()[1])
-    process = subprocess.Popen(
-        [tool, "-p", str(port), "-L", LOOPBACK6],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_v6_echo(port)
+    with turnutils_peer(LOOPBACK6) as port:
         yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def wait_for_v6_echo(port: int, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-        sock.bind((LOOPBACK6, 0))
-        sock.settimeout(0.1)
-        for _ in range(int(timeout / 0.1) + 1):
-            sock.sendto(b"probe", (LOOPBACK6, port))
-            try:
-                if sock.recv(64) == b"probe":
-                    return
-            except TimeoutError:
-                pass
-            if time.monotonic() > deadline:
-                break
-    raise AssertionError(f"turnutils_peer on [::1]:{port} did not echo within {timeout} s")
 
 
 def test_uclient_over_ipv6_relays_every_message_to_an_ipv6_peer(

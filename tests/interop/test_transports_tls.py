@@ -46,12 +46,7 @@ from tests.interop.server_process import (
 )
 from tests.interop.test_aioice_turn import Collector, start_echo_peer
 from tests.interop.test_aiortc import candidate_types, receive_all, selected_pair_types
-from tests.interop.test_turnutils import (
-    UclientRun,
-    assert_all_echoed,
-    free_udp_port,
-    wait_for_echo,
-)
+from tests.interop.test_turnutils import UclientRun, assert_all_echoed, turnutils_peer
 from tests.net.certs import make_certificate
 
 pytestmark = pytest.mark.interop
@@ -134,24 +129,8 @@ def test_aioice_allocates_over_tls_and_relays_to_a_udp_peer(
 @pytest.fixture(scope="module")
 def udp_echo_peer() -> Iterator[int]:
     """turnutils_peer (coturn's UDP echo server) on 127.0.0.1; yields its port."""
-    tool = require_tool("turnutils_peer")
-    port = free_udp_port()
-    process = subprocess.Popen(
-        [tool, "-p", str(port), "-L", LOOPBACK],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_echo(port)
+    with turnutils_peer() as port:
         yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def test_uclient_over_tls_relays_every_message_to_the_peer_and_back(

@@ -11,6 +11,7 @@ Both are exercised.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import subprocess
@@ -63,21 +64,23 @@ class UclientRun:
         return int(found[-1]) if found else None
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((LOOPBACK, 0))
+def free_udp_port(host: str = LOOPBACK) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 
 
-def wait_for_echo(port: int, timeout: float = 5.0) -> None:
+def wait_for_echo(port: int, host: str = LOOPBACK, timeout: float = 5.0) -> None:
     """Probe the UDP echo peer until it answers (bounded by `timeout`)."""
     deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((LOOPBACK, 0))
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
         sock.settimeout(0.1)
         for _ in range(int(timeout / 0.1) + 1):
-            sock.sendto(b"probe", (LOOPBACK, port))
+            sock.sendto(b"probe", (host, port))
             try:
                 if sock.recv(64) == b"probe":
                     return
@@ -85,22 +88,22 @@ def wait_for_echo(port: int, timeout: float = 5.0) -> None:
                 pass
             if time.monotonic() > deadline:
                 break
-    raise AssertionError(f"turnutils_peer on port {port} did not echo within {timeout} s")
+    raise AssertionError(f"turnutils_peer on {host} port {port} did not echo within {timeout} s")
 
 
-@pytest.fixture(scope="module")
-def echo_peer() -> Iterator[int]:
-    """turnutils_peer listening on 127.0.0.1:<free port>; yields the port."""
+@contextlib.contextmanager
+def turnutils_peer(host: str = LOOPBACK) -> Iterator[int]:
+    """coturn's UDP echo server (turnutils_peer) on `host`, once it echoes; yields its port."""
     tool = require_tool("turnutils_peer")
-    port = free_udp_port()
+    port = free_udp_port(host)
     process = subprocess.Popen(
-        [tool, "-p", str(port), "-L", LOOPBACK],
+        [tool, "-p", str(port), "-L", host],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for_echo(port)
+        wait_for_echo(port, host)
         yield port
     finally:
         process.terminate()
@@ -109,6 +112,13 @@ def echo_peer() -> Iterator[int]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def echo_peer() -> Iterator[int]:
+    """turnutils_peer listening on 127.0.0.1:<free port>; yields the port."""
+    with turnutils_peer() as port:
+        yield port
 
 
 def run_uclient(

@@ -61,20 +61,20 @@ def selected_pair_types(pc: RTCPeerConnection) -> tuple[str, str]:
     return pair.local_candidate.type, pair.remote_candidate.type
 
 
-async def receive_all(queue: asyncio.Queue[str | bytes], count: int) -> list[str | bytes]:
-    return [await asyncio.wait_for(queue.get(), STEP_TIMEOUT) for _ in range(count)]
+async def receive_all(
+    queue: asyncio.Queue[str | bytes], count: int, timeout: float = STEP_TIMEOUT
+) -> list[str | bytes]:
+    return [await asyncio.wait_for(queue.get(), timeout) for _ in range(count)]
 
 
-async def data_channel_through_relays(server: ServerProcess, transport: str) -> None:
-    port = server.udp_port if transport == "udp" else server.tcp_port
+async def data_channel_through_relays(
+    url: str, messages: int = MESSAGES, step_timeout: float = STEP_TIMEOUT
+) -> None:
+    """Two aiortc peers with relay-only ICE through the TURN server at `url` open a data
+    channel and carry `messages` messages each way; candidates and the nominated pairs
+    must all be relays."""
     config = RTCConfiguration(
-        iceServers=[
-            RTCIceServer(
-                urls=f"turn:{LOOPBACK}:{port}?transport={transport}",
-                username=USER,
-                credential=PASSWORD,
-            )
-        ],
+        iceServers=[RTCIceServer(urls=url, username=USER, credential=PASSWORD)],
         iceTransportPolicy=RTCIceTransportPolicy.RELAY,
     )
     caller = RTCPeerConnection(config)
@@ -103,17 +103,17 @@ async def data_channel_through_relays(server: ServerProcess, transport: str) -> 
         assert candidate_types(answer.sdp) and set(candidate_types(answer.sdp)) == {"relay"}
         await caller.setRemoteDescription(answer)
 
-        await asyncio.wait_for(opened.wait(), STEP_TIMEOUT)
-        forward = [f"caller->callee {i}" for i in range(MESSAGES)]
+        await asyncio.wait_for(opened.wait(), step_timeout)
+        forward = [f"caller->callee {i}" for i in range(messages)]
         for message in forward:
             channel.send(message)
-        assert await receive_all(at_callee, MESSAGES) == forward
+        assert await receive_all(at_callee, messages, step_timeout) == forward
 
-        remote = await asyncio.wait_for(callee_channel, STEP_TIMEOUT)
-        backward = [f"callee->caller {i}" for i in range(MESSAGES)]
+        remote = await asyncio.wait_for(callee_channel, step_timeout)
+        backward = [f"callee->caller {i}" for i in range(messages)]
         for message in backward:
             remote.send(message)
-        assert await receive_all(at_caller, MESSAGES) == backward
+        assert await receive_all(at_caller, messages, step_timeout) == backward
 
         assert selected_pair_types(caller) == ("relay", "relay")
         assert selected_pair_types(callee) == ("relay", "relay")
@@ -131,7 +131,8 @@ def test_aiortc_data_channel_carries_100_messages_each_way_through_relays_only(
     ordered data channel delivers 100 messages each way in order. The server logs an
     allocation per peer connection, and when aiortc closes them, traffic both ways."""
     mark = turn_server.log_mark()
-    run(data_channel_through_relays(turn_server, transport))
+    port = turn_server.udp_port if transport == "udp" else turn_server.tcp_port
+    run(data_channel_through_relays(f"turn:{LOOPBACK}:{port}?transport={transport}"))
 
     created = [
         fields

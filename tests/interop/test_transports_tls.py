@@ -22,13 +22,6 @@ from typing import TypeVar
 
 import pytest
 from aioice.turn import create_turn_endpoint
-from aiortc import (
-    RTCConfiguration,
-    RTCDataChannel,
-    RTCIceServer,
-    RTCIceTransportPolicy,
-    RTCPeerConnection,
-)
 
 from pyturn.wire.attributes import XorMappedAddress
 from pyturn.wire.channel_data import StreamFramer
@@ -45,7 +38,7 @@ from tests.interop.server_process import (
     tls_config,
 )
 from tests.interop.test_aioice_turn import Collector, start_echo_peer
-from tests.interop.test_aiortc import candidate_types, receive_all, selected_pair_types
+from tests.interop.test_aiortc import data_channel_through_relays
 from tests.interop.test_turnutils import UclientRun, assert_all_echoed, turnutils_peer
 from tests.net.certs import make_certificate
 
@@ -320,7 +313,8 @@ def test_aiortc_data_channel_over_turns_uses_relays_only(
     messages both ways through two TLS allocations."""
     monkeypatch.setenv("SSL_CERT_FILE", str(tls_files[0]))
     mark = tls_server.log_mark()
-    run(data_channel_over_turns(tls_server))
+    url = f"turns:{LOOPBACK}:{tls_server.tls_port}?transport=tcp"
+    run(data_channel_through_relays(url, messages=20, step_timeout=STEP_TIMEOUT))
     created = [
         fields
         for fields in tls_server.events("allocation created", since=mark)
@@ -328,54 +322,3 @@ def test_aiortc_data_channel_over_turns_uses_relays_only(
     ]
     assert len(created) >= 2, tls_server.log_since(mark)
     assert {fields["transport"] for fields in created} == {"tls"}
-
-
-async def data_channel_over_turns(server: ServerProcess) -> None:
-    count = 20
-    config = RTCConfiguration(
-        iceServers=[
-            RTCIceServer(
-                urls=f"turns:{LOOPBACK}:{server.tls_port}?transport=tcp",
-                username=USER,
-                credential=PASSWORD,
-            )
-        ],
-        iceTransportPolicy=RTCIceTransportPolicy.RELAY,
-    )
-    caller = RTCPeerConnection(config)
-    callee = RTCPeerConnection(config)
-    at_callee: asyncio.Queue[str | bytes] = asyncio.Queue()
-    at_caller: asyncio.Queue[str | bytes] = asyncio.Queue()
-    remote: asyncio.Future[RTCDataChannel] = asyncio.get_running_loop().create_future()
-    opened = asyncio.Event()
-    try:
-        channel = caller.createDataChannel("turns", ordered=True)
-        channel.on("open", opened.set)
-        channel.on("message", at_caller.put_nowait)
-
-        @callee.on("datachannel")
-        def on_datachannel(incoming: RTCDataChannel) -> None:
-            incoming.on("message", at_callee.put_nowait)
-            remote.set_result(incoming)
-
-        await caller.setLocalDescription(await caller.createOffer())
-        offer = caller.localDescription
-        assert set(candidate_types(offer.sdp)) == {"relay"}, offer.sdp
-        await callee.setRemoteDescription(offer)
-        await callee.setLocalDescription(await callee.createAnswer())
-        await caller.setRemoteDescription(callee.localDescription)
-        await asyncio.wait_for(opened.wait(), STEP_TIMEOUT)
-
-        forward = [f"over turns {i}" for i in range(count)]
-        for message in forward:
-            channel.send(message)
-        assert await receive_all(at_callee, count) == forward
-        back = await asyncio.wait_for(remote, STEP_TIMEOUT)
-        backward = [f"back over turns {i}" for i in range(count)]
-        for message in backward:
-            back.send(message)
-        assert await receive_all(at_caller, count) == backward
-        assert selected_pair_types(caller) == ("relay", "relay")
-    finally:
-        await caller.close()
-        await callee.close()

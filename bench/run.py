@@ -493,11 +493,29 @@ def _common(result: Any) -> Metrics:
     }
 
 
+def timed_loadgen(
+    machine: Machine, server: Server, profile: Profile, mode: str, *options: str
+) -> Any:
+    """A measuring loadgen run: the profile's warm-up and duration, a budget past both."""
+    return loadgen(
+        machine,
+        server,
+        mode,
+        *options,
+        "--warmup",
+        str(profile.warmup),
+        "--duration",
+        str(profile.duration),
+        budget=profile.warmup + profile.duration + 20,
+    )
+
+
 def relay_experiment(kind: str, payload: int) -> Callable[[Machine, Server, Profile], Metrics]:
     def run(machine: Machine, server: Server, profile: Profile) -> Metrics:
-        r = loadgen(
+        r = timed_loadgen(
             machine,
             server,
+            profile,
             "relay",
             "--kind",
             kind,
@@ -507,11 +525,6 @@ def relay_experiment(kind: str, payload: int) -> Callable[[Machine, Server, Prof
             str(ALLOCS),
             "--window",
             str(WINDOW),
-            "--warmup",
-            str(profile.warmup),
-            "--duration",
-            str(profile.duration),
-            budget=profile.warmup + profile.duration + 20,
         )
         return {
             "pps": float(r["relayed_pps"]),
@@ -524,17 +537,13 @@ def relay_experiment(kind: str, payload: int) -> Callable[[Machine, Server, Prof
 
 
 def alloc_run(machine: Machine, server: Server, profile: Profile) -> Metrics:
-    r = loadgen(
+    r = timed_loadgen(
         machine,
         server,
+        profile,
         "alloc",
         "--inflight",
         str(ALLOC_INFLIGHT),
-        "--warmup",
-        str(profile.warmup),
-        "--duration",
-        str(profile.duration),
-        budget=profile.warmup + profile.duration + 20,
     )
     return {
         "allocs_ps": float(r["allocs_ps"]),
@@ -546,27 +555,24 @@ def alloc_run(machine: Machine, server: Server, profile: Profile) -> Metrics:
 
 
 def binding_run(machine: Machine, server: Server, profile: Profile) -> Metrics:
-    r = loadgen(
+    r = timed_loadgen(
         machine,
         server,
+        profile,
         "binding",
         "--sockets",
         str(BINDING_SOCKETS),
         "--window",
         str(BINDING_WINDOW),
-        "--warmup",
-        str(profile.warmup),
-        "--duration",
-        str(profile.duration),
-        budget=profile.warmup + profile.duration + 20,
     )
     return {"rps": float(r["rps"]), "cpu_us": float(r["cpu_us_per_req"]), **_common(r)}
 
 
 def rtt_run(machine: Machine, server: Server, profile: Profile) -> Metrics:
-    r = loadgen(
+    r = timed_loadgen(
         machine,
         server,
+        profile,
         "relay",
         "--kind",
         "channel",
@@ -576,11 +582,6 @@ def rtt_run(machine: Machine, server: Server, profile: Profile) -> Metrics:
         str(ALLOCS),
         "--rate",
         str(RTT_RATE),
-        "--warmup",
-        str(profile.warmup),
-        "--duration",
-        str(profile.duration),
-        budget=profile.warmup + profile.duration + 20,
     )
     return {
         "p50_us": float(r["rtt_p50_us"]),

@@ -2,10 +2,11 @@
 
 Each relay socket is a plain non-blocking socket, so a port can be bound synchronously
 while the core handles an Allocate; `RelayPoller` watches them all through one epoll
-descriptor, and one wake-up drains every datagram already queued (`batch.recv_batch`). The peer-to-client path is
-the fast path: a datagram becomes ChannelData or a Data indication in
-`Allocation.frame_for_client`, and the frames of one wake-up leave together through the
-client's sink (one sendmmsg for a UDP client), with no awaits, logging or clock reads.
+descriptor, and one wake-up drains every datagram already queued (`batch.recv_batch`).
+The peer-to-client path is the fast path: a datagram becomes ChannelData or a Data
+indication in `Allocation.frame_for_client`, and the frames of one wake-up leave together
+through the client's sink (one sendmmsg for a UDP client), with no awaits, logging or
+clock reads.
 """
 
 from __future__ import annotations

@@ -229,30 +229,80 @@ bad_host:
     return -1;
 }
 
-/* sendmmsg the first `count` prepared messages. A full socket buffer drops the rest, as
- * UDP would anyway; an ICMP error left by an earlier datagram skips one message. */
+/* GSO: at most this many segments (the kernel's UDP_MAX_SEGMENTS) and bytes per run. */
+#define GSO_SEGMENTS 64
+#define GSO_BYTES 65000
+#define MANY_MAX 512 /* frames prepared per round of send_many_to */
+
+/* Cleared for good when the kernel or the route refuses UDP_SEGMENT (EIO: no checksum
+ * offload on the way out; ENOPROTOOPT, EOPNOTSUPP: an older kernel). */
+static int gso_enabled = 1;
+
+static struct iovec many_iov[MANY_MAX];
+static union {
+    char buf[CMSG_SPACE(sizeof(uint16_t))];
+    struct cmsghdr align;
+} many_cmsg[BATCH];
+static unsigned int many_frames[BATCH]; /* frames in each prepared message */
+
+static int
+send_one_by_one(int fd, struct iovec *iov, unsigned int count,
+                const void *name, socklen_t namelen)
+{
+    int sent = 0;
+    for (unsigned int k = 0; k < count; k++) {
+        if (sendto(fd, iov[k].iov_base, iov[k].iov_len, MSG_DONTWAIT,
+                   (const struct sockaddr *)name, namelen) >= 0)
+            sent++;
+        else if (errno == EAGAIN || errno == EWOULDBLOCK)
+            break;
+    }
+    return sent;
+}
+
+/* sendmmsg the first `count` messages of tx_msgs; message i carries frames[i] datagrams
+ * (one each when frames is NULL). Returns how many datagrams went out. When the socket
+ * buffer fills up (or worse) it sets *full: the caller drops the rest, as UDP would
+ * anyway. A datagram the kernel refuses (an ICMP error left by an earlier one, a
+ * forbidden destination) is skipped; a refused GSO message goes out datagram by
+ * datagram. */
 static Py_ssize_t
-send_prepared(int fd, unsigned int count)
+send_prepared(int fd, unsigned int count, const unsigned int *frames, int *full)
 {
     unsigned int done = 0;
     Py_ssize_t sent = 0;
     while (done < count) {
         int n = sendmmsg(fd, tx_msgs + done, count - done, MSG_DONTWAIT);
         if (n > 0) {
+            for (int k = 0; k < n; k++)
+                sent += frames != NULL ? frames[done + (unsigned int)k] : 1;
             done += (unsigned int)n;
-            sent += n;
             continue;
         }
         int err = errno;
         if (n < 0 && err == EINTR)
             continue;
+        if (n < 0 && (err == EAGAIN || err == EWOULDBLOCK))
+            break;
+        struct msghdr *h = &tx_msgs[done].msg_hdr;
+        if (n < 0 && h->msg_controllen != 0) {
+            /* The kernel refused the GSO message (no offload on the route, a segment
+             * above the MTU, an old kernel): send its frames one by one instead. */
+            if (err == EIO || err == ENOPROTOOPT || err == EOPNOTSUPP)
+                gso_enabled = 0;
+            sent += send_one_by_one(fd, h->msg_iov, (unsigned int)h->msg_iovlen,
+                                    h->msg_name, h->msg_namelen);
+            done++;
+            continue;
+        }
         if (n < 0 && (is_stale_icmp_error(err) || err == EACCES || err == EPERM ||
                       err == EINVAL || err == EAFNOSUPPORT || err == EADDRNOTAVAIL)) {
             done++; /* this one datagram cannot go; the others may */
             continue;
         }
-        break; /* EAGAIN (buffer full) or worse: drop what is left */
+        break; /* worse: drop what is left */
     }
+    *full = done < count;
     return sent;
 }
 
@@ -299,40 +349,12 @@ send_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 return NULL;
             prepare(count, PyTuple_GET_ITEM(item, 0), &tx_names[count], namelen);
         }
-        sent += send_prepared(fd, count);
-    }
-    return PyLong_FromSsize_t(sent);
-}
-
-/* GSO: at most this many segments (the kernel's UDP_MAX_SEGMENTS) and bytes per run. */
-#define GSO_SEGMENTS 64
-#define GSO_BYTES 65000
-#define MANY_MAX 512 /* frames prepared per round of send_many_to */
-
-/* Cleared for good when the kernel or the route refuses UDP_SEGMENT (EIO: no checksum
- * offload on the way out; ENOPROTOOPT, EOPNOTSUPP: an older kernel). */
-static int gso_enabled = 1;
-
-static struct iovec many_iov[MANY_MAX];
-static union {
-    char buf[CMSG_SPACE(sizeof(uint16_t))];
-    struct cmsghdr align;
-} many_cmsg[BATCH];
-static unsigned int many_frames[BATCH]; /* frames in each prepared message */
-
-static int
-send_one_by_one(int fd, struct iovec *iov, unsigned int count,
-                const struct sockaddr_storage *name, socklen_t namelen)
-{
-    int sent = 0;
-    for (unsigned int k = 0; k < count; k++) {
-        if (sendto(fd, iov[k].iov_base, iov[k].iov_len, MSG_DONTWAIT,
-                   (const struct sockaddr *)name, namelen) >= 0)
-            sent++;
-        else if (errno == EAGAIN || errno == EWOULDBLOCK)
+        int full;
+        sent += send_prepared(fd, count, NULL, &full);
+        if (full)
             break;
     }
-    return sent;
+    return PyLong_FromSsize_t(sent);
 }
 
 PyDoc_STRVAR(send_many_to_doc,
@@ -405,31 +427,10 @@ send_many_to(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             many_frames[messages] = run;
             messages++;
         }
-        unsigned int done = 0;
-        while (done < messages) {
-            int n = sendmmsg(fd, tx_msgs + done, messages - done, MSG_DONTWAIT);
-            if (n > 0) {
-                for (int k = 0; k < n; k++)
-                    sent += many_frames[done + (unsigned int)k];
-                done += (unsigned int)n;
-                continue;
-            }
-            int err = errno;
-            if (n < 0 && err == EINTR)
-                continue;
-            if (n < 0 && (err == EAGAIN || err == EWOULDBLOCK))
-                return PyLong_FromSsize_t(sent); /* full: drop the rest, as UDP would */
-            struct msghdr *h = &tx_msgs[done].msg_hdr;
-            if (h->msg_controllen != 0) {
-                /* The kernel refused the GSO message (no offload on the route, a segment
-                 * above the MTU, an old kernel): send its frames one by one instead. */
-                if (err == EIO || err == ENOPROTOOPT || err == EOPNOTSUPP)
-                    gso_enabled = 0;
-                sent += send_one_by_one(fd, h->msg_iov, (unsigned int)h->msg_iovlen, &name,
-                                        namelen);
-            }
-            done++; /* a plain datagram that cannot go (ICMP error, ...): skip it */
-        }
+        int full;
+        sent += send_prepared(fd, messages, many_frames, &full);
+        if (full)
+            break;
     }
     return PyLong_FromSsize_t(sent);
 }

@@ -78,12 +78,7 @@ def _send_batch(sock: _socket.socket, items: list[tuple[bytes, Address]]) -> int
 
 
 def _send_many_to(sock: _socket.socket, address: Address, frames: list[bytes]) -> int:
-    sent = 0
-    for frame in frames:
-        if not _send_one(sock, frame, address):
-            break
-        sent += 1
-    return sent
+    return _send_batch(sock, [(frame, address) for frame in frames])
 
 
 RecvBatch = Callable[[_socket.socket, int], list[tuple[bytes, Address]]]

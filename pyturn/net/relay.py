@@ -123,21 +123,20 @@ class RelayPoller:
 
 
 class RelayEndpoint:
-    """A bound relay port; `allocation` and `sink` are set once the Allocate succeeds."""
+    """A bound relay port; `allocation` and `send_frames` are set once the Allocate
+    succeeds."""
 
-    __slots__ = ("_poller", "allocation", "port", "send_frames", "sink", "sock")
+    __slots__ = ("_poller", "allocation", "port", "send_frames", "sock")
 
     def __init__(self, sock: _socket.socket, port: int, poller: RelayPoller) -> None:
         self.sock = sock
         self.port = port
         self._poller = poller
         self.allocation: Allocation | None = None
-        self.sink: ClientSink | None = None
         self.send_frames: Callable[[list[bytes]], None] | None = None
 
     def attach(self, allocation: Allocation, sink: ClientSink) -> None:
         self.allocation = allocation
-        self.sink = sink
         # A UDP client's sink sends a list of frames in one call (udp.UdpClientSink.many);
         # looked up by name: an isinstance check on a Protocol costs several us here.
         many: Callable[[list[bytes]], None] | None = getattr(sink, "many", None)
@@ -192,7 +191,6 @@ class RelayEndpoint:
         # The allocation points back at this endpoint: cutting the cycle frees both
         # at once instead of at some later full collection.
         self.allocation = None
-        self.sink = None
         self.send_frames = None
 
 

@@ -517,8 +517,7 @@ class TurnServer:
         peak, refilled per-source budgets and cached addresses. O(live allocations), for
         the I/O layer to call once many allocations have ended, never per packet."""
         self.ended_since_compact = 0
-        self._timers = [t for t in self._timers if not t[2].closed]
-        heapq.heapify(self._timers)
+        self._drop_stale_timers()
         # Dicts never shrink as entries go; a copy is sized for what is left.
         self.allocations = dict(self.allocations)
         self.peer_connections = dict(self.peer_connections)
@@ -532,6 +531,11 @@ class TurnServer:
         self.auth.forget_cached()
         self._mapped_v4 = {}
 
+    def _drop_stale_timers(self) -> None:
+        """Rebuild the timer heap without the entries of closed allocations."""
+        self._timers = [t for t in self._timers if not t[2].closed]
+        heapq.heapify(self._timers)
+
     def _delete(self, allocation: Allocation, reason: str, now: float) -> AllocationDeleted:
         allocation.closed = True
         self.allocations.pop(allocation.five_tuple, None)
@@ -539,8 +543,7 @@ class TurnServer:
         # A deleted allocation's timer entry would stay until its old deadline (up to
         # max_lifetime): under churn, drop the stale entries once they dominate.
         if len(self._timers) > 2 * len(self.allocations) + 64:
-            self._timers = [t for t in self._timers if not t[2].closed]
-            heapq.heapify(self._timers)
+            self._drop_stale_timers()
         self._uncount(allocation.quota_user)
         self.binder.release(allocation.relay)
         self.pools[allocation.family].put(allocation.relay.port)

@@ -206,6 +206,10 @@ class Supervisor:
             raise StartupError("a worker failed to start (see its log line above)")
         if self.config.metrics.enabled:
             await self._start_ops_endpoint()
+            if self.state != "starting":
+                # The signal came while the endpoint started: the workers are draining,
+                # and "serving" now would take their exits for crashes and restart them.
+                return
         self.state = "serving"
         log.info(
             "ready in %.0f ms: %d workers, relay ports %d-%d split between them",

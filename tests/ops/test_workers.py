@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pyturn.config import parse_config
-from pyturn.net.supervisor import merge_expositions, relay_slice, worker_config
+from pyturn.net.supervisor import Supervisor, merge_expositions, relay_slice, worker_config
 from tests.interop.test_turnutils import CLIENTS, MESSAGES, run_uclient
 from tests.ops.conftest import StartServer
 from tests.ops.helpers import OpsServer, parse_metrics, value, wait_until
@@ -127,3 +127,44 @@ def test_sigterm_while_the_workers_start_still_stops_everything(tmp_path: Path) 
             if process.poll() is None:
                 process.kill()
                 process.wait(timeout=5)
+
+
+def test_sigterm_while_the_metrics_endpoint_starts_still_stops_everything(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The last await of start-up: a stop signal handled there must not be overwritten by
+    "serving" (the workers' exits were then taken for crashes and restarted, forever)."""
+    import asyncio
+
+    from tests.interop.server_process import LOOPBACK, base_config, merge_config
+
+    config = parse_config(
+        merge_config(
+            base_config(),
+            {"workers": 2, "metrics": {"enabled": True, "address": LOOPBACK, "port": 0}},
+        ),
+        source="test",
+    )
+    start_endpoint = Supervisor._start_ops_endpoint
+
+    async def signalled_meanwhile(self: Supervisor) -> None:
+        await start_endpoint(self)
+        self._on_stop_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(Supervisor, "_start_ops_endpoint", signalled_meanwhile)
+
+    async def run() -> Supervisor:
+        supervisor = Supervisor(config, None, 2)
+        try:
+            await asyncio.wait_for(supervisor.start(), 20)
+            await asyncio.wait_for(supervisor.wait(), 20)
+        finally:
+            for worker in list(supervisor.workers.values()):
+                if worker.process.returncode is None:
+                    worker.process.kill()
+                    await worker.process.wait()
+        return supervisor
+
+    supervisor = asyncio.run(run())
+    assert supervisor.restarts == 0
+    assert supervisor.state == "draining"

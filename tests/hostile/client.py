@@ -395,9 +395,13 @@ class EchoPeer:
             if len(self.received) < 1000:
                 self.received.append((source, data))
             if self.echo:
-                with contextlib.suppress(OSError):
+                # Counted before the send: a test that has seen the echo must also see
+                # the count (this thread could otherwise lose the GIL in between).
+                self.echoed += 1
+                try:
                     self.sock.sendto(data, addr)
-                    self.echoed += 1
+                except OSError:
+                    self.echoed -= 1
 
     def close(self) -> None:
         self._stop.set()

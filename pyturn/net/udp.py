@@ -120,6 +120,10 @@ class UdpListener:
                         if send is None:
                             continue
                     else:
+                        if to_peers:
+                            # This message may end an allocation and close its relay
+                            # socket: what was queued for peers before it goes now.
+                            self._send_to_peers(to_peers)
                         actions = receive(data, five_tuple, now)
                         if not actions:
                             continue
@@ -139,16 +143,22 @@ class UdpListener:
                     break
         finally:
             self._pending = None
-            for (relay, peer), payloads in to_peers.items():
-                if isinstance(relay, RelayEndpoint):
-                    send_many_to(relay.sock, peer, payloads)
-                else:
-                    for payload in payloads:
-                        relay.sendto(payload, peer)
+            if to_peers:
+                self._send_to_peers(to_peers)
             if pending:
                 send_batch(sock, pending)
         # Datagrams left past the budget keep the socket readable (epoll is level-
         # triggered): the next turn of the loop reads on.
+
+    @staticmethod
+    def _send_to_peers(to_peers: dict[tuple[RelaySocket, Address], list[bytes]]) -> None:
+        for (relay, peer), payloads in to_peers.items():
+            if isinstance(relay, RelayEndpoint):
+                send_many_to(relay.sock, peer, payloads)
+            else:
+                for payload in payloads:
+                    relay.sendto(payload, peer)
+        to_peers.clear()
 
     def send(self, data: bytes, client: Address) -> None:
         pending = self._pending

@@ -3,9 +3,10 @@
  *
  * On loopback the kernel's per-datagram cost dominates a relay, and uvloop makes one
  * recvfrom and one Python callback per datagram. This module lets the I/O layer read a
- * whole queue of datagrams, and write a batch of them, in one call each. It knows nothing
- * about TURN: routing stays in Python (pyturn/net/batch.py has the same functions in pure
- * Python, used when this module could not be built).
+ * whole queue of datagrams, and write a batch of them, in one call each; and it relays
+ * the ChannelData of UDP clients itself, by the core's rules and on the core's own state
+ * (the last section). pyturn/net/batch.py has the same functions in pure Python, used
+ * when this module could not be built; there Python does all the routing.
  *
  * Frames for one destination go out with UDP GSO when the kernel has it (Linux 4.18+):
  * a run of equal-sized frames (the last may be shorter) becomes one message carrying
@@ -24,6 +25,7 @@
 #include <netinet/in.h>
 #include <netinet/udp.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 
 #ifndef UDP_SEGMENT
@@ -103,6 +105,36 @@ is_stale_icmp_error(int err)
            err == EHOSTDOWN || err == ENETDOWN || err == EMSGSIZE;
 }
 
+static int
+ensure_rx_buffers(void)
+{
+    if (rx_buffers == NULL) {
+        rx_buffers = PyMem_RawMalloc((size_t)BATCH * SLOT);
+        if (rx_buffers == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* One recvmmsg of up to vlen datagrams into the slots, each read `headroom` bytes past
+ * the start of its slot (room for a ChannelData header in front of a peer's payload). */
+static int
+receive(int fd, unsigned int vlen, size_t headroom)
+{
+    for (unsigned int i = 0; i < vlen; i++) {
+        rx_iov[i].iov_base = rx_buffers + (size_t)i * SLOT + headroom;
+        rx_iov[i].iov_len = SLOT - headroom;
+        memset(&rx_msgs[i].msg_hdr, 0, sizeof rx_msgs[i].msg_hdr);
+        rx_msgs[i].msg_hdr.msg_name = &rx_names[i];
+        rx_msgs[i].msg_hdr.msg_namelen = sizeof rx_names[i];
+        rx_msgs[i].msg_hdr.msg_iov = &rx_iov[i];
+        rx_msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    return recvmmsg(fd, rx_msgs, vlen, MSG_DONTWAIT, NULL);
+}
+
 PyDoc_STRVAR(recv_batch_doc,
 "recv_batch(sock, limit) -> list[tuple[bytes, tuple[str, int]]]\n\n"
 "Every datagram queued on the non-blocking socket, up to limit, in one or a few\n"
@@ -121,11 +153,8 @@ recv_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
     if (limit < 0 && PyErr_Occurred())
         return NULL;
-    if (rx_buffers == NULL) {
-        rx_buffers = PyMem_RawMalloc((size_t)BATCH * SLOT);
-        if (rx_buffers == NULL)
-            return PyErr_NoMemory();
-    }
+    if (ensure_rx_buffers() < 0)
+        return NULL;
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
@@ -133,16 +162,7 @@ recv_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     while (PyList_GET_SIZE(out) < limit) {
         Py_ssize_t want = limit - PyList_GET_SIZE(out);
         unsigned int vlen = want > BATCH ? BATCH : (unsigned int)want;
-        for (unsigned int i = 0; i < vlen; i++) {
-            rx_iov[i].iov_base = rx_buffers + (size_t)i * SLOT;
-            rx_iov[i].iov_len = SLOT;
-            memset(&rx_msgs[i].msg_hdr, 0, sizeof rx_msgs[i].msg_hdr);
-            rx_msgs[i].msg_hdr.msg_name = &rx_names[i];
-            rx_msgs[i].msg_hdr.msg_namelen = sizeof rx_names[i];
-            rx_msgs[i].msg_hdr.msg_iov = &rx_iov[i];
-            rx_msgs[i].msg_hdr.msg_iovlen = 1;
-        }
-        int n = recvmmsg(fd, rx_msgs, vlen, MSG_DONTWAIT, NULL);
+        int n = receive(fd, vlen, 0);
         if (n < 0) {
             int err = errno;
             if (err == EINTR || (is_stale_icmp_error(err) && ++stale_errors < 64))
@@ -357,6 +377,60 @@ send_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(sent);
 }
 
+/* Send `total` frames to one address: UDP GSO for runs of equal-sized frames (the last
+ * of a run may be shorter), sendmmsg for the rest. Returns how many datagrams went out;
+ * *full is set when the socket could not take them all (the rest are dropped). */
+static Py_ssize_t
+send_runs(int fd, const struct sockaddr_storage *name, socklen_t namelen,
+          const struct iovec *frames, Py_ssize_t total, int *full)
+{
+    Py_ssize_t next = 0, sent = 0;
+    *full = 0;
+    while (next < total) {
+        /* Prepare up to BATCH messages from up to MANY_MAX frames. */
+        unsigned int used = 0, messages = 0;
+        while (next < total && messages < BATCH && used < MANY_MAX) {
+            size_t size = frames[next].iov_len;
+            unsigned int start = used, run = 0;
+            size_t bytes = 0;
+            while (next < total && used < MANY_MAX) {
+                size_t len = frames[next].iov_len;
+                /* An empty frame never joins a run: as its last segment it would vanish. */
+                if (run > 0 && (!gso_enabled || size == 0 || len == 0 || len > size ||
+                                run == GSO_SEGMENTS || bytes + len > GSO_BYTES))
+                    break;
+                many_iov[used] = frames[next];
+                used++, run++, next++;
+                bytes += len;
+                if (len < size)
+                    break; /* a shorter segment can only be the last of a run */
+            }
+            struct msghdr *h = &tx_msgs[messages].msg_hdr;
+            memset(h, 0, sizeof *h);
+            h->msg_name = (void *)name;
+            h->msg_namelen = namelen;
+            h->msg_iov = &many_iov[start];
+            h->msg_iovlen = run;
+            if (run > 1) {
+                h->msg_control = many_cmsg[messages].buf;
+                h->msg_controllen = sizeof many_cmsg[messages].buf;
+                struct cmsghdr *c = CMSG_FIRSTHDR(h);
+                c->cmsg_level = SOL_UDP;
+                c->cmsg_type = UDP_SEGMENT;
+                c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+                uint16_t segment = (uint16_t)size;
+                memcpy(CMSG_DATA(c), &segment, sizeof segment);
+            }
+            many_frames[messages] = run;
+            messages++;
+        }
+        sent += send_prepared(fd, messages, many_frames, full);
+        if (*full)
+            break;
+    }
+    return sent;
+}
+
 PyDoc_STRVAR(send_many_to_doc,
 "send_many_to(sock, address, frames) -> int\n\n"
 "Send every bytes object of the list frames to one (host, port), with UDP GSO for runs\n"
@@ -385,54 +459,476 @@ send_many_to(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
     }
-    Py_ssize_t next = 0;
-    while (next < total) {
-        /* Prepare up to BATCH messages from up to MANY_MAX frames. */
-        unsigned int used = 0, messages = 0;
-        while (next < total && messages < BATCH && used < MANY_MAX) {
-            PyObject *first = PyList_GET_ITEM(frames, next);
-            size_t size = (size_t)PyBytes_GET_SIZE(first);
-            unsigned int start = used, run = 0;
-            size_t bytes = 0;
-            while (next < total && used < MANY_MAX) {
-                PyObject *frame = PyList_GET_ITEM(frames, next);
-                size_t len = (size_t)PyBytes_GET_SIZE(frame);
-                /* An empty frame never joins a run: as its last segment it would vanish. */
-                if (run > 0 && (!gso_enabled || size == 0 || len == 0 || len > size ||
-                                run == GSO_SEGMENTS || bytes + len > GSO_BYTES))
-                    break;
-                many_iov[used].iov_base = PyBytes_AS_STRING(frame);
-                many_iov[used].iov_len = len;
-                used++, run++, next++;
-                bytes += len;
-                if (len < size)
-                    break; /* a shorter segment can only be the last of a run */
-            }
-            struct msghdr *h = &tx_msgs[messages].msg_hdr;
-            memset(h, 0, sizeof *h);
-            h->msg_name = &name;
-            h->msg_namelen = namelen;
-            h->msg_iov = &many_iov[start];
-            h->msg_iovlen = run;
-            if (run > 1) {
-                h->msg_control = many_cmsg[messages].buf;
-                h->msg_controllen = sizeof many_cmsg[messages].buf;
-                struct cmsghdr *c = CMSG_FIRSTHDR(h);
-                c->cmsg_level = SOL_UDP;
-                c->cmsg_type = UDP_SEGMENT;
-                c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
-                uint16_t segment = (uint16_t)size;
-                memcpy(CMSG_DATA(c), &segment, sizeof segment);
-            }
-            many_frames[messages] = run;
-            messages++;
+    static struct iovec chunk[MANY_MAX];
+    for (Py_ssize_t start = 0; start < total; start += MANY_MAX) {
+        Py_ssize_t count = total - start < MANY_MAX ? total - start : MANY_MAX;
+        for (Py_ssize_t k = 0; k < count; k++) {
+            PyObject *frame = PyList_GET_ITEM(frames, start + k);
+            chunk[k].iov_base = PyBytes_AS_STRING(frame);
+            chunk[k].iov_len = (size_t)PyBytes_GET_SIZE(frame);
         }
         int full;
-        sent += send_prepared(fd, messages, many_frames, &full);
+        sent += send_runs(fd, &name, namelen, chunk, count, &full);
         if (full)
             break;
     }
     return PyLong_FromSsize_t(sent);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The ChannelData fast path, both directions, for UDP clients.
+ *
+ * At a moderate rate every datagram wakes the process alone, and the Python code around
+ * one datagram costs as much as the two system calls; so the commonest case is served
+ * here, reading the core's own state (nothing is copied, so nothing can go stale):
+ * TurnServer.allocations, and on an Allocation `channel_peers`, `channel_headers`,
+ * `permissions`, `relay`, `relay6` and the four traffic counters (see
+ * pyturn/core/allocation.py). The rules are those of TurnServer.route_channel_data and
+ * Allocation.frame_for_client; anything outside the common case is handed back to
+ * them, which stay the reference.
+ */
+
+static PyObject *s_udp, *s_channel_peers, *s_channel_headers, *s_permissions, *s_relay,
+    *s_relay6, *s_sock, *s_allocation, *s_udp_target, *s_frame_for_client,
+    *s_packets_to_peer, *s_bytes_to_peer, *s_packets_to_client, *s_bytes_to_client;
+
+static int
+intern_names(void)
+{
+    struct { PyObject **slot; const char *text; } names[] = {
+        {&s_udp, "udp"}, {&s_channel_peers, "channel_peers"},
+        {&s_channel_headers, "channel_headers"}, {&s_permissions, "permissions"},
+        {&s_relay, "relay"}, {&s_relay6, "relay6"}, {&s_sock, "sock"},
+        {&s_allocation, "allocation"}, {&s_udp_target, "udp_target"},
+        {&s_frame_for_client, "frame_for_client"},
+        {&s_packets_to_peer, "packets_to_peer"}, {&s_bytes_to_peer, "bytes_to_peer"},
+        {&s_packets_to_client, "packets_to_client"},
+        {&s_bytes_to_client, "bytes_to_client"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        *names[i].slot = PyUnicode_InternFromString(names[i].text);
+        if (*names[i].slot == NULL)
+            return -1;
+    }
+    return 0;
+}
+
+/* obj.name += amount */
+static int
+add_to(PyObject *obj, PyObject *name, Py_ssize_t amount)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL)
+        return -1;
+    PyObject *delta = PyLong_FromSsize_t(amount);
+    if (delta == NULL) {
+        Py_DECREF(value);
+        return -1;
+    }
+    PyObject *sum = PyNumber_Add(value, delta);
+    Py_DECREF(value);
+    Py_DECREF(delta);
+    if (sum == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(obj, name, sum);
+    Py_DECREF(sum);
+    return rc;
+}
+
+static int
+same_address(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+    if (a->ss_family != b->ss_family)
+        return 0;
+    if (a->ss_family == AF_INET) {
+        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
+        return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+    }
+    if (a->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
+        return x->sin6_port == y->sin6_port &&
+               memcmp(&x->sin6_addr, &y->sin6_addr, sizeof x->sin6_addr) == 0;
+    }
+    return 0;
+}
+
+/* A payload on its way to a peer: a slice of a receive slot. */
+struct forward {
+    int fd;
+    socklen_t namelen;
+    struct sockaddr_storage name;
+    struct iovec payload;
+    int sent;
+};
+
+static struct forward forwards[BATCH];
+
+/* TurnServer.route_channel_data for one datagram from a UDP client: 1 when it is queued
+ * in *f (counters counted), 0 when Python must look at it, -1 on an error. */
+static int
+route_channel_data(const unsigned char *b, size_t len, const struct sockaddr_storage *from,
+                   PyObject *allocations, PyObject *local, struct forward *f)
+{
+    PyObject *client = address_tuple(from);
+    if (client == NULL)
+        return -1;
+    PyObject *key = PyTuple_Pack(3, s_udp, client, local);
+    Py_DECREF(client);
+    if (key == NULL)
+        return -1;
+    PyObject *allocation = PyDict_GetItemWithError(allocations, key);
+    Py_DECREF(key);
+    if (allocation == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    Py_INCREF(allocation);
+    int result = 0;
+    PyObject *peers = NULL, *number = NULL, *relay = NULL, *sock = NULL;
+    peers = PyObject_GetAttr(allocation, s_channel_peers);
+    if (peers == NULL || !PyDict_Check(peers))
+        goto python;
+    number = PyLong_FromLong(((long)b[0] << 8) | b[1]);
+    if (number == NULL)
+        goto error;
+    PyObject *peer = PyDict_GetItemWithError(peers, number); /* borrowed from peers */
+    if (peer == NULL) {
+        if (PyErr_Occurred())
+            goto error;
+        goto done;
+    }
+    size_t end = 4 + (((size_t)b[2] << 8) | b[3]);
+    if (end > len)
+        goto done;
+    if (parse_address(peer, &f->name, &f->namelen) < 0)
+        goto python;
+    /* Allocation.relay_for: an IPv6 peer of a dual-stack allocation uses relay6. */
+    relay = PyObject_GetAttr(allocation, s_relay6);
+    if (relay == NULL)
+        goto python;
+    if (relay == Py_None || f->name.ss_family != AF_INET6) {
+        Py_DECREF(relay);
+        relay = PyObject_GetAttr(allocation, s_relay);
+        if (relay == NULL)
+            goto python;
+    }
+    sock = PyObject_GetAttr(relay, s_sock);
+    if (sock == NULL)
+        goto python;
+    f->fd = PyObject_AsFileDescriptor(sock);
+    if (f->fd < 0)
+        goto python;
+    if (add_to(allocation, s_packets_to_peer, 1) < 0 ||
+        add_to(allocation, s_bytes_to_peer, (Py_ssize_t)(end - 4)) < 0)
+        goto error;
+    f->payload.iov_base = (void *)(b + 4);
+    f->payload.iov_len = end - 4;
+    f->sent = 0;
+    result = 1;
+    goto done;
+python: /* not the common case (a relay without a socket, an odd peer): Python decides */
+    PyErr_Clear();
+    result = 0;
+    goto done;
+error:
+    result = -1;
+done:
+    Py_XDECREF(peers);
+    Py_XDECREF(number);
+    Py_XDECREF(relay);
+    Py_XDECREF(sock);
+    Py_DECREF(allocation);
+    return result;
+}
+
+/* Send the queued payloads, one send_runs per (relay socket, peer) in arrival order. */
+static void
+flush_forwards(int count)
+{
+    struct iovec frames[BATCH];
+    for (int i = 0; i < count; i++) {
+        if (forwards[i].sent)
+            continue;
+        Py_ssize_t k = 0;
+        for (int j = i; j < count; j++) {
+            struct forward *f = &forwards[j];
+            if (!f->sent && f->fd == forwards[i].fd && same_address(&f->name, &forwards[i].name)) {
+                frames[k++] = f->payload;
+                f->sent = 1;
+            }
+        }
+        int full;
+        send_runs(forwards[i].fd, &forwards[i].name, forwards[i].namelen, frames, k, &full);
+    }
+}
+
+PyDoc_STRVAR(forward_channel_data_doc,
+"forward_channel_data(sock, limit, allocations, local) -> tuple[int, list[Datagram]]\n\n"
+"Read up to limit datagrams from a UDP client listener bound to local, as recv_batch\n"
+"does, and relay the ChannelData of bound channels to their peers at once (what\n"
+"TurnServer.route_channel_data would do, counters included). Returns how many\n"
+"datagrams were read and the (data, client) pairs left for Python, in their order. Once\n"
+"a client has a datagram left for Python, its later ones in the batch are left too, so\n"
+"that each client's datagrams take effect in the order they came.");
+
+static PyObject *
+forward_channel_data(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyDict_Check(args[2]) || !PyTuple_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "forward_channel_data(sock, limit, allocations: dict, local: tuple)");
+        return NULL;
+    }
+    int fd = PyObject_AsFileDescriptor(args[0]);
+    if (fd < 0)
+        return NULL;
+    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
+    if (limit < 0 && PyErr_Occurred())
+        return NULL;
+    if (ensure_rx_buffers() < 0)
+        return NULL;
+    PyObject *allocations = args[2], *local = args[3];
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t received = 0;
+    int stale_errors = 0;
+    while (received < limit) {
+        unsigned int vlen = limit - received > BATCH ? BATCH : (unsigned int)(limit - received);
+        int n = receive(fd, vlen, 0);
+        if (n < 0) {
+            int err = errno;
+            if (err == EINTR || (is_stale_icmp_error(err) && ++stale_errors < 64))
+                continue;
+            if (err == EAGAIN || err == EWOULDBLOCK || is_stale_icmp_error(err) || received)
+                break;
+            Py_DECREF(out);
+            errno = err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        received += n;
+        /* Clients with a datagram left for Python in this batch. */
+        struct sockaddr_storage *deferred[BATCH];
+        int queued = 0, ndeferred = 0;
+        for (int i = 0; i < n; i++) {
+            if (rx_msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
+                continue;
+            const unsigned char *b = rx_iov[i].iov_base;
+            size_t len = rx_msgs[i].msg_len;
+            if (len >= 4 && b[0] >= 0x40 && b[0] <= 0x7F) {
+                int waits = 0;
+                for (int d = 0; d < ndeferred && !waits; d++)
+                    waits = same_address(deferred[d], &rx_names[i]);
+                if (!waits) {
+                    int routed = route_channel_data(b, len, &rx_names[i], allocations, local,
+                                                    &forwards[queued]);
+                    if (routed < 0)
+                        goto fail;
+                    if (routed) {
+                        queued++;
+                        continue;
+                    }
+                }
+            }
+            deferred[ndeferred++] = &rx_names[i];
+            PyObject *pair = Py_BuildValue(
+                "(y#N)", (const char *)b, (Py_ssize_t)len, address_tuple(&rx_names[i]));
+            if (pair == NULL || PyList_Append(out, pair) < 0) {
+                Py_XDECREF(pair);
+                goto fail;
+            }
+            Py_DECREF(pair);
+        }
+        flush_forwards(queued);
+        if ((unsigned int)n < vlen)
+            break; /* the queue is empty */
+        continue;
+fail:
+        flush_forwards(queued);
+        Py_DECREF(out);
+        return NULL;
+    }
+    return Py_BuildValue("(nN)", received, out);
+}
+
+/* Allocation.frame_for_client for every datagram queued on one relay socket whose client
+ * is on UDP, sent to the client as soon as read: 1 when served, 0 when the endpoint is
+ * Python's (no UDP client, not attached yet), -1 on an error. */
+static int
+serve_relay(PyObject *endpoint, int fd, Py_ssize_t reads)
+{
+    PyObject *target = PyObject_GetAttr(endpoint, s_udp_target);
+    if (target == NULL)
+        return -1;
+    PyObject *allocation = NULL, *permissions = NULL, *headers = NULL, *made = NULL;
+    int result = 0;
+    if (target == Py_None || !PyTuple_Check(target) || PyTuple_GET_SIZE(target) != 2)
+        goto done;
+    allocation = PyObject_GetAttr(endpoint, s_allocation);
+    if (allocation == NULL)
+        goto error;
+    if (allocation == Py_None)
+        goto done;
+    permissions = PyObject_GetAttr(allocation, s_permissions);
+    headers = PyObject_GetAttr(allocation, s_channel_headers);
+    if (permissions == NULL || headers == NULL)
+        goto error;
+    if (!PyDict_Check(permissions) || !PyDict_Check(headers))
+        goto done;
+    int client_fd = PyObject_AsFileDescriptor(PyTuple_GET_ITEM(target, 0));
+    if (client_fd < 0)
+        goto error;
+    struct sockaddr_storage client;
+    socklen_t client_len;
+    if (parse_address(PyTuple_GET_ITEM(target, 1), &client, &client_len) < 0)
+        goto error;
+    if (ensure_rx_buffers() < 0)
+        goto error;
+    made = PyList_New(0); /* Data indications, alive until sent */
+    if (made == NULL)
+        goto error;
+    result = 1;
+    Py_ssize_t done_reads = 0;
+    int stale_errors = 0;
+    while (done_reads < reads) {
+        unsigned int vlen = reads - done_reads > BATCH ? BATCH : (unsigned int)(reads - done_reads);
+        int n = receive(fd, vlen, 4); /* room for the ChannelData header */
+        if (n < 0) {
+            if (errno == EINTR || (is_stale_icmp_error(errno) && ++stale_errors < 64))
+                continue;
+            break; /* empty, or an error the next wake-up meets again */
+        }
+        done_reads += n;
+        struct iovec frames[BATCH];
+        Py_ssize_t count = 0, payload_bytes = 0;
+        for (int i = 0; i < n; i++) {
+            if (rx_msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
+                continue;
+            unsigned char *b = rx_iov[i].iov_base;
+            size_t len = rx_msgs[i].msg_len;
+            PyObject *peer = address_tuple(&rx_names[i]);
+            if (peer == NULL)
+                goto error;
+            int permitted = PyDict_Contains(permissions, PyTuple_GET_ITEM(peer, 0));
+            PyObject *header = permitted > 0 ? PyDict_GetItemWithError(headers, peer) : NULL;
+            if (permitted < 0 || (header == NULL && PyErr_Occurred())) {
+                Py_DECREF(peer);
+                goto error;
+            }
+            if (!permitted) {
+                Py_DECREF(peer);
+                continue; /* RFC 8656 §11.3: no permission, no relaying */
+            }
+            if (header != NULL && PyBytes_Check(header) && PyBytes_GET_SIZE(header) == 2) {
+                const char *h = PyBytes_AS_STRING(header);
+                b[-4] = (unsigned char)h[0];
+                b[-3] = (unsigned char)h[1];
+                b[-2] = (unsigned char)(len >> 8);
+                b[-1] = (unsigned char)len;
+                frames[count].iov_base = b - 4;
+                frames[count].iov_len = len + 4;
+            } else {
+                PyObject *data = PyBytes_FromStringAndSize((const char *)b, (Py_ssize_t)len);
+                PyObject *frame = data == NULL ? NULL : PyObject_CallMethodObjArgs(
+                    allocation, s_frame_for_client, peer, data, NULL);
+                Py_XDECREF(data);
+                if (frame == NULL) {
+                    Py_DECREF(peer);
+                    goto error;
+                }
+                if (!PyBytes_Check(frame) || PyList_Append(made, frame) < 0) {
+                    Py_DECREF(frame);
+                    Py_DECREF(peer);
+                    if (PyErr_Occurred())
+                        goto error;
+                    continue; /* None: dropped */
+                }
+                Py_DECREF(frame);
+                frames[count].iov_base = PyBytes_AS_STRING(frame);
+                frames[count].iov_len = (size_t)PyBytes_GET_SIZE(frame);
+            }
+            Py_DECREF(peer);
+            count++;
+            payload_bytes += (Py_ssize_t)len;
+        }
+        if (count) {
+            if (add_to(allocation, s_packets_to_client, count) < 0 ||
+                add_to(allocation, s_bytes_to_client, payload_bytes) < 0)
+                goto error;
+            int full;
+            send_runs(client_fd, &client, client_len, frames, count, &full);
+        }
+        if ((unsigned int)n < vlen)
+            break;
+    }
+    goto done;
+error:
+    result = -1;
+done:
+    Py_DECREF(target);
+    Py_XDECREF(allocation);
+    Py_XDECREF(permissions);
+    Py_XDECREF(headers);
+    Py_XDECREF(made);
+    return result;
+}
+
+#define MAX_EVENTS 256
+
+PyDoc_STRVAR(serve_relays_doc,
+"serve_relays(epoll, endpoints, limit, reads) -> list[endpoint]\n\n"
+"One epoll_wait (no waiting) on the relay sockets' epoll instance for up to limit\n"
+"ready sockets. endpoints maps each registered fd to its RelayEndpoint. Every ready\n"
+"endpoint with a UDP client (its udp_target) is served here: up to reads datagrams are\n"
+"read and sent to the client as ChannelData or Data indications (what\n"
+"Allocation.frame_for_client would make, counters included). Returns the ready\n"
+"endpoints left for Python (their readable()).");
+
+static PyObject *
+serve_relays(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "serve_relays(epoll, endpoints: dict, limit, reads)");
+        return NULL;
+    }
+    int epfd = PyObject_AsFileDescriptor(args[0]);
+    if (epfd < 0)
+        return NULL;
+    Py_ssize_t limit = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t reads = PyLong_AsSsize_t(args[3]);
+    if ((limit < 0 || reads < 0) && PyErr_Occurred())
+        return NULL;
+    struct epoll_event events[MAX_EVENTS];
+    int n = epoll_wait(epfd, events, limit > MAX_EVENTS ? MAX_EVENTS : (int)(limit < 1 ? 1 : limit), 0);
+    if (n < 0) {
+        if (errno != EINTR)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        n = 0;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (int i = 0; i < n; i++) {
+        PyObject *key = PyLong_FromLong(events[i].data.fd);
+        if (key == NULL)
+            goto fail;
+        PyObject *endpoint = PyDict_GetItemWithError(args[1], key);
+        Py_DECREF(key);
+        if (endpoint == NULL) {
+            if (PyErr_Occurred())
+                goto fail;
+            continue;
+        }
+        Py_INCREF(endpoint);
+        int served = serve_relay(endpoint, events[i].data.fd, reads);
+        if (served == 0 && PyList_Append(out, endpoint) < 0)
+            served = -1;
+        Py_DECREF(endpoint);
+        if (served < 0)
+            goto fail;
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
 }
 
 PyDoc_STRVAR(forget_addresses_doc,
@@ -458,6 +954,10 @@ static PyMethodDef batch_methods[] = {
     {"send_batch", (PyCFunction)(void (*)(void))send_batch, METH_FASTCALL, send_batch_doc},
     {"send_many_to", (PyCFunction)(void (*)(void))send_many_to, METH_FASTCALL,
      send_many_to_doc},
+    {"forward_channel_data", (PyCFunction)(void (*)(void))forward_channel_data, METH_FASTCALL,
+     forward_channel_data_doc},
+    {"serve_relays", (PyCFunction)(void (*)(void))serve_relays, METH_FASTCALL,
+     serve_relays_doc},
     {"gso", gso, METH_NOARGS, gso_doc},
     {"forget_addresses", forget_addresses, METH_NOARGS, forget_addresses_doc},
     {NULL, NULL, 0, NULL},
@@ -475,7 +975,7 @@ PyMODINIT_FUNC
 PyInit__batch(void)
 {
     ipv4_cache = PyDict_New();
-    if (ipv4_cache == NULL)
+    if (ipv4_cache == NULL || intern_names() < 0)
         return NULL;
     PyObject *module = PyModule_Create(&batch_module);
     if (module == NULL)

@@ -1,5 +1,9 @@
 # Types of the optional C module pyturn/net/_batch.c (see pyturn/net/batch.py).
 import _socket
+import select
+from typing import Any, TypeVar
+
+_Endpoint = TypeVar("_Endpoint")
 
 BATCH: int
 
@@ -10,5 +14,15 @@ def send_batch(sock: _socket.socket | int, items: list[Datagram], /) -> int: ...
 def send_many_to(
     sock: _socket.socket | int, address: tuple[str, int], frames: list[bytes], /
 ) -> int: ...
+def forward_channel_data(
+    sock: _socket.socket | int,
+    limit: int,
+    allocations: dict[Any, Any],
+    local: tuple[str, int],
+    /,
+) -> tuple[int, list[Datagram]]: ...
+def serve_relays(
+    epoll: select.epoll, endpoints: dict[int, _Endpoint], limit: int, reads: int, /
+) -> list[_Endpoint]: ...
 def gso() -> bool: ...
 def forget_addresses() -> None: ...

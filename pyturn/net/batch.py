@@ -1,9 +1,11 @@
 """Many UDP datagrams per call: recvmmsg/sendmmsg when the native module is built.
 
 `pyturn.net._batch` (C, compiled at install time by hatch_build.py) reads or writes up
-to 32 datagrams per system call. Without it the same functions below make one call per
-datagram, so behaviour is identical and only the speed differs. `NATIVE` says which one
-runs; the start-up log line names it.
+to 32 datagrams per system call, and relays the ChannelData of UDP clients in both
+directions itself (`forward_channel_data`, `serve_relays`). Without it the same
+functions below make one call per datagram and leave all routing to Python, so
+behaviour is identical and only the speed differs. `NATIVE` says which one runs; the
+start-up log line names it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import _socket
 import errno
 import os
+import select
 from collections.abc import Callable
+from typing import Any
 
 from pyturn.wire.attributes import Address
 
@@ -81,6 +85,26 @@ def _send_many_to(sock: _socket.socket, address: Address, frames: list[bytes]) -
     return _send_batch(sock, [(frame, address) for frame in frames])
 
 
+def _forward_channel_data(
+    sock: _socket.socket, limit: int, allocations: dict[Any, Any], local: Address
+) -> tuple[int, list[tuple[bytes, Address]]]:
+    """Relays nothing itself: every datagram read is left for Python."""
+    datagrams = _recv_batch(sock, limit)
+    return len(datagrams), datagrams
+
+
+def _serve_relays(
+    epoll: select.epoll, endpoints: dict[int, Any], limit: int, reads: int
+) -> list[Any]:
+    """Serves nothing itself: every ready endpoint is left for Python."""
+    ready = []
+    for fd, _ in epoll.poll(0, limit):
+        endpoint = endpoints.get(fd)
+        if endpoint is not None:
+            ready.append(endpoint)
+    return ready
+
+
 RecvBatch = Callable[[_socket.socket, int], list[tuple[bytes, Address]]]
 SendBatch = Callable[[_socket.socket, list[tuple[bytes, Address]]], int]
 SendManyTo = Callable[[_socket.socket, Address, list[bytes]], int]
@@ -90,12 +114,21 @@ def _forget_addresses() -> None:
     """The pure-Python functions keep no address cache."""
 
 
+ForwardChannelData = Callable[
+    [_socket.socket, int, dict[Any, Any], Address], tuple[int, list[tuple[bytes, Address]]]
+]
+
+# (epoll, endpoints by fd, sockets per call, reads per socket) -> endpoints left over
+ServeRelays = Callable[[select.epoll, dict[int, Any], int, int], list[Any]]
+
 recv_batch: RecvBatch = _recv_batch
 send_batch: SendBatch = _send_batch
 send_many_to: SendManyTo = _send_many_to
 # Drops the native module's cache of client address tuples: those of gone clients would
 # otherwise pin freed memory (the worker calls it when many allocations have ended).
 forget_addresses: Callable[[], None] = _forget_addresses
+forward_channel_data: ForwardChannelData = _forward_channel_data
+serve_relays: ServeRelays = _serve_relays
 NATIVE = False
 
 if not os.environ.get("PYTURN_NO_NATIVE"):
@@ -108,11 +141,13 @@ if not os.environ.get("PYTURN_NO_NATIVE"):
         send_batch = _batch.send_batch
         send_many_to = _batch.send_many_to
         forget_addresses = _batch.forget_addresses
+        forward_channel_data = _batch.forward_channel_data
+        serve_relays = _batch.serve_relays
         NATIVE = True
 
 
 def describe() -> str:
     """For the start-up log: which UDP I/O path this process runs."""
     if NATIVE:
-        return "udp i/o: recvmmsg/sendmmsg batches (native module)"
+        return "udp i/o: recvmmsg/sendmmsg batches, ChannelData relayed natively (native module)"
     return "udp i/o: one system call per datagram (native module not built or disabled)"

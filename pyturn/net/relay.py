@@ -6,7 +6,8 @@ descriptor, and one wake-up drains every datagram already queued (`batch.recv_ba
 The peer-to-client path is the fast path: a datagram becomes ChannelData or a Data
 indication in `Allocation.frame_for_client`, and the frames of one wake-up leave together
 through the client's sink (one sendmmsg for a UDP client), with no awaits, logging or
-clock reads.
+clock reads. With the native module, relays of UDP clients are served in C by
+`batch.serve_relays` by the same rules; the rest come back to `RelayEndpoint.readable`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import socket
 from collections.abc import Callable
 
 from pyturn.core.allocation import Allocation
-from pyturn.net.batch import recv_batch
+from pyturn.net.batch import recv_batch, serve_relays
 from pyturn.net.tcp_relay import TcpRelayListener, bind_tcp_listener
 from pyturn.wire.attributes import FAMILY_IPV4, Address
 
@@ -108,11 +109,11 @@ class RelayPoller:
 
     def _ready(self) -> None:
         assert self._epoll is not None
-        sockets = self._sockets
-        for fd, _ in self._epoll.poll(0, _SOCKETS_PER_WAKEUP):
-            endpoint = sockets.get(fd)
-            if endpoint is not None:
-                endpoint.readable()
+        left: list[RelayEndpoint] = serve_relays(
+            self._epoll, self._sockets, _SOCKETS_PER_WAKEUP, _READS_PER_WAKEUP
+        )
+        for endpoint in left:
+            endpoint.readable()
 
     def close(self) -> None:
         if self._epoll is not None:
@@ -126,7 +127,7 @@ class RelayEndpoint:
     """A bound relay port; `allocation` and `send_frames` are set once the Allocate
     succeeds."""
 
-    __slots__ = ("_poller", "allocation", "port", "send_frames", "sock")
+    __slots__ = ("_poller", "allocation", "port", "send_frames", "sock", "udp_target")
 
     def __init__(self, sock: _socket.socket, port: int, poller: RelayPoller) -> None:
         self.sock = sock
@@ -134,9 +135,12 @@ class RelayEndpoint:
         self._poller = poller
         self.allocation: Allocation | None = None
         self.send_frames: Callable[[list[bytes]], None] | None = None
+        # (listener socket, client address) of a UDP client, for batch.serve_relays.
+        self.udp_target: tuple[socket.socket, Address] | None = None
 
     def attach(self, allocation: Allocation, sink: ClientSink) -> None:
         self.allocation = allocation
+        self.udp_target = getattr(sink, "udp_target", None)
         # A UDP client's sink sends a list of frames in one call (udp.UdpClientSink.many);
         # looked up by name: an isinstance check on a Protocol costs several us here.
         many: Callable[[list[bytes]], None] | None = getattr(sink, "many", None)
@@ -192,6 +196,7 @@ class RelayEndpoint:
         # at once instead of at some later full collection.
         self.allocation = None
         self.send_frames = None
+        self.udp_target = None
 
 
 class UdpRelayBinder:

@@ -1,7 +1,9 @@
 """UDP client listener: every datagram from a client goes to the core, ChannelData first.
 
-The socket is read with `loop.add_reader` and `batch.recv_batch`, so one wake-up takes
-the whole queue in a few system calls (recvmmsg when the native module is built).
+The socket is read with `loop.add_reader` and `batch.forward_channel_data`, so one
+wake-up takes the whole queue in a few system calls (recvmmsg when the native module is
+built, which also relays the ChannelData of bound channels itself and hands the rest
+over).
 Replies made while a batch is handled are collected and leave together at its end
 (sendmmsg); anything sent outside a batch goes at once. Payloads for peers (ChannelData
 and Send indications) are grouped by (relay, peer) flow and leave at the end of the
@@ -18,7 +20,7 @@ from collections.abc import Callable
 
 from pyturn.core.allocation import FiveTuple, RelaySocket
 from pyturn.core.server import Action, SendToPeer, TurnServer
-from pyturn.net.batch import recv_batch, send_batch, send_many_to
+from pyturn.net.batch import forward_channel_data, send_batch, send_many_to
 from pyturn.net.relay import LISTENER_BUFFER, RelayEndpoint, grow_buffers
 from pyturn.net.sockets import bound_socket
 from pyturn.wire.attributes import Address
@@ -48,6 +50,11 @@ class UdpClientSink:
     def many(self, frames: list[bytes]) -> None:
         """Several datagrams to this client in one system call (relayed peer data)."""
         send_many_to(self.listener.sock, self.client, frames)
+
+    @property
+    def udp_target(self) -> tuple[socket.socket, Address]:
+        """Where the native relay path (batch.serve_relays) sends this client's frames."""
+        return self.listener.sock, self.client
 
 
 class UdpListener:
@@ -94,8 +101,9 @@ class UdpListener:
     def _readable(self) -> None:
         sock = self.sock
         local = self.local
-        route_channel_data = self.server.route_channel_data
-        receive = self.server.receive
+        server = self.server
+        route_channel_data = server.route_channel_data
+        receive = server.receive
         pending: list[tuple[bytes, Address]] = []
         self._pending = pending
         # Payloads for peers (ChannelData, Send indications) by (relay, peer): one
@@ -104,13 +112,17 @@ class UdpListener:
         try:
             budget = _DATAGRAMS_PER_WAKEUP
             while budget > 0:
+                want = min(_BATCH, budget)
                 try:
-                    datagrams = recv_batch(sock, min(_BATCH, budget))
+                    # The relayed ChannelData is gone already; `datagrams` is the rest.
+                    received, datagrams = forward_channel_data(
+                        sock, want, server.allocations, local
+                    )
                 except OSError as exc:
                     log.debug("udp listener %s: %s", local, exc)
                     return
-                budget -= len(datagrams)
-                now = self.clock()  # one clock read per batch: it takes microseconds
+                budget -= received
+                now = self.clock() if datagrams else 0.0  # only STUN needs the time
                 for data, client in datagrams:
                     five_tuple: FiveTuple = ("udp", client, local)
                     send: SendToPeer | Action | None
@@ -139,7 +151,7 @@ class UdpListener:
                         to_peers[flow] = [send.data]
                     else:
                         queued.append(send.data)
-                if len(datagrams) < _BATCH:
+                if received < want:
                     break
         finally:
             self._pending = None

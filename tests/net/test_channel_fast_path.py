@@ -1,0 +1,168 @@
+"""The ChannelData fast path of UDP clients, native (`batch.forward_channel_data`,
+`batch.serve_relays`) and pure Python (PYTURN_NO_NATIVE=1): a real server must relay,
+drop and count the same way with either, and a client's datagrams must take effect in
+the order they came even when the native path takes some of a batch and Python the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from pyturn.wire.attributes import ChannelNumber, Lifetime, XorPeerAddress
+from pyturn.wire.channel_data import channel_header
+from pyturn.wire.message import Method
+from tests.hostile.client import LOOPBACK, TurnClient, code_of, run
+from tests.interop.server_process import ServerProcess, base_config
+
+STEP = 2.0
+
+
+def _native_built() -> bool:
+    try:
+        from pyturn.net import _batch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("native", marks=pytest.mark.skipif(not _native_built(), reason="not built")),
+        "python",
+    ]
+)
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    env = {"PYTURN_NO_NATIVE": "1"} if request.param == "python" else {}
+    with ServerProcess(base_config(), tmp_path_factory.mktemp("fast-path"), env) as process:
+        which = "natively" if request.param == "native" else "one system call per datagram"
+        assert which in process.log_text
+        yield process
+
+
+class Peer:
+    """A plain UDP socket on loopback standing in for a WebRTC peer."""
+
+    def __init__(self, host: str = LOOPBACK) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.settimeout(STEP)
+        self.address: tuple[str, int] = self.sock.getsockname()
+
+    def receive(self, timeout: float = STEP) -> bytes | None:
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(70000)
+        except TimeoutError:
+            return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_channel_data_and_data_indications_both_ways_with_their_counters(
+    server: ServerProcess,
+) -> None:
+    bound, unbound, stranger = Peer(), Peer(), Peer("127.0.0.2")
+    payloads = [b"", b"x", b"a" * 100, b"b" * 1000]
+    mark = server.log_mark()
+
+    async def scenario() -> tuple[str, int]:
+        client = await TurnClient.open(server.udp_address)
+        try:
+            assert code_of(await client.allocate()) == 0
+            assert client.relayed is not None
+            assert code_of(await client.channel_bind(0x4000, bound.address)) == 0
+            for payload in payloads:
+                client.channel_data(0x4000, payload)
+            # Dropped: a channel nobody bound, a length past the datagram's end.
+            client.channel_data(0x4001, b"unbound")
+            client.send(channel_header(0x4000, 50) + b"short")
+            for payload in payloads:
+                assert bound.receive() == payload
+            assert bound.receive(0.3) is None
+            # Back: ChannelData from the bound peer, a Data indication from another port
+            # of the same IP (permitted, no channel), nothing from an IP without permission.
+            for payload in payloads[:3]:
+                bound.sock.sendto(payload, client.relayed)
+            unbound.sock.sendto(b"as a data indication", client.relayed)
+            stranger.sock.sendto(b"never", client.relayed)
+            got = [await client.receive(STEP) for _ in range(4)]
+            assert got == [
+                *[(0x4000, payload) for payload in payloads[:3]],
+                (unbound.address, b"as a data indication"),
+            ]
+            assert await client.receive(0.3) is None
+            assert code_of(await client.refresh(0)) == 0
+            return client.relayed
+        finally:
+            client.close()
+
+    try:
+        relayed = run(scenario())
+    finally:
+        for peer in (bound, unbound, stranger):
+            peer.close()
+    deleted = server.wait_for_event(
+        "allocation deleted", since=mark, relayed=f"{relayed[0]}:{relayed[1]}"
+    )
+    names = ("packets_to_peer", "bytes_to_peer", "packets_to_client", "bytes_to_client")
+    assert {name: int(deleted[name]) for name in names} == {
+        "packets_to_peer": 4,
+        "bytes_to_peer": 1101,
+        "packets_to_client": 4,
+        "bytes_to_client": 101 + len(b"as a data indication"),
+    }
+
+
+def test_a_clients_datagrams_take_effect_in_the_order_they_came(server: ServerProcess) -> None:
+    """The server is stopped while the client sends, so that everything arrives in one
+    batch: ChannelData right after the ChannelBind that makes its channel is relayed, and
+    ChannelData right after the Refresh that ends the allocation is not."""
+    peer = Peer()
+    pid = server.process.pid if server.process is not None else 0
+
+    async def paused(client: TurnClient, *datagrams: bytes) -> None:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for datagram in datagrams:
+                client.send(datagram)
+            await asyncio.sleep(0.2)  # all of it queued at the server's socket
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    def channel_data(data: bytes) -> bytes:
+        return channel_header(0x4000, len(data)) + data
+
+    async def scenario() -> list[bytes | None]:
+        client = await TurnClient.open(server.udp_address)
+        bind = [ChannelNumber(0x4000), XorPeerAddress(*peer.address)]
+        try:
+            assert code_of(await client.allocate()) == 0
+            await paused(
+                client,
+                client.codec.encode_request(Method.CHANNEL_BIND, bind),
+                channel_data(b"after the bind"),
+            )
+            got = [peer.receive()]
+            await paused(
+                client,
+                channel_data(b"before the end"),
+                client.codec.encode_request(Method.REFRESH, [Lifetime(0)]),
+                channel_data(b"after the end"),
+            )
+            return [*got, peer.receive(), peer.receive(0.5)]
+        finally:
+            client.close()
+
+    try:
+        assert run(scenario()) == [b"after the bind", b"before the end", None]
+    finally:
+        peer.close()

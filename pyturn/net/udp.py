@@ -24,6 +24,7 @@ from pyturn.net.batch import forward_channel_data, send_batch, send_many_to
 from pyturn.net.relay import LISTENER_BUFFER, RelayEndpoint, grow_buffers
 from pyturn.net.sockets import bound_socket
 from pyturn.wire.attributes import Address
+from pyturn.wire.message import MessageClass, Method, message_type
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ ActionHandler = Callable[[list[Action], FiveTuple, Callable[[bytes], None]], Non
 # their turn under a flood; the rest stays queued for the next turn of the loop.
 _DATAGRAMS_PER_WAKEUP = 256
 _BATCH = 64
+# The type of a Send indication: it never ends an allocation (see _handle).
+_SEND_INDICATION = message_type(Method.SEND, MessageClass.INDICATION).to_bytes(2, "big")
 
 
 class UdpClientSink:
@@ -99,6 +102,20 @@ class UdpListener:
             raise
 
     def _readable(self) -> None:
+        try:
+            # The relayed ChannelData is gone already; `datagrams` is the rest.
+            received, datagrams = forward_channel_data(
+                self.sock, _BATCH, self.server.allocations, self.local
+            )
+        except OSError as exc:
+            log.debug("udp listener %s: %s", self.local, exc)
+            return
+        if datagrams or received == _BATCH:
+            self._handle(received, datagrams)
+
+    def _handle(self, received: int, datagrams: list[tuple[bytes, Address]]) -> None:
+        """The datagrams the native path left (all of them without it), then the rest of
+        the queue up to the wake-up's budget."""
         sock = self.sock
         local = self.local
         server = self.server
@@ -109,19 +126,10 @@ class UdpListener:
         # Payloads for peers (ChannelData, Send indications) by (relay, peer): one
         # send_many_to per flow at the end of the batch.
         to_peers: dict[tuple[RelaySocket, Address], list[bytes]] = {}
+        want = _BATCH
+        budget = _DATAGRAMS_PER_WAKEUP - received
         try:
-            budget = _DATAGRAMS_PER_WAKEUP
-            while budget > 0:
-                want = min(_BATCH, budget)
-                try:
-                    # The relayed ChannelData is gone already; `datagrams` is the rest.
-                    received, datagrams = forward_channel_data(
-                        sock, want, server.allocations, local
-                    )
-                except OSError as exc:
-                    log.debug("udp listener %s: %s", local, exc)
-                    return
-                budget -= received
+            while True:
                 now = self.clock() if datagrams else 0.0  # only STUN needs the time
                 for data, client in datagrams:
                     five_tuple: FiveTuple = ("udp", client, local)
@@ -132,7 +140,7 @@ class UdpListener:
                         if send is None:
                             continue
                     else:
-                        if to_peers:
+                        if to_peers and data[:2] != _SEND_INDICATION:
                             # This message may end an allocation and close its relay
                             # socket: what was queued for peers before it goes now.
                             self._send_to_peers(to_peers)
@@ -151,8 +159,17 @@ class UdpListener:
                         to_peers[flow] = [send.data]
                     else:
                         queued.append(send.data)
-                if received < want:
+                if received < want or budget <= 0:
                     break
+                want = min(_BATCH, budget)
+                try:
+                    received, datagrams = forward_channel_data(
+                        sock, want, server.allocations, local
+                    )
+                except OSError as exc:
+                    log.debug("udp listener %s: %s", local, exc)
+                    return
+                budget -= received
         finally:
             self._pending = None
             if to_peers:

@@ -753,7 +753,7 @@ fail:
  * is on UDP, sent to the client as soon as read: 1 when served, 0 when the endpoint is
  * Python's (no UDP client, not attached yet), -1 on an error. */
 static int
-serve_relay(PyObject *endpoint, int fd, Py_ssize_t reads)
+serve_endpoint(PyObject *endpoint, int fd, Py_ssize_t reads)
 {
     PyObject *target = PyObject_GetAttr(endpoint, s_udp_target);
     if (target == NULL)
@@ -918,7 +918,7 @@ serve_relays(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             continue;
         }
         Py_INCREF(endpoint);
-        int served = serve_relay(endpoint, events[i].data.fd, reads);
+        int served = serve_endpoint(endpoint, events[i].data.fd, reads);
         if (served == 0 && PyList_Append(out, endpoint) < 0)
             served = -1;
         Py_DECREF(endpoint);
@@ -929,6 +929,34 @@ serve_relays(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 fail:
     Py_DECREF(out);
     return NULL;
+}
+
+PyDoc_STRVAR(serve_relay_doc,
+"serve_relay(endpoint, reads) -> bool\n\n"
+"serve_relays for one RelayEndpoint that the event loop watches itself: True when it\n"
+"was served here, False when it is Python's (its readable()).");
+
+static PyObject *
+serve_relay(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "serve_relay(endpoint, reads)");
+        return NULL;
+    }
+    Py_ssize_t reads = PyLong_AsSsize_t(args[1]);
+    if (reads < 0 && PyErr_Occurred())
+        return NULL;
+    PyObject *sock = PyObject_GetAttr(args[0], s_sock);
+    if (sock == NULL)
+        return NULL;
+    int fd = PyObject_AsFileDescriptor(sock);
+    Py_DECREF(sock);
+    if (fd < 0)
+        return NULL;
+    int served = serve_endpoint(args[0], fd, reads);
+    if (served < 0)
+        return NULL;
+    return PyBool_FromLong(served);
 }
 
 PyDoc_STRVAR(forget_addresses_doc,
@@ -958,6 +986,7 @@ static PyMethodDef batch_methods[] = {
      forward_channel_data_doc},
     {"serve_relays", (PyCFunction)(void (*)(void))serve_relays, METH_FASTCALL,
      serve_relays_doc},
+    {"serve_relay", (PyCFunction)(void (*)(void))serve_relay, METH_FASTCALL, serve_relay_doc},
     {"gso", gso, METH_NOARGS, gso_doc},
     {"forget_addresses", forget_addresses, METH_NOARGS, forget_addresses_doc},
     {NULL, NULL, 0, NULL},

@@ -2,7 +2,7 @@
 
 `pyturn.net._batch` (C, compiled at install time by hatch_build.py) reads or writes up
 to 32 datagrams per system call, and relays the ChannelData of UDP clients in both
-directions itself (`forward_channel_data`, `serve_relays`). Without it the same
+directions itself (`forward_channel_data`, `serve_relays`, `serve_relay`). Without it the same
 functions below make one call per datagram and leave all routing to Python, so
 behaviour is identical and only the speed differs. `NATIVE` says which one runs; the
 start-up log line names it.
@@ -105,6 +105,11 @@ def _serve_relays(
     return ready
 
 
+def _serve_relay(endpoint: object, reads: int) -> bool:
+    """Serves nothing itself: the endpoint is left for Python."""
+    return False
+
+
 RecvBatch = Callable[[_socket.socket, int], list[tuple[bytes, Address]]]
 SendBatch = Callable[[_socket.socket, list[tuple[bytes, Address]]], int]
 SendManyTo = Callable[[_socket.socket, Address, list[bytes]], int]
@@ -129,6 +134,7 @@ send_many_to: SendManyTo = _send_many_to
 forget_addresses: Callable[[], None] = _forget_addresses
 forward_channel_data: ForwardChannelData = _forward_channel_data
 serve_relays: ServeRelays = _serve_relays
+serve_relay: Callable[[object, int], bool] = _serve_relay
 NATIVE = False
 
 if not os.environ.get("PYTURN_NO_NATIVE"):
@@ -143,6 +149,7 @@ if not os.environ.get("PYTURN_NO_NATIVE"):
         forget_addresses = _batch.forget_addresses
         forward_channel_data = _batch.forward_channel_data
         serve_relays = _batch.serve_relays
+        serve_relay = _batch.serve_relay
         NATIVE = True
 
 

@@ -22,7 +22,7 @@ import socket
 from collections.abc import Callable
 
 from pyturn.core.allocation import Allocation
-from pyturn.net.batch import recv_batch, serve_relays
+from pyturn.net.batch import recv_batch, serve_relay, serve_relays
 from pyturn.net.tcp_relay import TcpRelayListener, bind_tcp_listener
 from pyturn.wire.attributes import FAMILY_IPV4, Address
 
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 _READS_PER_WAKEUP = 64
 # Relay sockets served per wake-up of the poller; the rest wait for the next loop turn.
 _SOCKETS_PER_WAKEUP = 256
+# Relay sockets the event loop watches itself before the poller's epoll takes the rest.
+_DIRECT_SOCKETS = 32
 # Linux: IP_MTU_DISCOVER with IP_PMTUDISC_DO sets DF on every datagram (RFC 8656 §14.8).
 _IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 _IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
@@ -70,26 +72,31 @@ def grow_buffers(sock: _socket.socket, size: int) -> None:
 
 
 class RelayPoller:
-    """Watches every relay socket of a worker through one epoll instance of its own.
+    """Watches every relay socket of a worker.
 
-    The event loop watches just the epoll descriptor; one wake-up then serves every relay
-    socket with datagrams queued. Registering a socket is one epoll_ctl, where the
-    loop's add_reader costs several times that per Allocate, and a busy relay costs one
-    loop callback per turn rather than one per socket. Without epoll (not Linux) each
-    socket is given to the loop's add_reader instead.
+    While few relay sockets are live, the event loop watches each one itself, so that a
+    peer's datagram wakes the process once. Past `_DIRECT_SOCKETS`, new sockets join one
+    epoll instance of the poller's own, which the loop watches as a single descriptor:
+    registering a socket there is one epoll_ctl, where the loop's add_reader costs
+    several times that per Allocate, and a busy relay costs one loop callback per turn
+    rather than one per socket; the price is a second wake-up (the loop's, then this
+    epoll's) per datagram, about 5 us of round-trip time. Without epoll (not Linux) every
+    socket goes to the loop.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._sockets: dict[int, RelayEndpoint] = {}
+        self._direct: dict[int, RelayEndpoint] = {}  # watched by the loop itself
+        self._sockets: dict[int, RelayEndpoint] = {}  # watched through self._epoll
         self._epoll = select.epoll() if hasattr(select, "epoll") else None
         if self._epoll is not None:
             loop.add_reader(self._epoll.fileno(), self._ready)
 
     def watch(self, endpoint: RelayEndpoint) -> None:
         fd = endpoint.sock.fileno()
-        if self._epoll is None:
-            self._loop.add_reader(fd, endpoint.readable)
+        if self._epoll is None or len(self._direct) < _DIRECT_SOCKETS:
+            self._direct[fd] = endpoint
+            self._loop.add_reader(fd, endpoint.ready)
             return
         self._sockets[fd] = endpoint
         self._epoll.register(fd, select.EPOLLIN)
@@ -98,14 +105,15 @@ class RelayPoller:
         fd = endpoint.sock.fileno()
         if fd < 0:
             return
-        if self._epoll is None:
+        if self._direct.get(fd) is endpoint:
+            del self._direct[fd]
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(fd)
-            return
-        if self._sockets.get(fd) is endpoint:
+        elif self._sockets.get(fd) is endpoint:
             del self._sockets[fd]
-            with contextlib.suppress(OSError):
-                self._epoll.unregister(fd)
+            if self._epoll is not None:
+                with contextlib.suppress(OSError):
+                    self._epoll.unregister(fd)
 
     def _ready(self) -> None:
         assert self._epoll is not None
@@ -120,6 +128,10 @@ class RelayPoller:
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(self._epoll.fileno())
             self._epoll.close()
+        for fd in self._direct:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(fd)
+        self._direct.clear()
         self._sockets.clear()
 
 
@@ -165,6 +177,11 @@ class RelayEndpoint:
             # they concern one peer and must not disturb the allocation.
             if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                 log.debug("relay send to %s failed: %s", peer, exc)
+
+    def ready(self) -> None:
+        """The loop's callback when it watches this socket itself (RelayPoller)."""
+        if not serve_relay(self, _READS_PER_WAKEUP):
+            self.readable()
 
     def readable(self) -> None:
         allocation = self.allocation

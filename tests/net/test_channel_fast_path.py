@@ -14,10 +14,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from pyturn.net import relay
 from pyturn.wire.attributes import ChannelNumber, Lifetime, XorPeerAddress
 from pyturn.wire.channel_data import channel_header
 from pyturn.wire.message import Method
-from tests.hostile.client import LOOPBACK, TurnClient, code_of, run
+from tests.hostile.client import LOOPBACK, TurnClient, assert_clean_log, code_of, run
 from tests.interop.server_process import ServerProcess, base_config
 
 STEP = 2.0
@@ -31,20 +32,40 @@ def _native_built() -> bool:
     return True
 
 
+_NATIVE = pytest.mark.skipif(not _native_built(), reason="not built")
+
+
 @pytest.fixture(
     params=[
-        pytest.param("native", marks=pytest.mark.skipif(not _native_built(), reason="not built")),
+        pytest.param("native", marks=_NATIVE),
+        pytest.param("native-shared-epoll", marks=_NATIVE),
         "python",
     ]
 )
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
+    """A server relaying natively or not; "native-shared-epoll" first fills the relay
+    sockets that the event loop watches itself, so the test's own relay socket is served
+    through the poller's epoll (`batch.serve_relays` rather than `batch.serve_relay`)."""
     env = {"PYTURN_NO_NATIVE": "1"} if request.param == "python" else {}
     with ServerProcess(base_config(), tmp_path_factory.mktemp("fast-path"), env) as process:
-        which = "natively" if request.param == "native" else "one system call per datagram"
+        which = "one system call" if request.param == "python" else "natively"
         assert which in process.log_text
+        if request.param == "native-shared-epoll":
+            run(_hold_allocations(process, relay._DIRECT_SOCKETS))
         yield process
+    assert_clean_log(process)
+
+
+async def _hold_allocations(server: ServerProcess, count: int) -> None:
+    """Allocations that outlive their clients' sockets (until their lifetime ends)."""
+    for _ in range(count):
+        client = await TurnClient.open(server.udp_address)
+        try:
+            assert code_of(await client.allocate()) == 0
+        finally:
+            client.close()
 
 
 class Peer:

@@ -1,4 +1,5 @@
-"""RelayPoller: relay sockets behind one epoll descriptor, or the loop's add_reader."""
+"""RelayPoller: relay sockets watched by the loop itself, or behind one epoll descriptor
+once many are live, or all by the loop without epoll."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import cast
 import pytest
 
 from pyturn.core.allocation import Allocation
+from pyturn.net import relay
 from pyturn.net.relay import UdpRelayBinder
 from pyturn.wire.attributes import FAMILY_IPV4, Address
 
@@ -26,12 +28,14 @@ class EchoAllocation:
         return b"F" + data if data != b"drop" else None
 
 
-@pytest.mark.parametrize("epoll", [True, False], ids=["epoll", "add_reader"])
-def test_relay_sockets_deliver_until_closed(monkeypatch: pytest.MonkeyPatch, epoll: bool) -> None:
-    if not epoll:
+@pytest.mark.parametrize("mode", ["direct", "epoll", "no_epoll"])
+def test_relay_sockets_deliver_until_closed(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    if mode == "no_epoll":
         monkeypatch.delattr(select, "epoll", raising=False)
     elif not hasattr(select, "epoll"):
         pytest.skip("no epoll here")
+    if mode == "epoll":
+        monkeypatch.setattr(relay, "_DIRECT_SOCKETS", 1)  # the first direct, the rest not
 
     async def scenario() -> None:
         binder = UdpRelayBinder(asyncio.get_running_loop(), "127.0.0.1")
@@ -68,8 +72,9 @@ def test_relay_sockets_deliver_until_closed(monkeypatch: pytest.MonkeyPatch, epo
                     break
                 await asyncio.sleep(0.01)
             assert received == [(1, b"Flate")]
-            if epoll:
-                assert len(binder.poller._sockets) == 2
+            poller = binder.poller
+            watched = (len(poller._direct), len(poller._sockets))
+            assert watched == {"direct": (2, 0), "epoll": (0, 2), "no_epoll": (2, 0)}[mode]
         finally:
             peer.close()
             for endpoint in endpoints:

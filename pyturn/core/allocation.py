@@ -3,7 +3,9 @@
 An `Allocation` is also what the relay fast path reads: `channel_peers` maps a channel
 number to its peer, `channel_headers` a peer to its 2-byte channel prefix, and
 `permissions` a peer IP to its expiry. Expiry deletes entries, so the fast path never
-looks at a clock: presence in the dictionary is the permission.
+looks at a clock: presence in the dictionary is the permission. The native fast path
+(pyturn/net/_batch.c) reads these fields, `relay`, `relay6` and the four traffic counters
+by name: a rename here is a rename there.
 """
 
 from __future__ import annotations
@@ -150,7 +152,9 @@ class Allocation:
 
         RFC 8656 §11.3/§12.6: nothing without a permission for the peer's IP (a channel
         outlives its permission unless refreshed); then ChannelData when a channel is
-        bound to the peer, else a Data indication.
+        bound to the peer, else a Data indication. serve_endpoint in
+        pyturn/net/_batch.c does the same for UDP clients (calling this method for Data
+        indications): a change here is a change there.
         """
         if peer[0] not in self.permissions:
             return None

@@ -369,7 +369,9 @@ class TurnServer:
         """RFC 8656 §12.5: relay ChannelData on a bound channel, silently drop the rest.
 
         This is the client-to-peer fast path: the 4-byte header is read inline (the
-        channel number is only ever looked up, so reserved numbers simply miss).
+        channel number is only ever looked up, so reserved numbers simply miss). The
+        native module applies the same rule to UDP clients (route_channel_data in
+        pyturn/net/_batch.c): a change here is a change there.
         """
         allocation = self.allocations.get(five_tuple)
         if allocation is None or len(data) < 4:

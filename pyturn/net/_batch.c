@@ -490,7 +490,8 @@ send_many_to(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 static PyObject *s_udp, *s_channel_peers, *s_channel_headers, *s_permissions, *s_relay,
     *s_relay6, *s_sock, *s_allocation, *s_udp_target, *s_frame_for_client,
-    *s_packets_to_peer, *s_bytes_to_peer, *s_packets_to_client, *s_bytes_to_client;
+    *s_packets_to_peer, *s_bytes_to_peer, *s_packets_to_client, *s_bytes_to_client,
+    *s_allocations, *s_readable;
 
 static int
 intern_names(void)
@@ -503,7 +504,8 @@ intern_names(void)
         {&s_frame_for_client, "frame_for_client"},
         {&s_packets_to_peer, "packets_to_peer"}, {&s_bytes_to_peer, "bytes_to_peer"},
         {&s_packets_to_client, "packets_to_client"},
-        {&s_bytes_to_client, "bytes_to_client"},
+        {&s_bytes_to_client, "bytes_to_client"}, {&s_allocations, "allocations"},
+        {&s_readable, "readable"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         *names[i].slot = PyUnicode_InternFromString(names[i].text);
@@ -669,23 +671,12 @@ PyDoc_STRVAR(forward_channel_data_doc,
 "a client has a datagram left for Python, its later ones in the batch are left too, so\n"
 "that each client's datagrams take effect in the order they came.");
 
+/* forward_channel_data on a descriptor: the (received, left) tuple, or NULL. */
 static PyObject *
-forward_channel_data(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+forward(int fd, Py_ssize_t limit, PyObject *allocations, PyObject *local)
 {
-    if (nargs != 4 || !PyDict_Check(args[2]) || !PyTuple_Check(args[3])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "forward_channel_data(sock, limit, allocations: dict, local: tuple)");
-        return NULL;
-    }
-    int fd = PyObject_AsFileDescriptor(args[0]);
-    if (fd < 0)
-        return NULL;
-    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
-    if (limit < 0 && PyErr_Occurred())
-        return NULL;
     if (ensure_rx_buffers() < 0)
         return NULL;
-    PyObject *allocations = args[2], *local = args[3];
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
@@ -747,6 +738,75 @@ fail:
         return NULL;
     }
     return Py_BuildValue("(nN)", received, out);
+}
+
+static PyObject *
+forward_channel_data(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyDict_Check(args[2]) || !PyTuple_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "forward_channel_data(sock, limit, allocations: dict, local: tuple)");
+        return NULL;
+    }
+    int fd = PyObject_AsFileDescriptor(args[0]);
+    if (fd < 0)
+        return NULL;
+    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
+    if (limit < 0 && PyErr_Occurred())
+        return NULL;
+    return forward(fd, limit, args[2], args[3]);
+}
+
+PyDoc_STRVAR(listener_ready_doc,
+"listener_ready(sock, limit, server, local, handle, failed) -> None\n\n"
+"The event loop's callback for a UDP client listener, so that a wake-up the native path\n"
+"serves runs no Python: forward_channel_data(sock, limit, server.allocations, local),\n"
+"then handle(received, left) when datagrams were left for Python or the limit was\n"
+"reached, or failed(exc) when reading raised an OSError.");
+
+static PyObject *
+listener_ready(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 || !PyTuple_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "listener_ready(sock, limit, server, local, handle, failed)");
+        return NULL;
+    }
+    int fd = PyObject_AsFileDescriptor(args[0]);
+    if (fd < 0)
+        return NULL;
+    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
+    if (limit < 0 && PyErr_Occurred())
+        return NULL;
+    PyObject *allocations = PyObject_GetAttr(args[2], s_allocations);
+    if (allocations == NULL)
+        return NULL;
+    PyObject *result = NULL;
+    if (!PyDict_Check(allocations))
+        PyErr_SetString(PyExc_TypeError, "server.allocations is not a dict");
+    else
+        result = forward(fd, limit, allocations, args[3]);
+    Py_DECREF(allocations);
+    if (result == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_OSError))
+            return NULL;
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        PyErr_NormalizeException(&type, &value, &traceback);
+        PyObject *done = PyObject_CallOneArg(args[5], value);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(traceback);
+        return done;
+    }
+    PyObject *received = PyTuple_GET_ITEM(result, 0), *left = PyTuple_GET_ITEM(result, 1);
+    if (PyList_GET_SIZE(left) == 0 && PyLong_AsSsize_t(received) < limit) {
+        Py_DECREF(result);
+        Py_RETURN_NONE; /* all of it relayed here: the common case */
+    }
+    PyObject *done = PyObject_CallFunctionObjArgs(args[4], received, left, NULL);
+    Py_DECREF(result);
+    return done;
 }
 
 /* Allocation.frame_for_client for every datagram queued on one relay socket whose client
@@ -932,9 +992,9 @@ fail:
 }
 
 PyDoc_STRVAR(serve_relay_doc,
-"serve_relay(endpoint, reads) -> bool\n\n"
-"serve_relays for one RelayEndpoint that the event loop watches itself: True when it\n"
-"was served here, False when it is Python's (its readable()).");
+"serve_relay(endpoint, reads) -> None\n\n"
+"The event loop's callback for a RelayEndpoint it watches itself: served here as by\n"
+"serve_relays, or else by the endpoint's readable().");
 
 static PyObject *
 serve_relay(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -956,7 +1016,9 @@ serve_relay(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int served = serve_endpoint(args[0], fd, reads);
     if (served < 0)
         return NULL;
-    return PyBool_FromLong(served);
+    if (served == 0)
+        return PyObject_CallMethodNoArgs(args[0], s_readable);
+    Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(forget_addresses_doc,
@@ -984,6 +1046,8 @@ static PyMethodDef batch_methods[] = {
      send_many_to_doc},
     {"forward_channel_data", (PyCFunction)(void (*)(void))forward_channel_data, METH_FASTCALL,
      forward_channel_data_doc},
+    {"listener_ready", (PyCFunction)(void (*)(void))listener_ready, METH_FASTCALL,
+     listener_ready_doc},
     {"serve_relays", (PyCFunction)(void (*)(void))serve_relays, METH_FASTCALL,
      serve_relays_doc},
     {"serve_relay", (PyCFunction)(void (*)(void))serve_relay, METH_FASTCALL, serve_relay_doc},

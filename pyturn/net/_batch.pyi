@@ -1,6 +1,7 @@
 # Types of the optional C module pyturn/net/_batch.c (see pyturn/net/batch.py).
 import _socket
 import select
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 _Endpoint = TypeVar("_Endpoint")
@@ -24,6 +25,15 @@ def forward_channel_data(
 def serve_relays(
     epoll: select.epoll, endpoints: dict[int, _Endpoint], limit: int, reads: int, /
 ) -> list[_Endpoint]: ...
-def serve_relay(endpoint: object, reads: int, /) -> bool: ...
+def serve_relay(endpoint: Any, reads: int, /) -> None: ...
+def listener_ready(
+    sock: _socket.socket,
+    limit: int,
+    server: Any,
+    local: tuple[str, int],
+    handle: Callable[[int, list[Datagram]], None],
+    failed: Callable[[OSError], None],
+    /,
+) -> None: ...
 def gso() -> bool: ...
 def forget_addresses() -> None: ...

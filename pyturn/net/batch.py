@@ -2,7 +2,8 @@
 
 `pyturn.net._batch` (C, compiled at install time by hatch_build.py) reads or writes up
 to 32 datagrams per system call, and relays the ChannelData of UDP clients in both
-directions itself (`forward_channel_data`, `serve_relays`, `serve_relay`). Without it the same
+directions itself (`listener_ready` and `forward_channel_data` for client listeners,
+`serve_relays` and `serve_relay` for relay sockets). Without it the same
 functions below make one call per datagram and leave all routing to Python, so
 behaviour is identical and only the speed differs. `NATIVE` says which one runs; the
 start-up log line names it.
@@ -105,9 +106,26 @@ def _serve_relays(
     return ready
 
 
-def _serve_relay(endpoint: object, reads: int) -> bool:
+def _serve_relay(endpoint: Any, reads: int) -> None:
     """Serves nothing itself: the endpoint is left for Python."""
-    return False
+    endpoint.readable()
+
+
+def _listener_ready(  # noqa: PLR0917 (add_reader passes its arguments positionally)
+    sock: _socket.socket,
+    limit: int,
+    server: Any,
+    local: Address,
+    handle: Callable[[int, list[tuple[bytes, Address]]], None],
+    failed: Callable[[OSError], None],
+) -> None:
+    try:
+        received, datagrams = forward_channel_data(sock, limit, server.allocations, local)
+    except OSError as exc:
+        failed(exc)
+        return
+    if datagrams or received == limit:
+        handle(received, datagrams)
 
 
 RecvBatch = Callable[[_socket.socket, int], list[tuple[bytes, Address]]]
@@ -134,7 +152,19 @@ send_many_to: SendManyTo = _send_many_to
 forget_addresses: Callable[[], None] = _forget_addresses
 forward_channel_data: ForwardChannelData = _forward_channel_data
 serve_relays: ServeRelays = _serve_relays
-serve_relay: Callable[[object, int], bool] = _serve_relay
+serve_relay: Callable[[Any, int], None] = _serve_relay
+# The event loop's callback for a UDP client listener (see _batch.listener_ready).
+listener_ready: Callable[
+    [
+        _socket.socket,
+        int,
+        Any,
+        Address,
+        Callable[[int, list[tuple[bytes, Address]]], None],
+        Callable[[OSError], None],
+    ],
+    None,
+] = _listener_ready
 NATIVE = False
 
 if not os.environ.get("PYTURN_NO_NATIVE"):
@@ -150,6 +180,7 @@ if not os.environ.get("PYTURN_NO_NATIVE"):
         forward_channel_data = _batch.forward_channel_data
         serve_relays = _batch.serve_relays
         serve_relay = _batch.serve_relay
+        listener_ready = _batch.listener_ready
         NATIVE = True
 
 

@@ -96,7 +96,8 @@ class RelayPoller:
         fd = endpoint.sock.fileno()
         if self._epoll is None or len(self._direct) < _DIRECT_SOCKETS:
             self._direct[fd] = endpoint
-            self._loop.add_reader(fd, endpoint.ready)
+            # Native when the module is built: no Python runs for a UDP client's datagram.
+            self._loop.add_reader(fd, serve_relay, endpoint, _READS_PER_WAKEUP)
             return
         self._sockets[fd] = endpoint
         self._epoll.register(fd, select.EPOLLIN)
@@ -177,11 +178,6 @@ class RelayEndpoint:
             # they concern one peer and must not disturb the allocation.
             if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                 log.debug("relay send to %s failed: %s", peer, exc)
-
-    def ready(self) -> None:
-        """The loop's callback when it watches this socket itself (RelayPoller)."""
-        if not serve_relay(self, _READS_PER_WAKEUP):
-            self.readable()
 
     def readable(self) -> None:
         allocation = self.allocation

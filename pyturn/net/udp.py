@@ -1,9 +1,9 @@
 """UDP client listener: every datagram from a client goes to the core, ChannelData first.
 
-The socket is read with `loop.add_reader` and `batch.forward_channel_data`, so one
-wake-up takes the whole queue in a few system calls (recvmmsg when the native module is
-built, which also relays the ChannelData of bound channels itself and hands the rest
-over).
+The socket is read with `loop.add_reader` and `batch.listener_ready`, so one wake-up
+takes the whole queue in a few system calls (recvmmsg when the native module is built,
+which also relays the ChannelData of bound channels itself and hands the rest to
+`_handle`).
 Replies made while a batch is handled are collected and leave together at its end
 (sendmmsg); anything sent outside a batch goes at once. Payloads for peers (ChannelData
 and Send indications) are grouped by (relay, peer) flow and leave at the end of the
@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from pyturn.core.allocation import FiveTuple, RelaySocket
 from pyturn.core.server import Action, SendToPeer, TurnServer
-from pyturn.net.batch import forward_channel_data, send_batch, send_many_to
+from pyturn.net.batch import forward_channel_data, listener_ready, send_batch, send_many_to
 from pyturn.net.relay import LISTENER_BUFFER, RelayEndpoint, grow_buffers
 from pyturn.net.sockets import bound_socket
 from pyturn.wire.attributes import Address
@@ -80,7 +80,18 @@ class UdpListener:
         self.local: Address = (sockname[0], sockname[1])
         # Replies made during a batch; None outside one, when sends go out at once.
         self._pending: list[tuple[bytes, Address]] | None = None
-        loop.add_reader(sock.fileno(), self._readable)
+        # The callback is native when the module is built: a wake-up whose datagrams are
+        # all relayed ChannelData runs no Python (see batch.listener_ready).
+        loop.add_reader(
+            sock.fileno(),
+            listener_ready,
+            sock,
+            _BATCH,
+            server,
+            self.local,
+            self._handle,
+            self._read_failed,
+        )
 
     @classmethod
     def open(
@@ -101,21 +112,12 @@ class UdpListener:
             sock.close()
             raise
 
-    def _readable(self) -> None:
-        try:
-            # The relayed ChannelData is gone already; `datagrams` is the rest.
-            received, datagrams = forward_channel_data(
-                self.sock, _BATCH, self.server.allocations, self.local
-            )
-        except OSError as exc:
-            log.debug("udp listener %s: %s", self.local, exc)
-            return
-        if datagrams or received == _BATCH:
-            self._handle(received, datagrams)
+    def _read_failed(self, exc: OSError) -> None:
+        log.debug("udp listener %s: %s", self.local, exc)
 
     def _handle(self, received: int, datagrams: list[tuple[bytes, Address]]) -> None:
-        """The datagrams the native path left (all of them without it), then the rest of
-        the queue up to the wake-up's budget."""
+        """The datagrams that listener_ready left (all of them without the native
+        module), then the rest of the queue up to the wake-up's budget."""
         sock = self.sock
         local = self.local
         server = self.server

@@ -8,7 +8,7 @@ import select
 import shutil
 import socket
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,3 +200,60 @@ def test_forgetting_addresses_keeps_recv_batch_working(
     second = batch.recv_batch(receiver, 8)
     assert first == [(b"before", sender.getsockname()[:2])]
     assert second == [(b"after", sender.getsockname()[:2])]
+
+
+class _NoAllocations:
+    allocations: dict[object, object] = {}  # noqa: RUF012 (read, never written)
+
+
+def _listener_readies() -> list[object]:
+    params: list[object] = [pytest.param("python", id="python")]
+    try:
+        from pyturn.net import _batch  # noqa: F401
+    except ImportError:
+        params.append(pytest.param("native", id="native", marks=pytest.mark.skip("not built")))
+    else:
+        params.append(pytest.param("native", id="native"))
+    return params
+
+
+@pytest.mark.parametrize("which", _listener_readies())
+def test_listener_ready_hands_over_what_it_does_not_relay_and_reports_read_errors(
+    monkeypatch: pytest.MonkeyPatch, which: str, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    ready: Callable[..., None]
+    if which == "python":
+        monkeypatch.setattr(batch, "forward_channel_data", batch._forward_channel_data)
+        ready = batch._listener_ready
+    else:
+        from pyturn.net import _batch
+
+        ready = _batch.listener_ready
+    receiver, sender = pair
+    handed: list[tuple[int, list[tuple[bytes, tuple[str, int]]]]] = []
+    failures: list[OSError] = []
+    local = receiver.getsockname()[:2]
+
+    def handle(received: int, datagrams: list[tuple[bytes, tuple[str, int]]]) -> None:
+        handed.append((received, datagrams))
+
+    ready(receiver, 64, _NoAllocations(), local, handle, failures.append)
+    assert (handed, failures) == ([], [])  # nothing queued: nothing to hand over
+    # ChannelData of no allocation is Python's to drop; STUN is Python's to answer.
+    sender.sendto(b"\x40\x00\x00\x01x", local)
+    sender.sendto(b"\x00\x01\x00\x00stun", local)
+    select.select([receiver], [], [], 2.0)
+    time_left = 200
+    while len(handed) == 0 and time_left:
+        ready(receiver, 64, _NoAllocations(), local, handle, failures.append)
+        time_left -= 1
+    client = sender.getsockname()[:2]
+    assert handed == [(2, [(b"\x40\x00\x00\x01x", client), (b"\x00\x01\x00\x00stun", client)])]
+    # A socket that cannot be read (a TCP socket never connected): failed(exc), no raise.
+    stream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stream.setblocking(False)
+    try:
+        ready(stream, 64, _NoAllocations(), local, handle, failures.append)
+    finally:
+        stream.close()
+    assert len(failures) == 1 and isinstance(failures[0], OSError)

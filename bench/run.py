@@ -604,6 +604,7 @@ def rtt_run(machine: Machine, server: Server, profile: Profile) -> Metrics:
         "p50_us": float(r["rtt_p50_us"]),
         "p99_us": float(r["rtt_p99_us"]),
         "p999_us": float(r["rtt_p999_us"]),
+        "cpu_us": float(r["cpu_us_per_pkt"]),
         "samples": float(r["rtt_samples"]),
         "loss": float(r["loss"]),
         **_common(r),
@@ -917,6 +918,7 @@ ROWS = [
     Row(f"6. RTT p99 @ {RTT_RATE} rt/s", "us", "rtt", "p99_us", "min", "<=1.0x",
         ratio_at_most(1.0)),
     Row("   RTT p99, median run", "us", "rtt", "p99_us", "median", "", no_target),
+    Row("   server CPU per packet", "us", "rtt", "cpu_us", "median", "", no_target),
     Row("7. start to Binding answered", "ms", "startup", "startup_ms", "median", "<1000 ms",
         absolute_at_most(1000.0), stub=False),
 ]

@@ -668,8 +668,35 @@ PyDoc_STRVAR(forward_channel_data_doc,
 "does, and relay the ChannelData of bound channels to their peers at once (what\n"
 "TurnServer.route_channel_data would do, counters included). Returns how many\n"
 "datagrams were read and the (data, client) pairs left for Python, in their order. Once\n"
-"a client has a datagram left for Python, its later ones in the batch are left too, so\n"
-"that each client's datagrams take effect in the order they came.");
+"a client has a datagram left for Python, its later ones in the batch are left too, and\n"
+"no more is read before Python has seen them, so that each client's datagrams take\n"
+"effect in the order they came.");
+
+/* Clients with a datagram left for Python during one forward(): their later ChannelData
+ * is left for Python too, since it may depend on what Python has not seen yet (a Refresh
+ * that ends the allocation), and a client's datagrams must take effect in order. */
+#define DEFERRED_MAX 256
+static struct sockaddr_storage deferred[DEFERRED_MAX];
+static int ndeferred;
+
+static int
+is_deferred(const struct sockaddr_storage *client)
+{
+    for (int d = 0; d < ndeferred; d++)
+        if (same_address(&deferred[d], client))
+            return 1;
+    return 0;
+}
+
+/* 0, or -1 when there is no room left to remember the client. */
+static int
+defer(const struct sockaddr_storage *client)
+{
+    if (ndeferred == DEFERRED_MAX)
+        return -1;
+    deferred[ndeferred++] = *client;
+    return 0;
+}
 
 /* forward_channel_data on a descriptor: the (received, left) tuple, or NULL. */
 static PyObject *
@@ -681,7 +708,8 @@ forward(int fd, Py_ssize_t limit, PyObject *allocations, PyObject *local)
     if (out == NULL)
         return NULL;
     Py_ssize_t received = 0;
-    int stale_errors = 0;
+    int stale_errors = 0, full_of_deferred = 0;
+    ndeferred = 0;
     while (received < limit) {
         unsigned int vlen = limit - received > BATCH ? BATCH : (unsigned int)(limit - received);
         int n = receive(fd, vlen, 0);
@@ -696,18 +724,14 @@ forward(int fd, Py_ssize_t limit, PyObject *allocations, PyObject *local)
             return PyErr_SetFromErrno(PyExc_OSError);
         }
         received += n;
-        /* Clients with a datagram left for Python in this batch. */
-        struct sockaddr_storage *deferred[BATCH];
-        int queued = 0, ndeferred = 0;
+        int queued = 0;
         for (int i = 0; i < n; i++) {
             if (rx_msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
                 continue;
             const unsigned char *b = rx_iov[i].iov_base;
             size_t len = rx_msgs[i].msg_len;
+            int waits = is_deferred(&rx_names[i]);
             if (len >= 4 && b[0] >= 0x40 && b[0] <= 0x7F) {
-                int waits = 0;
-                for (int d = 0; d < ndeferred && !waits; d++)
-                    waits = same_address(deferred[d], &rx_names[i]);
                 if (!waits) {
                     int routed = route_channel_data(b, len, &rx_names[i], allocations, local,
                                                     &forwards[queued]);
@@ -719,7 +743,8 @@ forward(int fd, Py_ssize_t limit, PyObject *allocations, PyObject *local)
                     }
                 }
             }
-            deferred[ndeferred++] = &rx_names[i];
+            if (!waits && defer(&rx_names[i]) < 0)
+                full_of_deferred = 1;
             PyObject *pair = Py_BuildValue(
                 "(y#N)", (const char *)b, (Py_ssize_t)len, address_tuple(&rx_names[i]));
             if (pair == NULL || PyList_Append(out, pair) < 0) {
@@ -729,8 +754,9 @@ forward(int fd, Py_ssize_t limit, PyObject *allocations, PyObject *local)
             Py_DECREF(pair);
         }
         flush_forwards(queued);
-        if ((unsigned int)n < vlen)
-            break; /* the queue is empty */
+        /* Past DEFERRED_MAX clients the next one could not be held back: stop here. */
+        if ((unsigned int)n < vlen || full_of_deferred)
+            break;
         continue;
 fail:
         flush_forwards(queued);

@@ -163,6 +163,9 @@ class UdpListener:
                         queued.append(send.data)
                 if received < want or budget <= 0:
                     break
+                if to_peers:
+                    # Before the native path relays what the clients sent next.
+                    self._send_to_peers(to_peers)
                 want = min(_BATCH, budget)
                 try:
                     received, datagrams = forward_channel_data(

@@ -173,17 +173,54 @@ def test_a_clients_datagrams_take_effect_in_the_order_they_came(server: ServerPr
                 channel_data(b"after the bind"),
             )
             got = [peer.receive()]
+            # 31 before the Refresh: the last one and the Refresh fill the native
+            # module's first read of 32, and the ChannelData after them comes in a second.
+            before = [b"before the end %d" % i for i in range(31)]
             await paused(
                 client,
-                channel_data(b"before the end"),
+                *[channel_data(data) for data in before],
                 client.codec.encode_request(Method.REFRESH, [Lifetime(0)]),
                 channel_data(b"after the end"),
             )
-            return [*got, peer.receive(), peer.receive(0.5)]
+            got += [peer.receive() for _ in before]
+            return [*got, peer.receive(0.5)]
         finally:
             client.close()
 
     try:
-        assert run(scenario()) == [b"after the bind", b"before the end", None]
+        before = [b"before the end %d" % i for i in range(31)]
+        assert run(scenario()) == [b"after the bind", *before, None]
+    finally:
+        peer.close()
+
+
+def test_channel_data_keeps_its_order_when_python_relays_part_of_a_wake_up(
+    server: ServerProcess,
+) -> None:
+    """A Binding request first leaves the client's ChannelData of that read to Python;
+    the read after it (past 64 datagrams) is relayed natively, and must not overtake."""
+    peer = Peer()
+    pid = server.process.pid if server.process is not None else 0
+    payloads = [b"in order %d" % i for i in range(80)]
+
+    async def scenario() -> list[bytes | None]:
+        client = await TurnClient.open(server.udp_address)
+        try:
+            assert code_of(await client.allocate()) == 0
+            assert code_of(await client.channel_bind(0x4000, peer.address)) == 0
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                client.send(client.codec.encode_request(Method.BINDING, auth=False))
+                for payload in payloads:
+                    client.send(channel_header(0x4000, len(payload)) + payload)
+                await asyncio.sleep(0.2)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            return [peer.receive() for _ in payloads]
+        finally:
+            client.close()
+
+    try:
+        assert run(scenario()) == payloads
     finally:
         peer.close()

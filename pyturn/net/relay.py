@@ -6,8 +6,9 @@ descriptor, and one wake-up drains every datagram already queued (`batch.recv_ba
 The peer-to-client path is the fast path: a datagram becomes ChannelData or a Data
 indication in `Allocation.frame_for_client`, and the frames of one wake-up leave together
 through the client's sink (one sendmmsg for a UDP client), with no awaits, logging or
-clock reads. With the native module, relays of UDP clients are served in C by
-`batch.serve_relays` by the same rules; the rest come back to `RelayEndpoint.readable`.
+clock reads. With the native module, relays of UDP clients are served in C by the same
+rules (`batch.serve_relay`, `batch.serve_relays`); the rest come back to
+`RelayEndpoint.readable`.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ class RelayEndpoint:
         self._poller = poller
         self.allocation: Allocation | None = None
         self.send_frames: Callable[[list[bytes]], None] | None = None
-        # (listener socket, client address) of a UDP client, for batch.serve_relays.
+        # (listener socket, client address) of a UDP client, for the native module.
         self.udp_target: tuple[socket.socket, Address] | None = None
 
     def attach(self, allocation: Allocation, sink: ClientSink) -> None:

@@ -56,7 +56,7 @@ class UdpClientSink:
 
     @property
     def udp_target(self) -> tuple[socket.socket, Address]:
-        """Where the native relay path (batch.serve_relays) sends this client's frames."""
+        """Where the native relay path (batch.serve_relay[s]) sends this client's frames."""
         return self.listener.sock, self.client
 
 
@@ -172,7 +172,7 @@ class UdpListener:
                         sock, want, server.allocations, local
                     )
                 except OSError as exc:
-                    log.debug("udp listener %s: %s", local, exc)
+                    self._read_failed(exc)
                     return
                 budget -= received
         finally:

@@ -491,7 +491,7 @@ send_many_to(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *s_udp, *s_channel_peers, *s_channel_headers, *s_permissions, *s_relay,
     *s_relay6, *s_sock, *s_allocation, *s_udp_target, *s_frame_for_client,
     *s_packets_to_peer, *s_bytes_to_peer, *s_packets_to_client, *s_bytes_to_client,
-    *s_allocations, *s_readable;
+    *s_allocations, *s_readable, *s_fileno;
 
 static int
 intern_names(void)
@@ -505,7 +505,7 @@ intern_names(void)
         {&s_packets_to_peer, "packets_to_peer"}, {&s_bytes_to_peer, "bytes_to_peer"},
         {&s_packets_to_client, "packets_to_client"},
         {&s_bytes_to_client, "bytes_to_client"}, {&s_allocations, "allocations"},
-        {&s_readable, "readable"},
+        {&s_readable, "readable"}, {&s_fileno, "fileno"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         *names[i].slot = PyUnicode_InternFromString(names[i].text);
@@ -535,6 +535,36 @@ add_to(PyObject *obj, PyObject *name, Py_ssize_t amount)
     int rc = PyObject_SetAttr(obj, name, sum);
     Py_DECREF(sum);
     return rc;
+}
+
+/* PyObject_AsFileDescriptor without its bound method object: this runs per datagram. */
+static int
+fd_of(PyObject *sock)
+{
+    if (PyLong_Check(sock))
+        return PyObject_AsFileDescriptor(sock);
+    PyObject *number = PyObject_CallMethodNoArgs(sock, s_fileno);
+    if (number == NULL)
+        return -1;
+    int fd = PyObject_AsFileDescriptor(number);
+    Py_DECREF(number);
+    return fd;
+}
+
+/* The int objects of channel numbers 0x4000-0x7FFF, made once each: a per-datagram
+ * allocation less on the relay path. */
+static PyObject *channel_numbers[0x4000];
+
+static PyObject *
+channel_number(unsigned int number)
+{
+    if (number < 0x4000 || number > 0x7FFF)
+        return PyLong_FromUnsignedLong(number);
+    PyObject **slot = &channel_numbers[number - 0x4000];
+    if (*slot == NULL && (*slot = PyLong_FromUnsignedLong(number)) == NULL)
+        return NULL;
+    Py_INCREF(*slot);
+    return *slot;
 }
 
 static int
@@ -588,7 +618,7 @@ route_channel_data(const unsigned char *b, size_t len, const struct sockaddr_sto
     peers = PyObject_GetAttr(allocation, s_channel_peers);
     if (peers == NULL || !PyDict_Check(peers))
         goto python;
-    number = PyLong_FromLong(((long)b[0] << 8) | b[1]);
+    number = channel_number(((unsigned int)b[0] << 8) | b[1]);
     if (number == NULL)
         goto error;
     PyObject *peer = PyDict_GetItemWithError(peers, number); /* borrowed from peers */
@@ -615,7 +645,7 @@ route_channel_data(const unsigned char *b, size_t len, const struct sockaddr_sto
     sock = PyObject_GetAttr(relay, s_sock);
     if (sock == NULL)
         goto python;
-    f->fd = PyObject_AsFileDescriptor(sock);
+    f->fd = fd_of(sock);
     if (f->fd < 0)
         goto python;
     if (add_to(allocation, s_packets_to_peer, 1) < 0 ||
@@ -698,15 +728,17 @@ defer(const struct sockaddr_storage *client)
     return 0;
 }
 
-/* forward_channel_data on a descriptor: the (received, left) tuple, or NULL. */
-static PyObject *
-forward(int fd, Py_ssize_t limit, PyObject *allocations, PyObject *local)
+/* forward_channel_data on a descriptor: sets *received, and *left to a list of what was
+ * left for Python, or to NULL when nothing was (no list is made for a wake-up served
+ * here entirely). 0, or -1 with an exception. */
+static int
+forward(int fd, Py_ssize_t limit, PyObject *allocations, PyObject *local,
+        Py_ssize_t *received_out, PyObject **left)
 {
+    *left = NULL;
+    *received_out = 0;
     if (ensure_rx_buffers() < 0)
-        return NULL;
-    PyObject *out = PyList_New(0);
-    if (out == NULL)
-        return NULL;
+        return -1;
     Py_ssize_t received = 0;
     int stale_errors = 0, full_of_deferred = 0;
     ndeferred = 0;
@@ -719,9 +751,9 @@ forward(int fd, Py_ssize_t limit, PyObject *allocations, PyObject *local)
                 continue;
             if (err == EAGAIN || err == EWOULDBLOCK || is_stale_icmp_error(err) || received)
                 break;
-            Py_DECREF(out);
             errno = err;
-            return PyErr_SetFromErrno(PyExc_OSError);
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
         }
         received += n;
         int queued = 0;
@@ -745,9 +777,11 @@ forward(int fd, Py_ssize_t limit, PyObject *allocations, PyObject *local)
             }
             if (!waits && defer(&rx_names[i]) < 0)
                 full_of_deferred = 1;
+            if (*left == NULL && (*left = PyList_New(0)) == NULL)
+                goto fail;
             PyObject *pair = Py_BuildValue(
                 "(y#N)", (const char *)b, (Py_ssize_t)len, address_tuple(&rx_names[i]));
-            if (pair == NULL || PyList_Append(out, pair) < 0) {
+            if (pair == NULL || PyList_Append(*left, pair) < 0) {
                 Py_XDECREF(pair);
                 goto fail;
             }
@@ -760,10 +794,11 @@ forward(int fd, Py_ssize_t limit, PyObject *allocations, PyObject *local)
         continue;
 fail:
         flush_forwards(queued);
-        Py_DECREF(out);
-        return NULL;
+        Py_CLEAR(*left);
+        return -1;
     }
-    return Py_BuildValue("(nN)", received, out);
+    *received_out = received;
+    return 0;
 }
 
 static PyObject *
@@ -780,7 +815,13 @@ forward_channel_data(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
     if (limit < 0 && PyErr_Occurred())
         return NULL;
-    return forward(fd, limit, args[2], args[3]);
+    Py_ssize_t received;
+    PyObject *left;
+    if (forward(fd, limit, args[2], args[3], &received, &left) < 0)
+        return NULL;
+    if (left == NULL && (left = PyList_New(0)) == NULL)
+        return NULL;
+    return Py_BuildValue("(nN)", received, left);
 }
 
 PyDoc_STRVAR(listener_ready_doc,
@@ -807,13 +848,15 @@ listener_ready(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *allocations = PyObject_GetAttr(args[2], s_allocations);
     if (allocations == NULL)
         return NULL;
-    PyObject *result = NULL;
+    Py_ssize_t received = 0;
+    PyObject *left = NULL;
+    int rc = -1;
     if (!PyDict_Check(allocations))
         PyErr_SetString(PyExc_TypeError, "server.allocations is not a dict");
     else
-        result = forward(fd, limit, allocations, args[3]);
+        rc = forward(fd, limit, allocations, args[3], &received, &left);
     Py_DECREF(allocations);
-    if (result == NULL) {
+    if (rc < 0) {
         if (!PyErr_ExceptionMatches(PyExc_OSError))
             return NULL;
         PyObject *type, *value, *traceback;
@@ -825,13 +868,15 @@ listener_ready(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_XDECREF(traceback);
         return done;
     }
-    PyObject *received = PyTuple_GET_ITEM(result, 0), *left = PyTuple_GET_ITEM(result, 1);
-    if (PyList_GET_SIZE(left) == 0 && PyLong_AsSsize_t(received) < limit) {
-        Py_DECREF(result);
+    if (left == NULL && received < limit)
         Py_RETURN_NONE; /* all of it relayed here: the common case */
-    }
-    PyObject *done = PyObject_CallFunctionObjArgs(args[4], received, left, NULL);
-    Py_DECREF(result);
+    if (left == NULL && (left = PyList_New(0)) == NULL)
+        return NULL;
+    PyObject *count = PyLong_FromSsize_t(received);
+    PyObject *done = count == NULL ? NULL
+                                   : PyObject_CallFunctionObjArgs(args[4], count, left, NULL);
+    Py_XDECREF(count);
+    Py_DECREF(left);
     return done;
 }
 
@@ -859,7 +904,7 @@ serve_endpoint(PyObject *endpoint, int fd, Py_ssize_t reads)
         goto error;
     if (!PyDict_Check(permissions) || !PyDict_Check(headers))
         goto done;
-    int client_fd = PyObject_AsFileDescriptor(PyTuple_GET_ITEM(target, 0));
+    int client_fd = fd_of(PyTuple_GET_ITEM(target, 0));
     if (client_fd < 0)
         goto error;
     struct sockaddr_storage client;
@@ -867,9 +912,6 @@ serve_endpoint(PyObject *endpoint, int fd, Py_ssize_t reads)
     if (parse_address(PyTuple_GET_ITEM(target, 1), &client, &client_len) < 0)
         goto error;
     if (ensure_rx_buffers() < 0)
-        goto error;
-    made = PyList_New(0); /* Data indications, alive until sent */
-    if (made == NULL)
         goto error;
     result = 1;
     Py_ssize_t done_reads = 0;
@@ -917,6 +959,11 @@ serve_endpoint(PyObject *endpoint, int fd, Py_ssize_t reads)
                     allocation, s_frame_for_client, peer, data, NULL);
                 Py_XDECREF(data);
                 if (frame == NULL) {
+                    Py_DECREF(peer);
+                    goto error;
+                }
+                if (made == NULL && (made = PyList_New(0)) == NULL) { /* alive until sent */
+                    Py_DECREF(frame);
                     Py_DECREF(peer);
                     goto error;
                 }
@@ -1035,7 +1082,7 @@ serve_relay(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *sock = PyObject_GetAttr(args[0], s_sock);
     if (sock == NULL)
         return NULL;
-    int fd = PyObject_AsFileDescriptor(sock);
+    int fd = fd_of(sock);
     Py_DECREF(sock);
     if (fd < 0)
         return NULL;

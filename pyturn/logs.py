@@ -158,14 +158,19 @@ class JsonFormatter(logging.Formatter):
     the line came from `log_event`, and any other `extra` values.
     """
 
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
+    @staticmethod
+    def _head(created: float, level: str, logger: str, message: str) -> dict[str, object]:
+        """The keys every line starts with; milliseconds as LogRecord.msecs has them."""
+        return {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+            + f".{int((created - int(created)) * 1000):03d}Z",
+            "level": level.lower(),
+            "logger": logger,
+            "message": message,
         }
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = self._head(record.created, record.levelname, record.name, record.getMessage())
         for key, value in record.__dict__.items():
             if key == "fields" and isinstance(value, Mapping):
                 for name, item in value.items():
@@ -178,15 +183,13 @@ class JsonFormatter(logging.Formatter):
 
     def event_line(self, line: EventLine) -> str:
         """What `format` makes of the record `log_event` would have made."""
-        created = line.created
-        entry: dict[str, object] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
-            + f".{int((created - int(created)) * 1000):03d}Z",
-            "level": logging.getLevelName(line.level).lower(),
-            "logger": line.logger,
-            "message": f"{line.event.replace('_', ' ')} {line.text}",
-            "event": line.event,
-        }
+        entry = self._head(
+            line.created,
+            logging.getLevelName(line.level),
+            line.logger,
+            f"{line.event.replace('_', ' ')} {line.text}",
+        )
+        entry["event"] = line.event
         for name, item in line.fields.items():
             entry.setdefault(name, item)
         return json.dumps(entry, ensure_ascii=False, default=str)

@@ -119,9 +119,11 @@ ensure_rx_buffers(void)
 }
 
 /* One recvmmsg of up to vlen datagrams into the slots, each read `headroom` bytes past
- * the start of its slot (room for a ChannelData header in front of a peer's payload). */
+ * the start of its slot (room for a ChannelData header in front of a peer's payload).
+ * Tried again after EINTR and after a stale ICMP error (up to 64 of those per caller's
+ * *stale_errors); otherwise -1 with errno set. */
 static int
-receive(int fd, unsigned int vlen, size_t headroom)
+receive(int fd, unsigned int vlen, size_t headroom, int *stale_errors)
 {
     for (unsigned int i = 0; i < vlen; i++) {
         rx_iov[i].iov_base = rx_buffers + (size_t)i * SLOT + headroom;
@@ -132,7 +134,20 @@ receive(int fd, unsigned int vlen, size_t headroom)
         rx_msgs[i].msg_hdr.msg_iov = &rx_iov[i];
         rx_msgs[i].msg_hdr.msg_iovlen = 1;
     }
-    return recvmmsg(fd, rx_msgs, vlen, MSG_DONTWAIT, NULL);
+    for (;;) {
+        int n = recvmmsg(fd, rx_msgs, vlen, MSG_DONTWAIT, NULL);
+        if (n >= 0 || !(errno == EINTR ||
+                        (is_stale_icmp_error(errno) && ++*stale_errors < 64)))
+            return n;
+    }
+}
+
+/* After receive() failed: the queue is empty (or only stale errors were left), which is
+ * the normal end of a read rather than an error to raise. */
+static int
+nothing_to_read(int err)
+{
+    return err == EAGAIN || err == EWOULDBLOCK || is_stale_icmp_error(err);
 }
 
 PyDoc_STRVAR(recv_batch_doc,
@@ -162,16 +177,13 @@ recv_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     while (PyList_GET_SIZE(out) < limit) {
         Py_ssize_t want = limit - PyList_GET_SIZE(out);
         unsigned int vlen = want > BATCH ? BATCH : (unsigned int)want;
-        int n = receive(fd, vlen, 0);
+        int n = receive(fd, vlen, 0, &stale_errors);
         if (n < 0) {
+            /* Hand over what was read; an error comes back on the next call. */
             int err = errno;
-            if (err == EINTR || (is_stale_icmp_error(err) && ++stale_errors < 64))
-                continue;
-            if (err == EAGAIN || err == EWOULDBLOCK || is_stale_icmp_error(err))
+            if (nothing_to_read(err) || PyList_GET_SIZE(out) > 0)
                 break;
-            if (PyList_GET_SIZE(out) > 0)
-                break; /* hand over what was read; the error comes back on the next call */
-            Py_DECREF(out);
+            Py_DECREF(out); /* may reach free(), which may set errno */
             errno = err;
             return PyErr_SetFromErrno(PyExc_OSError);
         }
@@ -744,14 +756,10 @@ forward(int fd, Py_ssize_t limit, PyObject *allocations, PyObject *local,
     ndeferred = 0;
     while (received < limit) {
         unsigned int vlen = limit - received > BATCH ? BATCH : (unsigned int)(limit - received);
-        int n = receive(fd, vlen, 0);
+        int n = receive(fd, vlen, 0, &stale_errors);
         if (n < 0) {
-            int err = errno;
-            if (err == EINTR || (is_stale_icmp_error(err) && ++stale_errors < 64))
-                continue;
-            if (err == EAGAIN || err == EWOULDBLOCK || is_stale_icmp_error(err) || received)
+            if (nothing_to_read(errno) || received)
                 break;
-            errno = err;
             PyErr_SetFromErrno(PyExc_OSError);
             return -1;
         }
@@ -918,12 +926,9 @@ serve_endpoint(PyObject *endpoint, int fd, Py_ssize_t reads)
     int stale_errors = 0;
     while (done_reads < reads) {
         unsigned int vlen = reads - done_reads > BATCH ? BATCH : (unsigned int)(reads - done_reads);
-        int n = receive(fd, vlen, 4); /* room for the ChannelData header */
-        if (n < 0) {
-            if (errno == EINTR || (is_stale_icmp_error(errno) && ++stale_errors < 64))
-                continue;
+        int n = receive(fd, vlen, 4, &stale_errors); /* room for the ChannelData header */
+        if (n < 0)
             break; /* empty, or an error the next wake-up meets again */
-        }
         done_reads += n;
         struct iovec frames[BATCH];
         Py_ssize_t count = 0, payload_bytes = 0;

@@ -150,6 +150,20 @@ nothing_to_read(int err)
     return err == EAGAIN || err == EWOULDBLOCK || is_stale_icmp_error(err);
 }
 
+/* Append (data, (host, port)) of receive slot i to the list out; 0, or -1 on an error. */
+static int
+append_datagram(PyObject *out, int i)
+{
+    PyObject *pair = Py_BuildValue(
+        "(y#N)", (const char *)rx_iov[i].iov_base, (Py_ssize_t)rx_msgs[i].msg_len,
+        address_tuple(&rx_names[i]));
+    if (pair == NULL)
+        return -1;
+    int rc = PyList_Append(out, pair);
+    Py_DECREF(pair);
+    return rc;
+}
+
 PyDoc_STRVAR(recv_batch_doc,
 "recv_batch(sock, limit) -> list[tuple[bytes, tuple[str, int]]]\n\n"
 "Every datagram queued on the non-blocking socket, up to limit, in one or a few\n"
@@ -190,26 +204,7 @@ recv_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         for (int i = 0; i < n; i++) {
             if (rx_msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
                 continue; /* larger than any UDP payload: cannot happen, never relayed */
-            PyObject *data = PyBytes_FromStringAndSize(
-                (const char *)rx_iov[i].iov_base, (Py_ssize_t)rx_msgs[i].msg_len);
-            if (data == NULL)
-                goto fail;
-            PyObject *addr = address_tuple(&rx_names[i]);
-            if (addr == NULL) {
-                Py_DECREF(data);
-                goto fail;
-            }
-            PyObject *pair = PyTuple_New(2);
-            if (pair == NULL) {
-                Py_DECREF(data);
-                Py_DECREF(addr);
-                goto fail;
-            }
-            PyTuple_SET_ITEM(pair, 0, data);
-            PyTuple_SET_ITEM(pair, 1, addr);
-            int rc = PyList_Append(out, pair);
-            Py_DECREF(pair);
-            if (rc < 0)
+            if (append_datagram(out, i) < 0)
                 goto fail;
         }
         if ((unsigned int)n < vlen)
@@ -787,13 +782,8 @@ forward(int fd, Py_ssize_t limit, PyObject *allocations, PyObject *local,
                 full_of_deferred = 1;
             if (*left == NULL && (*left = PyList_New(0)) == NULL)
                 goto fail;
-            PyObject *pair = Py_BuildValue(
-                "(y#N)", (const char *)b, (Py_ssize_t)len, address_tuple(&rx_names[i]));
-            if (pair == NULL || PyList_Append(*left, pair) < 0) {
-                Py_XDECREF(pair);
+            if (append_datagram(*left, i) < 0)
                 goto fail;
-            }
-            Py_DECREF(pair);
         }
         flush_forwards(queued);
         /* Past DEFERRED_MAX clients the next one could not be held back: stop here. */

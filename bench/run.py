@@ -499,6 +499,7 @@ class Experiment:
     run: Callable[[Machine, Server, Profile], Metrics]
     stub: bool = True  # also run against the stub (generator ceiling)
     fresh_start: bool = False  # the experiment starts the server itself
+    scatters: bool = False  # its figures scatter run to run: profile.rtt_repeats runs
 
 
 def _common(result: Any) -> Metrics:
@@ -706,7 +707,7 @@ EXPERIMENTS = [
     Experiment("send1000", "Send/Data, 1000 B", relay_experiment("send", 1000)),
     Experiment("alloc", "Allocate", alloc_run),
     Experiment("binding", "Binding", binding_run),
-    Experiment("rtt", "RTT", rtt_run),
+    Experiment("rtt", "RTT", rtt_run, scatters=True),
     Experiment("memory", "RSS", memory_run, stub=False),
     Experiment("startup", "start-up", lambda m, s, p: {}, stub=False, fresh_start=True),
 ]
@@ -802,7 +803,7 @@ def run_all(machine: Machine, profile: Profile, only: set[str] | None) -> Result
             continue
         if experiment.fresh_start:
             repeats = profile.startup_repeats
-        elif experiment.name == "rtt":
+        elif experiment.scatters:
             repeats = profile.rtt_repeats
         else:
             repeats = profile.repeats

@@ -143,44 +143,51 @@ def test_channel_data_and_data_indications_both_ways_with_their_counters(
     }
 
 
+async def _send_while_stopped(server: ServerProcess, client: TurnClient, *datagrams: bytes) -> None:
+    """Send with the server stopped (SIGSTOP), so that all of it waits at its socket and
+    one wake-up reads it together."""
+    assert server.process is not None
+    pid = server.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for datagram in datagrams:
+            client.send(datagram)
+        await asyncio.sleep(0.2)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _channel_data(data: bytes) -> bytes:
+    return channel_header(0x4000, len(data)) + data
+
+
 def test_a_clients_datagrams_take_effect_in_the_order_they_came(server: ServerProcess) -> None:
-    """The server is stopped while the client sends, so that everything arrives in one
-    batch: ChannelData right after the ChannelBind that makes its channel is relayed, and
-    ChannelData right after the Refresh that ends the allocation is not."""
+    """Everything arrives in one batch: ChannelData right after the ChannelBind that makes
+    its channel is relayed, and ChannelData right after the Refresh that ends the
+    allocation is not."""
     peer = Peer()
-    pid = server.process.pid if server.process is not None else 0
-
-    async def paused(client: TurnClient, *datagrams: bytes) -> None:
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            for datagram in datagrams:
-                client.send(datagram)
-            await asyncio.sleep(0.2)  # all of it queued at the server's socket
-        finally:
-            os.kill(pid, signal.SIGCONT)
-
-    def channel_data(data: bytes) -> bytes:
-        return channel_header(0x4000, len(data)) + data
+    # 31 before the Refresh: the last one and the Refresh fill the native module's first
+    # read of 32, and the ChannelData after them comes in a second.
+    before = [b"before the end %d" % i for i in range(31)]
 
     async def scenario() -> list[bytes | None]:
         client = await TurnClient.open(server.udp_address)
         bind = [ChannelNumber(0x4000), XorPeerAddress(*peer.address)]
         try:
             assert code_of(await client.allocate()) == 0
-            await paused(
+            await _send_while_stopped(
+                server,
                 client,
                 client.codec.encode_request(Method.CHANNEL_BIND, bind),
-                channel_data(b"after the bind"),
+                _channel_data(b"after the bind"),
             )
             got = [peer.receive()]
-            # 31 before the Refresh: the last one and the Refresh fill the native
-            # module's first read of 32, and the ChannelData after them comes in a second.
-            before = [b"before the end %d" % i for i in range(31)]
-            await paused(
+            await _send_while_stopped(
+                server,
                 client,
-                *[channel_data(data) for data in before],
+                *[_channel_data(data) for data in before],
                 client.codec.encode_request(Method.REFRESH, [Lifetime(0)]),
-                channel_data(b"after the end"),
+                _channel_data(b"after the end"),
             )
             got += [peer.receive() for _ in before]
             return [*got, peer.receive(0.5)]
@@ -188,7 +195,6 @@ def test_a_clients_datagrams_take_effect_in_the_order_they_came(server: ServerPr
             client.close()
 
     try:
-        before = [b"before the end %d" % i for i in range(31)]
         assert run(scenario()) == [b"after the bind", *before, None]
     finally:
         peer.close()
@@ -200,7 +206,6 @@ def test_channel_data_keeps_its_order_when_python_relays_part_of_a_wake_up(
     """A Binding request first leaves the client's ChannelData of that read to Python;
     the read after it (past 64 datagrams) is relayed natively, and must not overtake."""
     peer = Peer()
-    pid = server.process.pid if server.process is not None else 0
     payloads = [b"in order %d" % i for i in range(80)]
 
     async def scenario() -> list[bytes | None]:
@@ -208,14 +213,12 @@ def test_channel_data_keeps_its_order_when_python_relays_part_of_a_wake_up(
         try:
             assert code_of(await client.allocate()) == 0
             assert code_of(await client.channel_bind(0x4000, peer.address)) == 0
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                client.send(client.codec.encode_request(Method.BINDING, auth=False))
-                for payload in payloads:
-                    client.send(channel_header(0x4000, len(payload)) + payload)
-                await asyncio.sleep(0.2)
-            finally:
-                os.kill(pid, signal.SIGCONT)
+            await _send_while_stopped(
+                server,
+                client,
+                client.codec.encode_request(Method.BINDING, auth=False),
+                *[_channel_data(payload) for payload in payloads],
+            )
             return [peer.receive() for _ in payloads]
         finally:
             client.close()

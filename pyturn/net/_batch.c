@@ -164,6 +164,19 @@ append_datagram(PyObject *out, int i)
     return rc;
 }
 
+/* The (sock, limit, ...) head of the readers' arguments: 0, or -1 with an exception. */
+static int
+socket_and_limit(PyObject *const *args, int *fd, Py_ssize_t *limit)
+{
+    *fd = PyObject_AsFileDescriptor(args[0]);
+    if (*fd < 0)
+        return -1;
+    *limit = PyLong_AsSsize_t(args[1]);
+    if (*limit < 0 && PyErr_Occurred())
+        return -1;
+    return 0;
+}
+
 PyDoc_STRVAR(recv_batch_doc,
 "recv_batch(sock, limit) -> list[tuple[bytes, tuple[str, int]]]\n\n"
 "Every datagram queued on the non-blocking socket, up to limit, in one or a few\n"
@@ -176,11 +189,9 @@ recv_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "recv_batch(sock, limit)");
         return NULL;
     }
-    int fd = PyObject_AsFileDescriptor(args[0]);
-    if (fd < 0)
-        return NULL;
-    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
-    if (limit < 0 && PyErr_Occurred())
+    int fd;
+    Py_ssize_t limit;
+    if (socket_and_limit(args, &fd, &limit) < 0)
         return NULL;
     if (ensure_rx_buffers() < 0)
         return NULL;
@@ -807,11 +818,9 @@ forward_channel_data(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                         "forward_channel_data(sock, limit, allocations: dict, local: tuple)");
         return NULL;
     }
-    int fd = PyObject_AsFileDescriptor(args[0]);
-    if (fd < 0)
-        return NULL;
-    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
-    if (limit < 0 && PyErr_Occurred())
+    int fd;
+    Py_ssize_t limit;
+    if (socket_and_limit(args, &fd, &limit) < 0)
         return NULL;
     Py_ssize_t received;
     PyObject *left;
@@ -837,11 +846,9 @@ listener_ready(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                         "listener_ready(sock, limit, server, local, handle, failed)");
         return NULL;
     }
-    int fd = PyObject_AsFileDescriptor(args[0]);
-    if (fd < 0)
-        return NULL;
-    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
-    if (limit < 0 && PyErr_Occurred())
+    int fd;
+    Py_ssize_t limit;
+    if (socket_and_limit(args, &fd, &limit) < 0)
         return NULL;
     PyObject *allocations = PyObject_GetAttr(args[2], s_allocations);
     if (allocations == NULL)

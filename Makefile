@@ -23,7 +23,8 @@ typecheck: $(VENV)/.installed
 pytest: $(VENV)/.installed
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-$(VENV)/.installed: pyproject.toml hatch_build.py pyturn/net/_batch.c
+$(VENV)/.installed: pyproject.toml hatch_build.py pyturn/net/_udp_batch.c \
+		pyturn/net/_udp_batch.h pyturn/net/_fastpath.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

@@ -1,4 +1,6 @@
-"""Build hook: compile the optional batching module pyturn/net/_batch.c.
+"""Build hook: compile the optional native module pyturn.net._batch from two C files:
+pyturn/net/_udp_batch.c (batched UDP I/O) and pyturn/net/_fastpath.c (the relay fast
+path reading the forwarding table).
 
 pyturn runs without it (pyturn/net/batch.py falls back to one system call per
 datagram), so a machine without a C compiler or Python headers still installs: the
@@ -19,12 +21,12 @@ from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-SOURCE = Path("pyturn/net/_batch.c")
+SOURCES = (Path("pyturn/net/_udp_batch.c"), Path("pyturn/net/_fastpath.c"))
 
 
 def _compile(root: Path) -> Path:
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    target = root / SOURCE.with_name("_batch" + suffix)
+    target = root / SOURCES[0].with_name("_batch" + suffix)
     compiler = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
     if shutil.which(compiler[0]) is None:
         raise RuntimeError(f"no C compiler ({compiler[0]})")
@@ -38,7 +40,7 @@ def _compile(root: Path) -> Path:
         "-shared",
         "-Wall",
         f"-I{include}",
-        str(root / SOURCE),
+        *(str(root / source) for source in SOURCES),
         "-o",
         str(target),
     ]

@@ -1,45 +1,40 @@
 """Allocations, permissions and channel bindings (RFC 8656 §5, §9, §12).
 
-An `Allocation` is also what the relay fast path reads: `channel_peers` maps a channel
-number to its peer, `channel_headers` a peer to its 2-byte channel prefix, and
-`permissions` a peer IP to its expiry. Expiry deletes entries, so the fast path never
-looks at a clock: presence in the dictionary is the permission. The native fast path
-(pyturn/net/_batch.c) reads these fields, `relay`, `relay6` and the four traffic counters
-by name: a rename here is a rename there.
+An `Allocation` holds what the RFC's rules need: its permissions and channels with the
+time each one ends. What the data plane forwards is not read from here but from the
+`ForwardingTable` (pyturn/core/forwarding.py), and the methods below are what write it:
+`permit`, `bind_channel`, `expire`, `forget_peers` and `close`, each next to the
+lifetime it keeps, so the table always says what these dictionaries say. The traffic
+counters live in the table too (`counters`); the properties below read them.
 """
 
 from __future__ import annotations
 
 import array
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pyturn.wire.attributes import FAMILY_IPV6, MAGIC_COOKIE, Address, xor_address_value
-from pyturn.wire.message import Method, message_type
+from pyturn.core.forwarding import (
+    BYTES_TO_CLIENT,
+    BYTES_TO_PEER,
+    PACKETS_TO_CLIENT,
+    PACKETS_TO_PEER,
+    Counters,
+    FiveTuple,
+    Flow,
+    ForwardingTable,
+    RelaySocket,
+    new_counters,
+)
+from pyturn.core.randomness import RandomSource
+from pyturn.wire.attributes import FAMILY_IPV6, Address
 
 # RFC 8656 §9 and §12: fixed lifetimes, not negotiable.
 PERMISSION_LIFETIME = 300.0
 CHANNEL_LIFETIME = 600.0
 
-# (transport, client address, server address): the 5-tuple that names an allocation.
-FiveTuple = tuple[str, Address, Address]
-
-_DATA_INDICATION = message_type(Method.DATA, 0b01)
-
-
-class RelaySocket(Protocol):
-    """What the I/O layer gives the core for a bound relay port.
-
-    The core never calls `sendto`: it returns `SendToPeer(relay, ...)` and the I/O layer
-    does the sending.
-    """
-
-    @property
-    def port(self) -> int: ...
-
-    def sendto(self, data: bytes, peer: Address, /) -> None: ...
+__all__ = ["FiveTuple", "RelaySocket"]
 
 
 class RelayBinder(Protocol):
@@ -67,6 +62,8 @@ class Allocation:
     expires_at: float
     allocate_transaction: bytes
     allocate_response: bytes
+    # The process's forwarding table, which this allocation's methods keep in step.
+    table: ForwardingTable
     use_sha256: bool = False
     # RFC 8656 §7.2 ADDITIONAL-ADDRESS-FAMILY: the IPv6 relay of a dual-stack allocation.
     relay6: RelaySocket | None = None
@@ -75,18 +72,35 @@ class Allocation:
     channel_peers: dict[int, Address] = field(default_factory=dict)
     channel_headers: dict[Address, bytes] = field(default_factory=dict)
     channel_expiry: dict[int, float] = field(default_factory=dict)
-    # Plain counters: the fast path adds to them, metrics and logs read them.
-    packets_to_peer: int = 0
-    bytes_to_peer: int = 0
-    packets_to_client: int = 0
-    bytes_to_client: int = 0
-    # A handle the I/O layer keeps for sending to this client (its transport).
-    client_sink: object = None
+    # Packets and bytes each way (PACKETS_TO_PEER, ...): the data plane adds to them.
+    counters: Counters = field(default_factory=new_counters)
     # Earliest deadline queued for this allocation in the server's timer heap.
     scheduled_at: float = float("inf")
     closed: bool = False
     # RFC 6062: a TCP allocation's peer connections by CONNECTION-ID (None for UDP).
     peer_connections: dict[int, PeerConnection] | None = None
+
+    @property
+    def flow(self) -> Flow:
+        """The allocation as the forwarding table's entries name it."""
+        transport, client, server = self.five_tuple
+        return (transport, client, server, self.counters)
+
+    @property
+    def packets_to_peer(self) -> int:
+        return self.counters[PACKETS_TO_PEER]
+
+    @property
+    def bytes_to_peer(self) -> int:
+        return self.counters[BYTES_TO_PEER]
+
+    @property
+    def packets_to_client(self) -> int:
+        return self.counters[PACKETS_TO_CLIENT]
+
+    @property
+    def bytes_to_client(self) -> int:
+        return self.counters[BYTES_TO_CLIENT]
 
     @property
     def is_tcp(self) -> bool:
@@ -105,32 +119,53 @@ class Allocation:
     def serves_family(self, family: int) -> bool:
         return family == self.family or (self.relay6 is not None and family == FAMILY_IPV6)
 
+    def _channels_towards(self, ip: str) -> list[tuple[Address, int]]:
+        return [(peer, n) for n, peer in self.channel_peers.items() if peer[0] == ip]
+
     def permit(self, peer_ip: str, now: float) -> None:
+        if not self.is_tcp:  # RFC 6062 peers are reached over connections, not routes
+            self.table.permit(self.flow, self.relay_for(peer_ip), peer_ip, self._channels_towards)
         self.permissions[peer_ip] = now + PERMISSION_LIFETIME
 
     def bind_channel(self, number: int, peer: Address, now: float) -> None:
         self.channel_peers[number] = peer
         self.channel_headers[peer] = number.to_bytes(2, "big")
         self.channel_expiry[number] = now + CHANNEL_LIFETIME
+        self.table.bind(self.flow, self.relay_for(peer[0]), number, peer, permitted=False)
         self.permit(peer[0], now)
+
+    def _drop_permission(self, ip: str) -> None:
+        del self.permissions[ip]
+        if not self.is_tcp:
+            self.table.revoke(self.flow, self.relay_for(ip), ip, self._channels_towards)
+
+    def _drop_channel(self, number: int) -> None:
+        peer = self.channel_peers.pop(number)
+        self.channel_headers.pop(peer, None)
+        self.channel_expiry.pop(number, None)
+        self.table.unbind(self.flow, self.relay_for(peer[0]), number, peer)
 
     def forget_peers(self, denied: Callable[[str], bool]) -> None:
         """Drop permissions and channels for peer IPs that `denied` refuses."""
         for ip in [ip for ip in self.permissions if denied(ip)]:
-            del self.permissions[ip]
+            self._drop_permission(ip)
         for number in [n for n, peer in self.channel_peers.items() if denied(peer[0])]:
-            peer = self.channel_peers.pop(number)
-            self.channel_headers.pop(peer, None)
-            self.channel_expiry.pop(number, None)
+            self._drop_channel(number)
 
     def expire(self, now: float) -> None:
         """Drop permissions and channels past their lifetime (RFC 8656 §9, §12)."""
         for ip in [ip for ip, at in self.permissions.items() if at <= now]:
-            del self.permissions[ip]
+            self._drop_permission(ip)
         for number in [n for n, at in self.channel_expiry.items() if at <= now]:
-            del self.channel_expiry[number]
-            peer = self.channel_peers.pop(number)
-            self.channel_headers.pop(peer, None)
+            self._drop_channel(number)
+
+    def close(self) -> None:
+        """The allocation ends: its entries leave the table before its sockets close."""
+        self.closed = True
+        for ip in list(self.permissions):
+            self._drop_permission(ip)
+        for number in list(self.channel_peers):
+            self._drop_channel(number)
 
     def next_deadline(self) -> float:
         waiting = (
@@ -146,71 +181,6 @@ class Allocation:
                 *waiting,
             ),
         )
-
-    def frame_for_client(self, peer: Address, data: bytes) -> bytes | None:
-        """What to send the client for a datagram from `peer`, or None to drop it.
-
-        RFC 8656 §11.3/§12.6: nothing without a permission for the peer's IP (a channel
-        outlives its permission unless refreshed); then ChannelData when a channel is
-        bound to the peer, else a Data indication. serve_endpoint in
-        pyturn/net/_batch.c does the same for UDP clients (calling this method for Data
-        indications): a change here is a change there.
-        """
-        if peer[0] not in self.permissions:
-            return None
-        header = self.channel_headers.get(peer)
-        if header is not None:
-            return header + len(data).to_bytes(2, "big") + data
-        return data_indication(peer, data)
-
-
-_DATA_INDICATION_HEAD = _DATA_INDICATION.to_bytes(2, "big")
-_COOKIE_BYTES = MAGIC_COOKIE.to_bytes(4, "big")
-
-_random_pool = bytearray()
-
-
-def _transaction_id() -> bytes:
-    """12 random bytes, drawn from the OS 4 KB at a time instead of a syscall each."""
-    if len(_random_pool) < 12:
-        _random_pool.extend(os.urandom(4096))
-    txid = bytes(_random_pool[-12:])
-    del _random_pool[-12:]
-    return txid
-
-
-def _random_below(n: int) -> int:
-    """A random index below n (at most 65,536 ports) from the pooled OS bytes: 48 bits
-    reduced modulo n, so no index is favoured by more than n / 2**48."""
-    if len(_random_pool) < 6:
-        _random_pool.extend(os.urandom(4096))
-    value = int.from_bytes(_random_pool[-6:], "big")
-    del _random_pool[-6:]
-    return value % n
-
-
-def data_indication(peer: Address, data: bytes) -> bytes:
-    """A Data indication (RFC 8656 §11.4) built directly: it goes out for every datagram
-    a peer sends without a channel, so no message objects are made."""
-    txid = _transaction_id()
-    value = xor_address_value(peer[0], peer[1], txid)
-    peer_attr = b"\x00\x12" + len(value).to_bytes(2, "big") + value
-    size = len(data)
-    padding = -size % 4
-    length = len(peer_attr) + 4 + size + padding
-    return b"".join(
-        (
-            _DATA_INDICATION_HEAD,
-            length.to_bytes(2, "big"),
-            _COOKIE_BYTES,
-            txid,
-            peer_attr,
-            b"\x00\x13",
-            size.to_bytes(2, "big"),
-            data,
-            b"\x00" * padding,
-        )
-    )
 
 
 CONNECTING = "connecting"
@@ -250,7 +220,8 @@ class PortPool:
     index, so picking stays O(1) however full the range is.
     """
 
-    def __init__(self, min_port: int, max_port: int) -> None:
+    def __init__(self, min_port: int, max_port: int, random: RandomSource) -> None:
+        self.random = random
         self.min_port = min_port
         self.max_port = max_port
         self.free: list[int] = list(range(min_port, max_port + 1))
@@ -266,7 +237,7 @@ class PortPool:
     def take_random(self) -> int | None:
         if not self.free:
             return None
-        return self.take(self.free[_random_below(len(self.free))])
+        return self.take(self.free[self.random.below(len(self.free))])
 
     def take(self, port: int) -> int | None:
         if not self.min_port <= port <= self.max_port:
@@ -296,7 +267,7 @@ class PortPool:
     def random_even_pair(self, tries: int = 64) -> int | None:
         """An even port whose successor is also free (EVEN-PORT with R, RFC 8656 §14.6)."""
         for _ in range(tries):
-            port = self.free[_random_below(len(self.free))] if self.free else None
+            port = self.free[self.random.below(len(self.free))] if self.free else None
             if port is None:
                 return None
             even = port & ~1
@@ -311,7 +282,7 @@ class PortPool:
         for _ in range(tries):
             if not self.free:
                 return None
-            port = self.free[_random_below(len(self.free))]
+            port = self.free[self.random.below(len(self.free))]
             if port % 2 == 0:
                 return port
         return next((p for p in self.free if p % 2 == 0), None)

@@ -12,7 +12,6 @@ import hashlib
 import heapq
 import hmac
 import itertools
-import secrets
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,15 +25,15 @@ from pyturn.core.allocation import (
     CONNECTION_BIND_TIMEOUT,
     WAITING_FOR_BIND,
     Allocation,
-    FiveTuple,
     PeerConnection,
     PortPool,
     RelayBinder,
-    RelaySocket,
 )
 from pyturn.core.auth import SUPPORTED_ALGORITHMS, Authenticator, AuthFailure, Candidate
+from pyturn.core.forwarding import FiveTuple, ForwardingTable, RelaySocket, SendToPeer
 from pyturn.core.limits import SourceBudget
 from pyturn.core.policy import PeerPolicy
+from pyturn.core.randomness import RandomSource, SystemRandom
 from pyturn.wire import integrity
 from pyturn.wire.attributes import (
     FAMILY_IPV4,
@@ -91,7 +90,6 @@ from pyturn.wire.message import (
     forget_decoded,
     is_stun,
     message_type,
-    new_transaction_id,
     split_message_type,
 )
 
@@ -127,14 +125,6 @@ class Reply(NamedTuple):
     data: bytes
 
 
-class SendToPeer(NamedTuple):
-    """Send `data` to `peer` from `relay`. A tuple: one is made for every relayed packet."""
-
-    relay: RelaySocket
-    peer: Address
-    data: bytes
-
-
 @dataclass(frozen=True, slots=True)
 class SendToClient:
     """Send `data` to the client of `allocation` on its control connection (RFC 6062)."""
@@ -161,6 +151,22 @@ class JoinPeerConnection:
 @dataclass(frozen=True, slots=True)
 class ClosePeerConnection:
     connection: PeerConnection
+
+
+@dataclass(frozen=True, slots=True)
+class StartRelaying:
+    """Wiring for a new allocation: serve its relay sockets (an RFC 6062 relay starts
+    accepting peers) and arm the timer for its first deadline."""
+
+    allocation: Allocation
+
+
+@dataclass(frozen=True, slots=True)
+class StopRelaying:
+    """A TCP allocation (RFC 6062) ended: close its peer connections. Its table entries
+    are gone and its relay sockets released already; a UDP allocation needs no more."""
+
+    allocation: Allocation
 
 
 class RequestHandled(NamedTuple):
@@ -234,6 +240,8 @@ Action = (
     | ConnectToPeer
     | JoinPeerConnection
     | ClosePeerConnection
+    | StartRelaying
+    | StopRelaying
     | Event
 )
 
@@ -263,9 +271,16 @@ class TurnServer:
         relay_ipv4: str | None = None,
         relay_ipv6: str | None = None,
         nonce_secret: bytes | None = None,
+        random: RandomSource | None = None,
+        table: ForwardingTable | None = None,
     ) -> None:
         self.binder = binder
-        self._nonce_secret = nonce_secret or secrets.token_bytes(32)
+        # Ports, CONNECTION-IDs, transaction IDs and the secret: one source, seedable.
+        self.random = random or SystemRandom()
+        self._nonce_secret = nonce_secret or self.random.token(32)
+        # What the data plane forwards (the I/O layer may make it first, to hand it to
+        # its relay sockets); the allocations' methods keep it in step.
+        self.table = table if table is not None else ForwardingTable(self.random)
         self.allocations: dict[FiveTuple, Allocation] = {}
         self.draining = False
         self._per_user: Counter[str] = Counter()
@@ -279,8 +294,8 @@ class TurnServer:
         self._relay_ipv6 = relay_ipv6
         self.reconfigure(config)
         self.pools = {
-            FAMILY_IPV4: PortPool(config.relay.min_port, config.relay.max_port),
-            FAMILY_IPV6: PortPool(config.relay.min_port, config.relay.max_port),
+            FAMILY_IPV4: PortPool(config.relay.min_port, config.relay.max_port, self.random),
+            FAMILY_IPV6: PortPool(config.relay.min_port, config.relay.max_port, self.random),
         }
         self._handlers: dict[int, _Handler] = {
             Method.ALLOCATE: self._allocate,
@@ -337,7 +352,7 @@ class TurnServer:
             if answer is not None:
                 return answer
         elif is_channel_data(data):
-            send = self.route_channel_data(data, five_tuple)
+            send = self.table.from_client(data, five_tuple)
             return [send] if send is not None else []
         elif kind == _SEND_INDICATION_TYPE:
             fast = self._route_send_indication(data, five_tuple)
@@ -364,28 +379,6 @@ class TurnServer:
                 out.append(send)
         self._events = []
         return out
-
-    def route_channel_data(self, data: bytes, five_tuple: FiveTuple) -> SendToPeer | None:
-        """RFC 8656 §12.5: relay ChannelData on a bound channel, silently drop the rest.
-
-        This is the client-to-peer fast path: the 4-byte header is read inline (the
-        channel number is only ever looked up, so reserved numbers simply miss). The
-        native module applies the same rule to UDP clients (route_channel_data in
-        pyturn/net/_batch.c): a change here is a change there.
-        """
-        allocation = self.allocations.get(five_tuple)
-        if allocation is None or len(data) < 4:
-            return None
-        peer = allocation.channel_peers.get((data[0] << 8) | data[1])
-        if peer is None:
-            return None
-        end = 4 + ((data[2] << 8) | data[3])
-        if end > len(data):
-            return None  # a length past the datagram: malformed (padding is allowed)
-        allocation.packets_to_peer += 1
-        allocation.bytes_to_peer += end - 4
-        relay = allocation.relay if allocation.relay6 is None else allocation.relay_for(peer[0])
-        return SendToPeer(relay, peer, data[4:end])
 
     def _answer_binding(self, data: bytes, client: Address) -> list[Action] | None:
         """RFC 8489 §7.3: a Binding request with no attributes but FINGERPRINT, answered
@@ -465,11 +458,9 @@ class TurnServer:
             elif attr_type != DontFragment.TYPE:
                 return _SLOW_PATH
             pos = value_end + (-size % 4)
-        if peer is None or payload is None or peer[0] not in allocation.permissions:
+        if peer is None or payload is None:
             return None
-        allocation.packets_to_peer += 1
-        allocation.bytes_to_peer += len(payload)
-        return SendToPeer(allocation.relay_for(peer[0]), peer, payload)
+        return self.table.send_to(five_tuple, peer, payload)
 
     def expire(self, now: float) -> list[Action]:
         """Age permissions, channels, reservations and allocations up to `now`."""
@@ -481,7 +472,7 @@ class TurnServer:
                 continue
             allocation.scheduled_at = float("inf")
             if allocation.expires_at <= now:
-                out.append(self._delete(allocation, "expired", now))
+                out += self._delete(allocation, "expired", now)
                 continue
             allocation.expire(now)
             out += self._expire_peer_connections(allocation, now)
@@ -500,10 +491,13 @@ class TurnServer:
     def connection_closed(self, five_tuple: FiveTuple, now: float) -> list[Action]:
         """RFC 8656 §3.1: over TCP/TLS, an allocation ends with its connection."""
         allocation = self.allocations.get(five_tuple)
-        return [self._delete(allocation, "connection closed", now)] if allocation else []
+        return self._delete(allocation, "connection closed", now) if allocation else []
 
     def close_all(self, now: float) -> list[Action]:
-        return [self._delete(a, "shutdown", now) for a in list(self.allocations.values())]
+        out: list[Action] = []
+        for allocation in list(self.allocations.values()):
+            out += self._delete(allocation, "shutdown", now)
+        return out
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -523,6 +517,7 @@ class TurnServer:
         # Dicts never shrink as entries go; a copy is sized for what is left.
         self.allocations = dict(self.allocations)
         self.peer_connections = dict(self.peer_connections)
+        self.table.compact()
         self._per_user = Counter(self._per_user)
         self.unsigned_budget.prune(now)
         # Caches by client, nonce or key: cheap to fill again, but their entries of gone
@@ -538,8 +533,8 @@ class TurnServer:
         self._timers = [t for t in self._timers if not t[2].closed]
         heapq.heapify(self._timers)
 
-    def _delete(self, allocation: Allocation, reason: str, now: float) -> AllocationDeleted:
-        allocation.closed = True
+    def _delete(self, allocation: Allocation, reason: str, now: float) -> list[Action]:
+        allocation.close()  # its routes leave the table before its sockets close
         self.allocations.pop(allocation.five_tuple, None)
         self.ended_since_compact += 1
         # A deleted allocation's timer entry would stay until its old deadline (up to
@@ -554,7 +549,9 @@ class TurnServer:
             self.pools[FAMILY_IPV6].put(allocation.relay6.port)
         for connection_id in allocation.peer_connections or ():
             self.peer_connections.pop(connection_id, None)
-        return AllocationDeleted(allocation, reason, now)
+        deleted = AllocationDeleted(allocation, reason, now)
+        # A UDP allocation leaves nothing behind in the I/O layer: its sockets are released.
+        return [deleted, StopRelaying(allocation)] if allocation.is_tcp else [deleted]
 
     def _uncount(self, quota_user: str) -> None:
         self._per_user[quota_user] -= 1
@@ -877,6 +874,7 @@ class TurnServer:
             expires_at=now + lifetime,
             allocate_transaction=msg.transaction_id,
             allocate_response=b"",
+            table=self.table,
             use_sha256=msg.integrity_sha256_offset is not None,
             relay6=relay6,
             relayed_address6=relayed6,
@@ -886,6 +884,7 @@ class TurnServer:
         self._per_user[candidate.quota_user] += 1
         self._schedule(allocation)
         self._events.append(AllocationCreated(allocation))
+        self._events.append(StartRelaying(allocation))
         attributes: list[Attribute] = [XorRelayedAddress(*relayed)]
         if relayed6 is not None:
             attributes.append(XorRelayedAddress(*relayed6))
@@ -997,7 +996,7 @@ class TurnServer:
             raise errors.PeerAddressFamilyMismatch
         lifetime = self._lifetime(msg, zero_deletes=True)
         if lifetime == 0:
-            self._events.append(self._delete(allocation, "refresh", now))
+            self._events += self._delete(allocation, "refresh", now)
             return [Lifetime(0)]
         allocation.expires_at = now + lifetime
         self._schedule(allocation)
@@ -1084,7 +1083,7 @@ class TurnServer:
 
     def _new_connection_id(self) -> int:
         while True:
-            connection_id = secrets.randbits(32)
+            connection_id = int.from_bytes(self.random.token(4), "big")
             if connection_id and connection_id not in self.peer_connections:
                 return connection_id
 
@@ -1180,7 +1179,7 @@ class TurnServer:
         indication = Message(
             Method.CONNECTION_ATTEMPT,
             MessageClass.INDICATION,
-            new_transaction_id(),
+            self.random.token(12),
             (XorPeerAddress(*peer), ConnectionId(connection.connection_id)),
         )
         return connection, [SendToClient(allocation, encode(indication))]
@@ -1234,11 +1233,9 @@ class TurnServer:
             return None
         peer = msg.get(XorPeerAddress)
         data = msg.get(Data)
-        if peer is None or data is None or peer.host not in allocation.permissions:
+        if peer is None or data is None:
             return None
-        allocation.packets_to_peer += 1
-        allocation.bytes_to_peer += len(data.value)
-        return SendToPeer(allocation.relay_for(peer.host), peer.address, data.value)
+        return self.table.send_to(five_tuple, peer.address, data.value)
 
 
 __all__ = [
@@ -1254,5 +1251,7 @@ __all__ = [
     "ReplySuppressed",
     "RequestHandled",
     "SendToPeer",
+    "StartRelaying",
+    "StopRelaying",
     "TurnServer",
 ]

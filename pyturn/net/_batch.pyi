@@ -1,4 +1,5 @@
-# Types of the optional C module pyturn/net/_batch.c (see pyturn/net/batch.py).
+# Types of the optional C module pyturn.net._batch, built from _udp_batch.c and
+# _fastpath.c (see pyturn/net/batch.py and pyturn/net/fastpath.py).
 import _socket
 import select
 from collections.abc import Callable
@@ -18,22 +19,45 @@ def send_many_to(
 def forward_channel_data(
     sock: _socket.socket | int,
     limit: int,
-    allocations: dict[Any, Any],
+    to_peer_by_channel: dict[Any, Any],
     local: tuple[str, int],
     /,
 ) -> tuple[int, list[Datagram]]: ...
 def serve_relays(
-    epoll: select.epoll, endpoints: dict[int, _Endpoint], limit: int, reads: int, /
-) -> list[_Endpoint]: ...
-def serve_relay(endpoint: Any, reads: int, /) -> None: ...
+    epoll: select.epoll,
+    endpoints: dict[int, _Endpoint],
+    limit: int,
+    reads: int,
+    to_client_by_peer: dict[Any, Any],
+    udp_listeners: dict[tuple[str, int], int],
+    /,
+) -> list[tuple[_Endpoint, list[Datagram]]]: ...
+def serve_relay(
+    sock: _socket.socket | int,
+    reads: int,
+    to_client_by_peer: dict[Any, Any],
+    udp_listeners: dict[tuple[str, int], int],
+    deliver: Callable[[list[Datagram]], None],
+    /,
+) -> None: ...
 def listener_ready(
     sock: _socket.socket,
     limit: int,
-    server: Any,
+    to_peer_by_channel: dict[Any, Any],
     local: tuple[str, int],
     handle: Callable[[int, list[Datagram]], None],
     failed: Callable[[OSError], None],
     /,
 ) -> None: ...
+def route_client_datagram(
+    to_peer_by_channel: dict[Any, Any],
+    local: tuple[str, int],
+    client: tuple[str, int],
+    data: bytes,
+    /,
+) -> tuple[int, tuple[str, int], bytes] | None: ...
+def route_peer_datagram(
+    to_client_by_peer: dict[Any, Any], relay_key: int, peer: tuple[str, int], data: bytes, /
+) -> tuple[Any, bytes] | None: ...
 def gso() -> bool: ...
 def forget_addresses() -> None: ...

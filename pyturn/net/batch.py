@@ -1,12 +1,10 @@
 """Many UDP datagrams per call: recvmmsg/sendmmsg when the native module is built.
 
-`pyturn.net._batch` (C, compiled at install time by hatch_build.py) reads or writes up
-to 32 datagrams per system call, and relays the ChannelData of UDP clients in both
-directions itself (`listener_ready` and `forward_channel_data` for client listeners,
-`serve_relays` and `serve_relay` for relay sockets). Without it the same
-functions below make one call per datagram and leave all routing to Python, so
-behaviour is identical and only the speed differs. `NATIVE` says which one runs; the
-start-up log line names it.
+`pyturn.net._batch` (C, compiled at install time by hatch_build.py; this part of it is
+_udp_batch.c) reads or writes up to 32 datagrams per system call. Without it the same
+functions below make one call per datagram, so behaviour is identical and only the
+speed differs. `NATIVE` says which one runs; the start-up log line names it. These know
+sockets and bytes only: the relay fast path built on them is pyturn/net/fastpath.py.
 """
 
 from __future__ import annotations
@@ -14,9 +12,7 @@ from __future__ import annotations
 import _socket
 import errno
 import os
-import select
 from collections.abc import Callable
-from typing import Any
 
 from pyturn.wire.attributes import Address
 
@@ -86,48 +82,6 @@ def _send_many_to(sock: _socket.socket, address: Address, frames: list[bytes]) -
     return _send_batch(sock, [(frame, address) for frame in frames])
 
 
-def _forward_channel_data(
-    sock: _socket.socket, limit: int, allocations: dict[Any, Any], local: Address
-) -> tuple[int, list[tuple[bytes, Address]]]:
-    """Relays nothing itself: every datagram read is left for Python."""
-    datagrams = _recv_batch(sock, limit)
-    return len(datagrams), datagrams
-
-
-def _serve_relays(
-    epoll: select.epoll, endpoints: dict[int, Any], limit: int, reads: int
-) -> list[Any]:
-    """Serves nothing itself: every ready endpoint is left for Python."""
-    ready = []
-    for fd, _ in epoll.poll(0, limit):
-        endpoint = endpoints.get(fd)
-        if endpoint is not None:
-            ready.append(endpoint)
-    return ready
-
-
-def _serve_relay(endpoint: Any, reads: int) -> None:
-    """Serves nothing itself: the endpoint is left for Python."""
-    endpoint.readable()
-
-
-def _listener_ready(  # noqa: PLR0917 (add_reader passes its arguments positionally)
-    sock: _socket.socket,
-    limit: int,
-    server: Any,
-    local: Address,
-    handle: Callable[[int, list[tuple[bytes, Address]]], None],
-    failed: Callable[[OSError], None],
-) -> None:
-    try:
-        received, datagrams = forward_channel_data(sock, limit, server.allocations, local)
-    except OSError as exc:
-        failed(exc)
-        return
-    if datagrams or received == limit:
-        handle(received, datagrams)
-
-
 RecvBatch = Callable[[_socket.socket, int], list[tuple[bytes, Address]]]
 SendBatch = Callable[[_socket.socket, list[tuple[bytes, Address]]], int]
 SendManyTo = Callable[[_socket.socket, Address, list[bytes]], int]
@@ -137,34 +91,12 @@ def _forget_addresses() -> None:
     """The pure-Python functions keep no address cache."""
 
 
-ForwardChannelData = Callable[
-    [_socket.socket, int, dict[Any, Any], Address], tuple[int, list[tuple[bytes, Address]]]
-]
-
-# (epoll, endpoints by fd, sockets per call, reads per socket) -> endpoints left over
-ServeRelays = Callable[[select.epoll, dict[int, Any], int, int], list[Any]]
-
 recv_batch: RecvBatch = _recv_batch
 send_batch: SendBatch = _send_batch
 send_many_to: SendManyTo = _send_many_to
 # Drops the native module's cache of client address tuples: those of gone clients would
 # otherwise pin freed memory (the worker calls it when many allocations have ended).
 forget_addresses: Callable[[], None] = _forget_addresses
-forward_channel_data: ForwardChannelData = _forward_channel_data
-serve_relays: ServeRelays = _serve_relays
-serve_relay: Callable[[Any, int], None] = _serve_relay
-# The event loop's callback for a UDP client listener (see _batch.listener_ready).
-listener_ready: Callable[
-    [
-        _socket.socket,
-        int,
-        Any,
-        Address,
-        Callable[[int, list[tuple[bytes, Address]]], None],
-        Callable[[OSError], None],
-    ],
-    None,
-] = _listener_ready
 NATIVE = False
 
 if not os.environ.get("PYTURN_NO_NATIVE"):
@@ -177,10 +109,6 @@ if not os.environ.get("PYTURN_NO_NATIVE"):
         send_batch = _batch.send_batch
         send_many_to = _batch.send_many_to
         forget_addresses = _batch.forget_addresses
-        forward_channel_data = _batch.forward_channel_data
-        serve_relays = _batch.serve_relays
-        serve_relay = _batch.serve_relay
-        listener_ready = _batch.listener_ready
         NATIVE = True
 
 

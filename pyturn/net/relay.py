@@ -1,14 +1,13 @@
 """Relay sockets: one UDP socket per allocation, facing the peers.
 
-Each relay socket is a plain non-blocking socket, so a port can be bound synchronously
-while the core handles an Allocate; `RelayPoller` watches them all through one epoll
-descriptor, and one wake-up drains every datagram already queued (`batch.recv_batch`).
-The peer-to-client path is the fast path: a datagram becomes ChannelData or a Data
-indication in `Allocation.frame_for_client`, and the frames of one wake-up leave together
-through the client's sink (one sendmmsg for a UDP client), with no awaits, logging or
-clock reads. With the native module, relays of UDP clients are served in C by the same
-rules (`batch.serve_relay`, `batch.serve_relays`); the rest come back to
-`RelayEndpoint.readable`.
+Each relay socket is a plain non-blocking socket, bound synchronously while the core
+handles an Allocate and watched from then on (`RelayPoller`); one wake-up drains every
+datagram already queued. Where a datagram goes is the forwarding table's business
+(pyturn/core/forwarding.py): the native fast path (`fastpath.serve_relay`,
+`fastpath.serve_relays`) sends a UDP client's ChannelData itself, and what it leaves
+(Data indications, clients on TCP/TLS, everything without the native module) comes to
+`RelayEndpoint.deliver`, which asks `ForwardingTable.from_peer` and sends the frames of
+one wake-up together through `Clients`, with no awaits, logging or clock reads.
 """
 
 from __future__ import annotations
@@ -20,10 +19,10 @@ import errno
 import logging
 import select
 import socket
-from collections.abc import Callable
 
-from pyturn.core.allocation import Allocation
-from pyturn.net.batch import recv_batch, serve_relay, serve_relays
+from pyturn.core.forwarding import Flow, ForwardingTable
+from pyturn.net.clients import Clients
+from pyturn.net.fastpath import Datagram, serve_relay, serve_relays
 from pyturn.net.tcp_relay import TcpRelayListener, bind_tcp_listener
 from pyturn.wire.attributes import FAMILY_IPV4, Address
 
@@ -38,8 +37,6 @@ _DIRECT_SOCKETS = 32
 _IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 _IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
 _IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
-
-ClientSink = Callable[[bytes], None]
 
 # Bursts of media arrive faster than one event-loop turn drains them; the kernel's
 # default 208 KB buffers drop packets under load. The FORCE options pass the
@@ -85,8 +82,12 @@ class RelayPoller:
     socket goes to the loop.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, table: ForwardingTable, clients: Clients
+    ) -> None:
         self._loop = loop
+        self.table = table
+        self.clients = clients
         self._direct: dict[int, RelayEndpoint] = {}  # watched by the loop itself
         self._sockets: dict[int, RelayEndpoint] = {}  # watched through self._epoll
         self._epoll = select.epoll() if hasattr(select, "epoll") else None
@@ -94,19 +95,25 @@ class RelayPoller:
             loop.add_reader(self._epoll.fileno(), self._ready)
 
     def watch(self, endpoint: RelayEndpoint) -> None:
-        fd = endpoint.sock.fileno()
+        fd = endpoint.key
         if self._epoll is None or len(self._direct) < _DIRECT_SOCKETS:
             self._direct[fd] = endpoint
             # Native when the module is built: no Python runs for a UDP client's datagram.
-            self._loop.add_reader(fd, serve_relay, endpoint, _READS_PER_WAKEUP)
+            self._loop.add_reader(
+                fd,
+                serve_relay,
+                endpoint.sock,
+                _READS_PER_WAKEUP,
+                self.table.to_client_by_peer,
+                self.clients.udp_fds,
+                endpoint.deliver,
+            )
             return
         self._sockets[fd] = endpoint
         self._epoll.register(fd, select.EPOLLIN)
 
     def forget(self, endpoint: RelayEndpoint) -> None:
-        fd = endpoint.sock.fileno()
-        if fd < 0:
-            return
+        fd = endpoint.key
         if self._direct.get(fd) is endpoint:
             del self._direct[fd]
             with contextlib.suppress(ValueError, OSError):
@@ -119,11 +126,16 @@ class RelayPoller:
 
     def _ready(self) -> None:
         assert self._epoll is not None
-        left: list[RelayEndpoint] = serve_relays(
-            self._epoll, self._sockets, _SOCKETS_PER_WAKEUP, _READS_PER_WAKEUP
+        left: list[tuple[RelayEndpoint, list[Datagram]]] = serve_relays(
+            self._epoll,
+            self._sockets,
+            _SOCKETS_PER_WAKEUP,
+            _READS_PER_WAKEUP,
+            self.table.to_client_by_peer,
+            self.clients.udp_fds,
         )
-        for endpoint in left:
-            endpoint.readable()
+        for endpoint, datagrams in left:
+            endpoint.deliver(datagrams)
 
     def close(self) -> None:
         if self._epoll is not None:
@@ -138,36 +150,18 @@ class RelayPoller:
 
 
 class RelayEndpoint:
-    """A bound relay port; `allocation` and `send_frames` are set once the Allocate
-    succeeds."""
+    """A bound relay port, watched from the moment it is bound: until the core writes
+    routes for it into the table, what arrives is dropped."""
 
-    __slots__ = ("_poller", "allocation", "port", "send_frames", "sock", "udp_target")
+    __slots__ = ("_poller", "key", "port", "sock")
 
     def __init__(self, sock: _socket.socket, port: int, poller: RelayPoller) -> None:
         self.sock = sock
         self.port = port
+        # The forwarding table's name for this socket: its descriptor, fixed while open.
+        self.key = sock.fileno()
         self._poller = poller
-        self.allocation: Allocation | None = None
-        self.send_frames: Callable[[list[bytes]], None] | None = None
-        # (listener socket, client address) of a UDP client, for the native module.
-        self.udp_target: tuple[socket.socket, Address] | None = None
-
-    def attach(self, allocation: Allocation, sink: ClientSink) -> None:
-        self.allocation = allocation
-        self.udp_target = getattr(sink, "udp_target", None)
-        # A UDP client's sink sends a list of frames in one call (udp.UdpClientSink.many);
-        # looked up by name: an isinstance check on a Protocol costs several us here.
-        many: Callable[[list[bytes]], None] | None = getattr(sink, "many", None)
-        if many is not None:
-            self.send_frames = many
-        else:
-
-            def send_frames(frames: list[bytes]) -> None:
-                for frame in frames:
-                    sink(frame)
-
-            self.send_frames = send_frames
-        self._poller.watch(self)
+        poller.watch(self)
 
     def sendto(self, data: bytes, peer: Address) -> None:
         try:
@@ -180,37 +174,29 @@ class RelayEndpoint:
             if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                 log.debug("relay send to %s failed: %s", peer, exc)
 
-    def readable(self) -> None:
-        allocation = self.allocation
-        send_frames = self.send_frames
-        if allocation is None or send_frames is None:
-            return
-        try:
-            datagrams = recv_batch(self.sock, _READS_PER_WAKEUP)
-        except OSError as exc:
-            log.debug("relay port %d: %s", self.port, exc)
-            return
-        frame_for_client = allocation.frame_for_client
+    def deliver(self, datagrams: list[Datagram]) -> None:
+        """The reference path for what the native path left (or everything without it):
+        each datagram framed by the table, the frames of one client sent together."""
+        from_peer = self._poller.table.from_peer
+        send_frames = self._poller.clients.send_frames
+        key = self.key
+        flow: Flow | None = None
         frames: list[bytes] = []
-        relayed_bytes = 0
         for data, peer in datagrams:
-            frame = frame_for_client(peer, data)
-            if frame is not None:
-                frames.append(frame)
-                relayed_bytes += len(data)
-        if frames:
-            allocation.packets_to_client += len(frames)
-            allocation.bytes_to_client += relayed_bytes
-            send_frames(frames)
+            routed = from_peer(key, peer, data)
+            if routed is None:
+                continue
+            if routed[0] is not flow:
+                if flow is not None:
+                    send_frames(flow, frames)
+                flow, frames = routed[0], []
+            frames.append(routed[1])
+        if flow is not None:
+            send_frames(flow, frames)
 
     def close(self) -> None:
         self._poller.forget(self)
         self.sock.close()
-        # The allocation points back at this endpoint: cutting the cycle frees both
-        # at once instead of at some later full collection.
-        self.allocation = None
-        self.send_frames = None
-        self.udp_target = None
 
 
 class UdpRelayBinder:
@@ -219,13 +205,15 @@ class UdpRelayBinder:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
+        table: ForwardingTable,
+        clients: Clients,
         address4: str,
         address6: str | None = None,
     ) -> None:
         self.loop = loop
         self.address4 = address4
         self.address6 = address6
-        self.poller = RelayPoller(loop)
+        self.poller = RelayPoller(loop, table, clients)
 
     def close(self) -> None:
         """At shutdown, once every allocation has been released."""

@@ -18,11 +18,12 @@ from typing import cast
 from pyturn.config import LimitsConfig
 from pyturn.core.allocation import FiveTuple, PeerConnection
 from pyturn.core.server import JoinPeerConnection, TurnServer
+from pyturn.net.clients import Clients
 from pyturn.net.sockets import accept_ready
 from pyturn.net.tcp_relay import PipeEnd
 from pyturn.net.udp import ActionHandler
 from pyturn.wire.attributes import Address
-from pyturn.wire.channel_data import StreamFramer
+from pyturn.wire.channel_data import StreamFramer, is_channel_data
 from pyturn.wire.errors import DecodeError
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,11 @@ class StreamConnection(asyncio.Protocol):
         counter: ConnectionCounter | None = None,
         first_frame_timeout: float = FIRST_FRAME_TIMEOUT,
         admitted: bool = False,
+        clients: Clients | None = None,
     ) -> None:
         self.server = server
+        # Where relayed data for this connection's allocation finds it (by 5-tuple).
+        self.clients = clients
         self.clock = clock
         self.handle_actions = handle_actions
         self.transport_name = transport_name
@@ -101,6 +105,8 @@ class StreamConnection(asyncio.Protocol):
             return
         self._counted = client[0]
         self.five_tuple = (self.transport_name, client, (str(local[0]), int(local[1])))
+        if self.clients is not None:
+            self.clients.streams[self.five_tuple] = self.send
         transport.set_write_buffer_limits(high=MAX_WRITE_BUFFER)
         loop = asyncio.get_running_loop()
         self._idle_timer = loop.call_later(self.first_frame_timeout, self._first_frame_timeout)
@@ -128,9 +134,10 @@ class StreamConnection(asyncio.Protocol):
         five_tuple = self.five_tuple
         assert five_tuple is not None
         server = self.server
+        from_client = server.table.from_client
         for frame in frames:
-            if 0x40 <= frame[0] <= 0x7F:
-                send = server.route_channel_data(frame, five_tuple)
+            if is_channel_data(frame):
+                send = from_client(frame, five_tuple)
                 if send is not None:
                     send.relay.sendto(send.data, send.peer)
                 continue
@@ -204,6 +211,8 @@ class StreamConnection(asyncio.Protocol):
             actions = self.server.connection_closed(self.five_tuple, self.clock())
             if actions:
                 self.handle_actions(actions, self.five_tuple, self.send)
+            if self.clients is not None:
+                self.clients.streams.pop(self.five_tuple, None)
         self.transport = None
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine
 from typing import cast
 
 from pyturn.core.allocation import Allocation, PeerConnection
+from pyturn.core.forwarding import PACKETS_TO_CLIENT, PACKETS_TO_PEER
 from pyturn.core.server import Action, TurnServer
 from pyturn.net.sockets import accept_ready, bound_socket
 from pyturn.wire.attributes import Address
@@ -63,12 +64,10 @@ class PipeEnd(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         allocation = self.allocation
         if allocation is not None:
-            if self.from_peer:
-                allocation.packets_to_client += 1
-                allocation.bytes_to_client += len(data)
-            else:
-                allocation.packets_to_peer += 1
-                allocation.bytes_to_peer += len(data)
+            counters = allocation.counters
+            packets = PACKETS_TO_CLIENT if self.from_peer else PACKETS_TO_PEER
+            counters[packets] += 1
+            counters[packets + 1] += len(data)  # the bytes follow the packets
         self.forward(data)
 
     def forward(self, data: bytes) -> None:
@@ -116,10 +115,12 @@ class PipeEnd(asyncio.Protocol):
 class TcpRelayListener:
     """The RelaySocket of a TCP allocation: its relayed address, listening for peers."""
 
-    __slots__ = ("_loop", "allocation", "host", "on_peer", "port", "sock")
+    __slots__ = ("_loop", "allocation", "host", "key", "on_peer", "port", "sock")
 
     def __init__(self, sock: socket.socket, host: str, port: int, loop: asyncio.AbstractEventLoop):
         self.sock = sock
+        # A RelaySocket's table key; no route names a TCP relay (RFC 6062 uses connections).
+        self.key = sock.fileno()
         self.host = host
         self.port = port
         self._loop = loop

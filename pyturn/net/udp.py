@@ -1,9 +1,9 @@
 """UDP client listener: every datagram from a client goes to the core, ChannelData first.
 
-The socket is read with `loop.add_reader` and `batch.listener_ready`, so one wake-up
+The socket is read with `loop.add_reader` and `fastpath.listener_ready`, so one wake-up
 takes the whole queue in a few system calls (recvmmsg when the native module is built,
-which also relays the ChannelData of bound channels itself and hands the rest to
-`_handle`).
+which also relays the ChannelData of bound channels itself, from the forwarding table,
+and hands the rest to `_handle`, where `ForwardingTable.from_client` routes it).
 Replies made while a batch is handled are collected and leave together at its end
 (sendmmsg); anything sent outside a batch goes at once. Payloads for peers (ChannelData
 and Send indications) are grouped by (relay, peer) flow and leave at the end of the
@@ -18,12 +18,15 @@ import logging
 import socket
 from collections.abc import Callable
 
-from pyturn.core.allocation import FiveTuple, RelaySocket
-from pyturn.core.server import Action, SendToPeer, TurnServer
-from pyturn.net.batch import forward_channel_data, listener_ready, send_batch, send_many_to
+from pyturn.core.forwarding import FiveTuple, RelaySocket, SendToPeer
+from pyturn.core.server import Action, TurnServer
+from pyturn.net.batch import send_batch, send_many_to
+from pyturn.net.clients import Clients
+from pyturn.net.fastpath import forward_channel_data, listener_ready
 from pyturn.net.relay import LISTENER_BUFFER, RelayEndpoint, grow_buffers
 from pyturn.net.sockets import bound_socket
 from pyturn.wire.attributes import Address
+from pyturn.wire.channel_data import is_channel_data
 from pyturn.wire.message import MessageClass, Method, message_type
 
 log = logging.getLogger(__name__)
@@ -50,15 +53,6 @@ class UdpClientSink:
     def __call__(self, data: bytes) -> None:
         self.listener.send(data, self.client)
 
-    def many(self, frames: list[bytes]) -> None:
-        """Several datagrams to this client in one system call (relayed peer data)."""
-        send_many_to(self.listener.sock, self.client, frames)
-
-    @property
-    def udp_target(self) -> tuple[socket.socket, Address]:
-        """Where the native relay path (batch.serve_relay[s]) sends this client's frames."""
-        return self.listener.sock, self.client
-
 
 class UdpListener:
     """One bound client-facing UDP socket (`transport: udp` in `listen`)."""
@@ -70,24 +64,28 @@ class UdpListener:
         server: TurnServer,
         clock: Callable[[], float],
         handle_actions: ActionHandler,
+        *,
+        clients: Clients,
     ) -> None:
         self.sock = sock
         self.loop = loop
         self.server = server
         self.clock = clock
         self.handle_actions = handle_actions
+        self.clients = clients
         sockname = sock.getsockname()
         self.local: Address = (sockname[0], sockname[1])
+        clients.add_udp(self.local, self, sock.fileno())
         # Replies made during a batch; None outside one, when sends go out at once.
         self._pending: list[tuple[bytes, Address]] | None = None
         # The callback is native when the module is built: a wake-up whose datagrams are
-        # all relayed ChannelData runs no Python (see batch.listener_ready).
+        # all relayed ChannelData runs no Python (see fastpath.listener_ready).
         loop.add_reader(
             sock.fileno(),
             listener_ready,
             sock,
             _BATCH,
-            server,
+            server.table.to_peer_by_channel,
             self.local,
             self._handle,
             self._read_failed,
@@ -102,12 +100,13 @@ class UdpListener:
         handle_actions: ActionHandler,
         address: Address,
         *,
+        clients: Clients,
         reuse_port: bool = False,
     ) -> UdpListener:
         sock = bound_socket(socket.SOCK_DGRAM, address[0], address[1], reuse_port=reuse_port)
         try:
             grow_buffers(sock, LISTENER_BUFFER)
-            return cls(sock, loop, server, clock, handle_actions)
+            return cls(sock, loop, server, clock, handle_actions, clients=clients)
         except OSError:
             sock.close()
             raise
@@ -121,7 +120,8 @@ class UdpListener:
         sock = self.sock
         local = self.local
         server = self.server
-        route_channel_data = server.route_channel_data
+        table = server.table
+        from_client = table.from_client
         receive = server.receive
         pending: list[tuple[bytes, Address]] = []
         self._pending = pending
@@ -136,9 +136,9 @@ class UdpListener:
                 for data, client in datagrams:
                     five_tuple: FiveTuple = ("udp", client, local)
                     send: SendToPeer | Action | None
-                    # Fast path: ChannelData (top bits 01) skips the STUN machinery.
-                    if data and 0x40 <= data[0] <= 0x7F:
-                        send = route_channel_data(data, five_tuple)
+                    # Fast path: ChannelData skips the STUN machinery.
+                    if is_channel_data(data):
+                        send = from_client(data, five_tuple)
                         if send is None:
                             continue
                     else:
@@ -169,7 +169,7 @@ class UdpListener:
                 want = min(_BATCH, budget)
                 try:
                     received, datagrams = forward_channel_data(
-                        sock, want, server.allocations, local
+                        sock, want, table.to_peer_by_channel, local
                     )
                 except OSError as exc:
                     self._read_failed(exc)
@@ -202,6 +202,7 @@ class UdpListener:
             send_batch(self.sock, [(data, client)])
 
     def close(self) -> None:
+        self.clients.remove_udp(self.local)
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(self.sock.fileno())
         self.sock.close()

@@ -36,6 +36,8 @@ from pathlib import Path
 from pyturn.config import Config, ConfigError, Listener, load_config, parse_config
 from pyturn.core.allocation import Allocation, FiveTuple
 from pyturn.core.auth import AuthFailure
+from pyturn.core.forwarding import ForwardingTable
+from pyturn.core.randomness import SystemRandom
 from pyturn.core.server import (
     Action,
     AllocationCreated,
@@ -52,6 +54,8 @@ from pyturn.core.server import (
     RequestHandled,
     SendToClient,
     SendToPeer,
+    StartRelaying,
+    StopRelaying,
     TurnServer,
 )
 from pyturn.logs import (
@@ -64,10 +68,11 @@ from pyturn.logs import (
 )
 from pyturn.metrics import Stats, TurnCollector, make_registry, render
 from pyturn.net import batch
+from pyturn.net.clients import Clients
 from pyturn.net.control import LINE_LIMIT, read_message, write_message
 from pyturn.net.errors import StartupError
 from pyturn.net.http import OpsApp, start_ops_server
-from pyturn.net.relay import RelayEndpoint, UdpRelayBinder
+from pyturn.net.relay import UdpRelayBinder
 from pyturn.net.sdnotify import SystemdNotifier
 from pyturn.net.sockets import bound_socket
 from pyturn.net.stream import ConnectionCounter, StreamConnection, TlsAcceptor
@@ -191,10 +196,6 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
-def _discard(data: bytes) -> None:
-    """A sink for a client that has already gone."""
-
-
 def _os_reason(exc: OSError) -> str:
     """The OS words ("Address already in use"), not asyncio's longer wrapping of them."""
     return os.strerror(exc.errno) if exc.errno else str(exc)
@@ -238,13 +239,21 @@ class Worker:
         self.loop = asyncio.get_running_loop()
         self._wall_at_start = time.time()
         self._loop_at_start = self.loop.time()
-        self.binder = UdpRelayBinder(self.loop, config.relay.address, config.relay.address6)
+        random = SystemRandom()
+        table = ForwardingTable(random)
+        # Listeners register here; relayed data finds its client by 5-tuple.
+        self.clients = Clients()
+        self.binder = UdpRelayBinder(
+            self.loop, table, self.clients, config.relay.address, config.relay.address6
+        )
         self.server = TurnServer(
             config,
             self.binder,
             relay_ipv4=default_relay_ipv4(config),
             relay_ipv6=default_relay_ipv6(config),
             nonce_secret=secret,
+            random=random,
+            table=table,
         )
         self.tcp_relay = TcpRelay(self.server, self.now, self._deliver_tcp)
         self.connections = ConnectionCounter(config.limits.connections_per_source)
@@ -289,38 +298,36 @@ class Worker:
             elif type(action) is SendToPeer:
                 action.relay.sendto(action.data, action.peer)
             elif isinstance(action, _EVENT_TYPES):
-                self._event(action, reply)
+                self._event(action)
             else:
-                self._tcp_action(action)
+                self._wire(action)
 
-    def _tcp_action(self, action: Action) -> None:
-        """RFC 6062 actions; JoinPeerConnection is the stream connection's own business."""
-        if isinstance(action, SendToClient):
-            sink = action.allocation.client_sink
-            if callable(sink):
-                sink(action.data)
+    def _wire(self, action: Action) -> None:
+        """The core's wiring and RFC 6062 actions; JoinPeerConnection is the stream
+        connection's own business."""
+        if isinstance(action, StartRelaying):
+            self.tcp_relay.attach(action.allocation)
+            self._arm_timer_for(action.allocation)
+        elif isinstance(action, StopRelaying):
+            self.tcp_relay.close_allocation(action.allocation)
+        elif isinstance(action, SendToClient):
+            self.clients.send(action.allocation.five_tuple, action.data)
         elif isinstance(action, ConnectToPeer):
             self.tcp_relay.connect(action.connection)
         elif isinstance(action, ClosePeerConnection):
             self.tcp_relay.close(action.connection)
 
     def _deliver_tcp(self, actions: list[Action], allocation: Allocation) -> None:
-        sink = allocation.client_sink
-        self.handle_actions(actions, allocation.five_tuple, sink if callable(sink) else _discard)
+        five_tuple = allocation.five_tuple
+        self.handle_actions(actions, five_tuple, lambda data: self.clients.send(five_tuple, data))
 
-    def _event(self, event: Event, reply: Callable[[bytes], None] | None = None) -> None:
+    def _event(self, event: Event) -> None:
         """Count one core event for the metrics and write its log line, if it has one."""
         self.stats.record(event)
         if type(event) is RequestHandled:
             return
         if type(event) is AllocationCreated:
             allocation = event.allocation
-            if reply is not None:
-                for relay in allocation.relays:  # two for a dual-stack allocation
-                    if isinstance(relay, RelayEndpoint):
-                        relay.attach(allocation, reply)
-                allocation.client_sink = reply
-                self.tcp_relay.attach(allocation)
             running = len(self.server.allocations)
             self._peak_allocations = max(self._peak_allocations, running)
             lifetime = round(allocation.expires_at - allocation.created_at)
@@ -330,10 +337,8 @@ class Worker:
                 "allocation_created",
                 {**_session(allocation), "lifetime": lifetime},
             )
-            self._arm_timer_for(allocation)
         elif type(event) is AllocationDeleted:
             a = event.allocation
-            self.tcp_relay.close_allocation(a)
             log_event(
                 log,
                 logging.INFO,
@@ -417,7 +422,7 @@ class Worker:
             if isinstance(action, Event):
                 self._event(action)
             else:
-                self._tcp_action(action)
+                self._wire(action)
         self.throttle.flush(now)
         self._return_memory()
         self._rearm_timer()
@@ -499,6 +504,7 @@ class Worker:
                     self.now,
                     self.handle_actions,
                     (listener.address, listener.port),
+                    clients=self.clients,
                     reuse_port=self.config.workers > 1,
                 )
                 port = udp.local[1]
@@ -514,6 +520,7 @@ class Worker:
                         transport_name,
                         counter=self.connections,
                         first_frame_timeout=self.config.limits.first_message_timeout,
+                        clients=self.clients,
                     )
 
                 if transport_name == "tls":
@@ -701,6 +708,8 @@ class Worker:
         for action in self.server.close_all(self.now()):
             if isinstance(action, Event):
                 self._event(action)
+            else:
+                self._wire(action)
         self.binder.close()
         self.notifier.close()
         log.info("stopped")

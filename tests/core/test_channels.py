@@ -17,6 +17,7 @@ from tests.core.turn_client import (
     T0,
     MakeServer,
     TurnTestClient,
+    frame_for_client,
 )
 
 
@@ -205,7 +206,7 @@ def test_legacy_channel_numbers_are_accepted_when_configured(
     sends = client.channel_data(number, b"old client")
     assert [(s.peer, s.data) for s in sends if isinstance(s, SendToPeer)] == [(PEER, b"old client")]
     allocation = server.allocations[client.five_tuple]
-    assert allocation.frame_for_client(PEER, b"x") == number.to_bytes(2, "big") + b"\x00\x01x"
+    assert frame_for_client(allocation, PEER, b"x") == number.to_bytes(2, "big") + b"\x00\x01x"
 
 
 @pytest.mark.parametrize("number", [0x3FFF, 0x8000, 0xFFFF])

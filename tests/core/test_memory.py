@@ -6,6 +6,7 @@ from collections import Counter
 
 from pyturn.core.allocation import PortPool
 from pyturn.core.limits import SourceBudget
+from pyturn.core.randomness import SystemRandom
 from pyturn.wire import integrity, message
 from pyturn.wire.message import Method
 from tests.core.turn_client import PEER, T0, MakeServer, TurnTestClient
@@ -77,7 +78,7 @@ def test_budget_without_refill_keeps_its_sources() -> None:
 
 
 def test_port_pool_take_and_put() -> None:
-    pool = PortPool(50000, 50009)
+    pool = PortPool(50000, 50009, SystemRandom())
     assert len(pool) == 10
     taken = {pool.take_random() for _ in range(10)}
     assert taken == set(range(50000, 50010))
@@ -96,7 +97,7 @@ def test_port_pool_take_and_put() -> None:
 
 def test_port_pool_hands_out_its_own_int_objects() -> None:
     """A reservation token's port is a fresh int; the pool returns the one it keeps."""
-    pool = PortPool(50000, 50009)
+    pool = PortPool(50000, 50009, SystemRandom())
     fresh = int("50005")
     mine = pool.take(fresh)
     assert mine is not None
@@ -108,7 +109,7 @@ def test_port_pool_hands_out_its_own_int_objects() -> None:
 def test_random_ports_cover_the_pool_evenly() -> None:
     """RFC 8656 §7.2 recommends randomized port assignment (RFC 6056): every free port
     comes up, none far more often than the others."""
-    pool = PortPool(50000, 50006)
+    pool = PortPool(50000, 50006, SystemRandom())
     counts: Counter[int] = Counter()
     for _ in range(7000):
         port = pool.take_random()

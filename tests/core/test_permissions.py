@@ -19,6 +19,7 @@ from tests.core.turn_client import (
     T0,
     MakeServer,
     TurnTestClient,
+    frame_for_client,
     make_config,
 )
 
@@ -216,7 +217,7 @@ def test_reloaded_deny_list_drops_existing_permissions_and_channels(
     assert allocation.channel_peers == {}
     assert client.send_indication(PEER, b"x") == []
     assert client.channel_data(0x4000, b"x") == []
-    assert allocation.frame_for_client(PEER, b"x") is None
+    assert frame_for_client(allocation, PEER, b"x") is None
     assert len(client.send_indication(PEER2, b"x")) == 1
 
 

@@ -15,6 +15,7 @@ from tests.core.turn_client import (
     PEER2,
     T0,
     TurnTestClient,
+    frame_for_client,
 )
 
 
@@ -159,10 +160,10 @@ def test_route_channel_data_is_the_fast_path_of_receive(
     """RFC 8656 §12.6: `route_channel_data` relays exactly what `receive` would."""
     assert client.channel_bind(0x4001, PEER).code == 0
     frame = b"\x40\x01\x00\x02hi\x00\x00"
-    assert server.route_channel_data(frame, client.five_tuple) == SendToPeer(
+    assert server.table.from_client(frame, client.five_tuple) == SendToPeer(
         allocation.relay, PEER, b"hi"
     )
-    assert server.route_channel_data(b"\x40\x02\x00\x00", client.five_tuple) is None
+    assert server.table.from_client(b"\x40\x02\x00\x00", client.five_tuple) is None
 
 
 # -- peer -> client: frame_for_client ------------------------------------------------------
@@ -174,7 +175,7 @@ def test_frame_for_client_uses_channel_data_when_a_channel_is_bound(
     """RFC 8656 §12.5 and §12.7: with a channel bound to the peer the server MUST use
     ChannelData: channel number, length, data."""
     assert client.channel_bind(0x4001, PEER).code == 0
-    assert allocation.frame_for_client(PEER, b"abcde") == b"\x40\x01\x00\x05abcde"
+    assert frame_for_client(allocation, PEER, b"abcde") == b"\x40\x01\x00\x05abcde"
 
 
 def test_frame_for_client_uses_a_data_indication_with_only_a_permission(
@@ -183,7 +184,7 @@ def test_frame_for_client_uses_a_data_indication_with_only_a_permission(
     """RFC 8656 §11.3: permission but no channel -> a Data indication with XOR-PEER-ADDRESS
     and DATA."""
     assert client.create_permission(PEER).code == 0
-    frame = allocation.frame_for_client(PEER, b"from the peer")
+    frame = frame_for_client(allocation, PEER, b"from the peer")
     assert frame is not None
     message = decode(frame)
     assert message.method == Method.DATA
@@ -203,7 +204,7 @@ def test_frame_for_client_data_indication_for_another_port_of_a_channel_peer(
     that IP (allowed by the IP permission) comes as a Data indication."""
     assert client.channel_bind(0x4001, PEER).code == 0
     other_port = (PEER[0], PEER[1] + 1)
-    frame = allocation.frame_for_client(other_port, b"x")
+    frame = frame_for_client(allocation, other_port, b"x")
     assert frame is not None
     peer = decode(frame).get(XorPeerAddress)
     assert peer is not None
@@ -214,9 +215,9 @@ def test_frame_for_client_drops_datagrams_without_a_permission(
     client: TurnTestClient, allocation: Allocation
 ) -> None:
     """RFC 8656 §9: no permission for the peer's IP -> the datagram is silently discarded."""
-    assert allocation.frame_for_client(PEER, b"x") is None
+    assert frame_for_client(allocation, PEER, b"x") is None
     assert client.create_permission(PEER2).code == 0
-    assert allocation.frame_for_client(PEER, b"x") is None
+    assert frame_for_client(allocation, PEER, b"x") is None
 
 
 def test_frame_for_client_drops_datagrams_after_the_permission_expired(
@@ -225,7 +226,7 @@ def test_frame_for_client_drops_datagrams_after_the_permission_expired(
     """RFC 8656 §9: once the permission expires, datagrams from the peer are dropped."""
     assert client.create_permission(PEER, now=T0).code == 0
     server.expire(T0 + 301)
-    assert allocation.frame_for_client(PEER, b"x") is None
+    assert frame_for_client(allocation, PEER, b"x") is None
 
 
 def test_frame_for_client_checks_the_permission_before_the_channel(
@@ -238,4 +239,4 @@ def test_frame_for_client_checks_the_permission_before_the_channel(
     server.expire(T0 + 301)
     assert allocation.channel_peers == {0x4001: PEER}  # the binding itself is still alive
     assert allocation.permissions == {}
-    assert allocation.frame_for_client(PEER, b"x") is None
+    assert frame_for_client(allocation, PEER, b"x") is None

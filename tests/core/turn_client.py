@@ -10,12 +10,13 @@ decodes the replies. Nothing here opens a socket or reads a clock: every call ta
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pyturn.config import Config, parse_config
-from pyturn.core.allocation import FiveTuple, RelaySocket
+from pyturn.core.allocation import Allocation, FiveTuple, RelaySocket
 from pyturn.core.server import Action, Reply, SendToPeer, TurnServer
 from pyturn.wire import integrity
 from pyturn.wire.attributes import (
@@ -99,13 +100,18 @@ def make_config(overrides: Mapping[str, Any] | None = None) -> Config:
 # -- a fake relay binder -------------------------------------------------------------------
 
 
+_RELAY_KEYS = itertools.count(1000)
+
+
 @dataclass(eq=False)
 class FakeRelay:
-    """What `FakeBinder.bind` hands the core: a port (compared by identity)."""
+    """What `FakeBinder.bind` hands the core: a port (compared by identity), and the
+    number the forwarding table knows it by (a real one's is its descriptor)."""
 
     port: int
     family: int
     dont_fragment: bool
+    key: int = field(default_factory=lambda: next(_RELAY_KEYS))
 
     def sendto(self, data: bytes, peer: Address, /) -> None:
         raise AssertionError("the sans-IO core must never send on a relay socket")
@@ -414,3 +420,11 @@ class TurnTestClient:
         """RFC 8489 §6: a plain Binding request, no credentials."""
         data = self.encode_request(Method.BINDING, auth=False, fingerprint=fingerprint)
         return self.exchange(data, now=now)
+
+
+def frame_for_client(allocation: Allocation, peer: Address, data: bytes) -> bytes | None:
+    """What the data plane sends the client of `allocation` for a datagram from `peer`
+    to the relay of the peer's family (`ForwardingTable.from_peer`), or None."""
+    relay = allocation.relay_for(peer[0])
+    routed = allocation.table.from_peer(relay.key, peer, data)
+    return None if routed is None else routed[1]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pyturn.net import batch
+from pyturn.net import batch, fastpath
 
 
 @dataclass(frozen=True)
@@ -202,10 +202,6 @@ def test_forgetting_addresses_keeps_recv_batch_working(
     assert second == [(b"after", sender.getsockname()[:2])]
 
 
-class _NoAllocations:
-    allocations: dict[object, object] = {}  # noqa: RUF012 (read, never written)
-
-
 def _listener_readies() -> list[object]:
     params: list[object] = [pytest.param("python", id="python")]
     try:
@@ -223,8 +219,8 @@ def test_listener_ready_hands_over_what_it_does_not_relay_and_reports_read_error
 ) -> None:
     ready: Callable[..., None]
     if which == "python":
-        monkeypatch.setattr(batch, "forward_channel_data", batch._forward_channel_data)
-        ready = batch._listener_ready
+        monkeypatch.setattr(fastpath, "forward_channel_data", fastpath._forward_channel_data)
+        ready = fastpath._listener_ready
     else:
         from pyturn.net import _batch
 
@@ -237,15 +233,16 @@ def test_listener_ready_hands_over_what_it_does_not_relay_and_reports_read_error
     def handle(received: int, datagrams: list[tuple[bytes, tuple[str, int]]]) -> None:
         handed.append((received, datagrams))
 
-    ready(receiver, 64, _NoAllocations(), local, handle, failures.append)
+    ready(receiver, 64, {}, local, handle, failures.append)
     assert (handed, failures) == ([], [])  # nothing queued: nothing to hand over
-    # ChannelData of no allocation is Python's to drop; STUN is Python's to answer.
+    # ChannelData of no route (an empty table) is Python's to drop; STUN is Python's to
+    # answer.
     sender.sendto(b"\x40\x00\x00\x01x", local)
     sender.sendto(b"\x00\x01\x00\x00stun", local)
     select.select([receiver], [], [], 2.0)
     time_left = 200
     while len(handed) == 0 and time_left:
-        ready(receiver, 64, _NoAllocations(), local, handle, failures.append)
+        ready(receiver, 64, {}, local, handle, failures.append)
         time_left -= 1
     client = sender.getsockname()[:2]
     assert handed == [(2, [(b"\x40\x00\x00\x01x", client), (b"\x00\x01\x00\x00stun", client)])]
@@ -253,7 +250,7 @@ def test_listener_ready_hands_over_what_it_does_not_relay_and_reports_read_error
     stream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     stream.setblocking(False)
     try:
-        ready(stream, 64, _NoAllocations(), local, handle, failures.append)
+        ready(stream, 64, {}, local, handle, failures.append)
     finally:
         stream.close()
     assert len(failures) == 1 and isinstance(failures[0], OSError)

@@ -7,25 +7,17 @@ import asyncio
 import functools
 import select
 import socket
-from typing import cast
 
 import pytest
 
-from pyturn.core.allocation import Allocation
+from pyturn.core.forwarding import PACKETS_TO_CLIENT, ForwardingTable, new_counters
+from pyturn.core.randomness import SystemRandom
 from pyturn.net import relay
+from pyturn.net.clients import Clients
 from pyturn.net.relay import UdpRelayBinder
-from pyturn.wire.attributes import FAMILY_IPV4, Address
+from pyturn.wire.attributes import FAMILY_IPV4
 
-
-class EchoAllocation:
-    """What RelayEndpoint.readable needs of an allocation: frames and counters."""
-
-    def __init__(self) -> None:
-        self.packets_to_client = 0
-        self.bytes_to_client = 0
-
-    def frame_for_client(self, peer: Address, data: bytes) -> bytes | None:
-        return b"F" + data if data != b"drop" else None
+PEER_HOST = "127.0.0.1"
 
 
 @pytest.mark.parametrize("mode", ["direct", "epoll", "no_epoll"])
@@ -38,7 +30,8 @@ def test_relay_sockets_deliver_until_closed(monkeypatch: pytest.MonkeyPatch, mod
         monkeypatch.setattr(relay, "_DIRECT_SOCKETS", 1)  # the first direct, the rest not
 
     async def scenario() -> None:
-        binder = UdpRelayBinder(asyncio.get_running_loop(), "127.0.0.1")
+        table, clients = ForwardingTable(SystemRandom()), Clients()
+        binder = UdpRelayBinder(asyncio.get_running_loop(), table, clients, "127.0.0.1")
         endpoints = [binder.bind(FAMILY_IPV4, 0, dont_fragment=False) for _ in range(3)]
         received: list[tuple[int, bytes]] = []
 
@@ -46,24 +39,31 @@ def test_relay_sockets_deliver_until_closed(monkeypatch: pytest.MonkeyPatch, mod
             received.append((index, frame))
 
         peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        peer.bind(("127.0.0.1", 0))
+        peer.bind((PEER_HOST, 0))
+        stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        stranger.bind(("127.0.0.2", 0))
+        flows = []
         try:
             for index, endpoint in enumerate(endpoints):
                 assert endpoint is not None
-                allocation = cast(Allocation, EchoAllocation())
-                endpoint.attach(allocation, functools.partial(sink, index))
+                # A TCP client's flow: the native path leaves it to RelayEndpoint.deliver.
+                five_tuple = ("tcp", ("198.51.100.1", 40000 + index), ("192.0.2.1", 3478))
+                flow = (*five_tuple, new_counters())
+                flows.append(flow)
+                table.bind(flow, endpoint, 0x4000 + index, peer.getsockname(), permitted=True)
+                clients.streams[five_tuple] = functools.partial(sink, index)
             ports = [endpoint.sock.getsockname()[1] for endpoint in endpoints if endpoint]
             for index, port in enumerate(ports):
                 peer.sendto(b"x%d" % index, ("127.0.0.1", port))
-                peer.sendto(b"drop", ("127.0.0.1", port))
+                stranger.sendto(b"drop", ("127.0.0.1", port))  # no route: dropped
             for _ in range(200):
                 if len(received) == 3:
                     break
                 await asyncio.sleep(0.01)
-            assert sorted(received) == [(i, b"Fx%d" % i) for i in range(3)]
+            assert sorted(received) == [(i, bytes([0x40, i, 0, 2]) + b"x%d" % i) for i in range(3)]
             first = endpoints[0]
             assert first is not None
-            assert cast(EchoAllocation, first.allocation).packets_to_client == 1
+            assert flows[0][3][PACKETS_TO_CLIENT] == 1
             binder.release(first)  # closed: its datagrams go nowhere, the others still flow
             received.clear()
             peer.sendto(b"late", ("127.0.0.1", ports[1]))
@@ -71,12 +71,13 @@ def test_relay_sockets_deliver_until_closed(monkeypatch: pytest.MonkeyPatch, mod
                 if received:
                     break
                 await asyncio.sleep(0.01)
-            assert received == [(1, b"Flate")]
+            assert received == [(1, b"\x40\x01\x00\x04late")]
             poller = binder.poller
             watched = (len(poller._direct), len(poller._sockets))
             assert watched == {"direct": (2, 0), "epoll": (0, 2), "no_epoll": (2, 0)}[mode]
         finally:
             peer.close()
+            stranger.close()
             for endpoint in endpoints:
                 if endpoint is not None:
                     binder.release(endpoint)

@@ -8,6 +8,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from pyturn.core.allocation import Allocation, FiveTuple
 from pyturn.core.auth import AuthFailure
+from pyturn.core.forwarding import (
+    BYTES_TO_CLIENT,
+    BYTES_TO_PEER,
+    PACKETS_TO_CLIENT,
+    PACKETS_TO_PEER,
+    ForwardingTable,
+)
+from pyturn.core.randomness import SystemRandom
 from pyturn.core.server import (
     AllocationCreated,
     AllocationDeleted,
@@ -28,6 +36,10 @@ CLIENT: Address = ("198.51.100.7", 5000)
 @dataclass
 class FakeRelay:
     port: int
+
+    @property
+    def key(self) -> int:
+        return self.port
 
     def sendto(self, data: bytes, peer: Address, /) -> None:
         pass
@@ -53,7 +65,14 @@ def allocation(transport: str, port: int, created_at: float = 0.0) -> Allocation
         expires_at=created_at + 600,
         allocate_transaction=b"t" * 12,
         allocate_response=b"",
+        table=ForwardingTable(SystemRandom()),
     )
+
+
+def count(a: Allocation, to_peer: tuple[int, int], to_client: tuple[int, int] = (0, 0)) -> None:
+    """What the data plane would have added to the allocation's counters."""
+    a.counters[PACKETS_TO_PEER], a.counters[BYTES_TO_PEER] = to_peer
+    a.counters[PACKETS_TO_CLIENT], a.counters[BYTES_TO_CLIENT] = to_client
 
 
 def test_live_allocations_and_ended_ones_add_up_without_double_counting() -> None:
@@ -61,10 +80,9 @@ def test_live_allocations_and_ended_ones_add_up_without_double_counting() -> Non
     live = allocation("udp", 1)
     live.permissions = {"203.0.113.1": 300.0, "203.0.113.2": 300.0}
     live.channel_peers = {0x4000: ("203.0.113.1", 7000)}
-    live.packets_to_peer, live.bytes_to_peer = 3, 300
-    live.packets_to_client, live.bytes_to_client = 2, 20
+    count(live, to_peer=(3, 300), to_client=(2, 20))
     ended = allocation("udp", 2, created_at=100.0)
-    ended.packets_to_peer, ended.bytes_to_peer = 5, 500
+    count(ended, to_peer=(5, 500))
     for a in (live, ended):
         server.allocations[a.five_tuple] = a
         stats.record(AllocationCreated(a))

@@ -1,0 +1,241 @@
+"""The forwarding table: where relayed datagrams go, the data plane's one source of truth.
+
+The core writes it (through `Allocation`, when a permission or channel is created,
+refreshed, expires or is deleted) and the data plane only reads it and adds to its
+traffic counters: the Python reference path below, and the native fast path in
+pyturn/net/_fastpath.c, which reads the same four dictionaries and nothing else. Keys
+and values are plain tuples, ints, strings and bytes, laid out as the type aliases below
+say, so C reads them by position, never by attribute name.
+
+Client -> peer:
+    `to_peer_by_channel[(transport, client, server, channel)] = (relay, relay_key, peer,
+    counters)` for ChannelData; `to_peer_by_ip[(transport, client, server, peer_ip)] =
+    (relay, relay_key, counters)` for Send indications.
+Peer -> client:
+    `to_client_by_peer[(relay_key, peer)] = (header, flow)` while a channel is bound to
+    the peer and its IP has a permission (ChannelData), and `to_client_by_ip[(relay_key,
+    peer_ip)] = flow` while the IP has a permission (Data indications).
+
+A `relay_key` is the I/O layer's number for a relay socket (its file descriptor),
+unique among the sockets open in the process; a `flow` is `(transport, client, server,
+counters)`, the client's 5-tuple and the allocation's counters. Presence is the
+permission: expiry deletes entries, so no reader looks at a clock.
+"""
+
+from __future__ import annotations
+
+import array
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeAlias
+
+from pyturn.core.randomness import RandomSource
+from pyturn.wire.attributes import MAGIC_COOKIE, Address, xor_address_value
+from pyturn.wire.message import Method, message_type
+
+# (transport, client address, server address): the 5-tuple that names an allocation.
+FiveTuple = tuple[str, Address, Address]
+
+# Indices into an allocation's counters (an array of four unsigned 64-bit integers).
+PACKETS_TO_PEER, BYTES_TO_PEER, PACKETS_TO_CLIENT, BYTES_TO_CLIENT = range(4)
+
+
+class RelaySocket(Protocol):
+    """What the I/O layer gives the core for a bound relay port.
+
+    The core never sends: it returns `SendToPeer(relay, ...)` and the I/O layer does the
+    sending. `key` is the number the forwarding table knows the socket by.
+    """
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def key(self) -> int: ...
+
+    def sendto(self, data: bytes, peer: Address, /) -> None: ...
+
+
+class SendToPeer(NamedTuple):
+    """Send `data` to `peer` from `relay`. A tuple: one is made for every relayed packet."""
+
+    relay: RelaySocket
+    peer: Address
+    data: bytes
+
+
+if TYPE_CHECKING:
+    Counters: TypeAlias = array.array[int]  # array("Q"): see PACKETS_TO_PEER and the rest
+else:
+    Counters = array.array
+Flow = tuple[str, Address, Address, Counters]
+ToPeerByChannel = tuple[RelaySocket, int, Address, Counters]
+ToPeerByIp = tuple[RelaySocket, int, Counters]
+ToClientByPeer = tuple[bytes, Flow]
+
+
+def new_counters() -> Counters:
+    return array.array("Q", bytes(32))
+
+
+class ForwardingTable:
+    """The four dictionaries of the module docstring, and the only code that writes them.
+
+    One table per process. Writers pass what the entries depend on (the allocation's
+    relay sockets, the channels towards an IP), so the table keeps no second copy of
+    an allocation's bindings.
+    """
+
+    __slots__ = (
+        "random",
+        "to_client_by_ip",
+        "to_client_by_peer",
+        "to_peer_by_channel",
+        "to_peer_by_ip",
+    )
+
+    def __init__(self, random: RandomSource) -> None:
+        # For the transaction IDs of Data indications.
+        self.random = random
+        self.to_peer_by_channel: dict[tuple[str, Address, Address, int], ToPeerByChannel] = {}
+        self.to_peer_by_ip: dict[tuple[str, Address, Address, str], ToPeerByIp] = {}
+        self.to_client_by_peer: dict[tuple[int, Address], ToClientByPeer] = {}
+        self.to_client_by_ip: dict[tuple[int, str], Flow] = {}
+
+    # -- written by the core (pyturn.core.allocation) -----------------------------------
+
+    def permit(self, flow: Flow, relay: RelaySocket, ip: str, channels: ChannelsOf) -> None:
+        """A permission for `ip` is installed or refreshed (RFC 8656 §9)."""
+        transport, client, server, counters = flow
+        key = relay.key
+        self.to_peer_by_ip[(transport, client, server, ip)] = (relay, key, counters)
+        self.to_client_by_ip[(key, ip)] = flow
+        for peer, number in channels(ip):
+            self.to_client_by_peer[(key, peer)] = (number.to_bytes(2, "big"), flow)
+
+    def revoke(self, flow: Flow, relay: RelaySocket, ip: str, channels: ChannelsOf) -> None:
+        """The permission for `ip` ended: nothing more to or from it, channels included."""
+        transport, client, server, _ = flow
+        key = relay.key
+        self.to_peer_by_ip.pop((transport, client, server, ip), None)
+        self.to_client_by_ip.pop((key, ip), None)
+        for peer, _number in channels(ip):
+            self.to_client_by_peer.pop((key, peer), None)
+
+    def bind(
+        self, flow: Flow, relay: RelaySocket, number: int, peer: Address, permitted: bool
+    ) -> None:
+        """Channel `number` is bound to `peer` (RFC 8656 §12); ChannelData from the peer
+        needs the permission for its IP too."""
+        transport, client, server, counters = flow
+        key = relay.key
+        self.to_peer_by_channel[(transport, client, server, number)] = (
+            relay,
+            key,
+            peer,
+            counters,
+        )
+        if permitted:
+            self.to_client_by_peer[(key, peer)] = (number.to_bytes(2, "big"), flow)
+
+    def unbind(self, flow: Flow, relay: RelaySocket, number: int, peer: Address) -> None:
+        transport, client, server, _ = flow
+        self.to_peer_by_channel.pop((transport, client, server, number), None)
+        self.to_client_by_peer.pop((relay.key, peer), None)
+
+    def compact(self) -> None:
+        """Dicts never shrink as entries go: refill each, in place, sized for what is
+        left. In place because the event loop's native callbacks hold these very dicts."""
+        for entries in (
+            self.to_peer_by_channel,
+            self.to_peer_by_ip,
+            self.to_client_by_peer,
+            self.to_client_by_ip,
+        ):
+            kept = dict(entries)
+            entries.clear()
+            entries.update(kept)  # type: ignore[arg-type]
+
+    # -- read by the data plane: the reference path -------------------------------------
+
+    def from_client(self, data: bytes, five_tuple: FiveTuple) -> SendToPeer | None:
+        """RFC 8656 §12.5: relay ChannelData on a bound channel, silently drop the rest.
+
+        `data` is ChannelData (`is_channel_data`). The channel number is only ever looked
+        up, so reserved numbers simply miss; padding after the data is allowed, a length
+        past the datagram is not. route_from_client in _fastpath.c is the same rule.
+        """
+        if len(data) < 4:
+            return None
+        route = self.to_peer_by_channel.get((*five_tuple, (data[0] << 8) | data[1]))
+        if route is None:
+            return None
+        end = 4 + ((data[2] << 8) | data[3])
+        if end > len(data):
+            return None
+        relay, _, peer, counters = route
+        counters[PACKETS_TO_PEER] += 1
+        counters[BYTES_TO_PEER] += end - 4
+        return SendToPeer(relay, peer, data[4:end])
+
+    def send_to(self, five_tuple: FiveTuple, peer: Address, payload: bytes) -> SendToPeer | None:
+        """RFC 8656 §11.2: a Send indication's payload goes out only with a permission."""
+        route = self.to_peer_by_ip.get((*five_tuple, peer[0]))
+        if route is None:
+            return None
+        relay, _, counters = route
+        counters[PACKETS_TO_PEER] += 1
+        counters[BYTES_TO_PEER] += len(payload)
+        return SendToPeer(relay, peer, payload)
+
+    def from_peer(self, relay_key: int, peer: Address, data: bytes) -> tuple[Flow, bytes] | None:
+        """RFC 8656 §11.3/§12.6: what to send whom for a datagram from `peer`, or None.
+
+        Nothing without a permission for the peer's IP (a channel outlives its permission
+        unless refreshed, and its entry goes with the permission); then ChannelData when
+        a channel is bound to the peer, else a Data indication. route_from_peer in
+        _fastpath.c makes the ChannelData and leaves the rest here.
+        """
+        bound = self.to_client_by_peer.get((relay_key, peer))
+        if bound is not None:
+            header, flow = bound
+            frame = header + len(data).to_bytes(2, "big") + data
+        else:
+            found = self.to_client_by_ip.get((relay_key, peer[0]))
+            if found is None:
+                return None
+            flow = found
+            frame = data_indication(peer, data, self.random.token(12))
+        counters = flow[3]
+        counters[PACKETS_TO_CLIENT] += 1
+        counters[BYTES_TO_CLIENT] += len(data)
+        return flow, frame
+
+
+# (peer IP) -> the (peer, channel number) pairs bound towards that IP.
+ChannelsOf = Callable[[str], list[tuple[Address, int]]]
+
+_DATA_INDICATION_HEAD = message_type(Method.DATA, 0b01).to_bytes(2, "big")
+_COOKIE_BYTES = MAGIC_COOKIE.to_bytes(4, "big")
+
+
+def data_indication(peer: Address, data: bytes, txid: bytes) -> bytes:
+    """A Data indication (RFC 8656 §11.4) built directly: it goes out for every datagram
+    a peer sends without a channel, so no message objects are made."""
+    value = xor_address_value(peer[0], peer[1], txid)
+    peer_attr = b"\x00\x12" + len(value).to_bytes(2, "big") + value
+    size = len(data)
+    padding = -size % 4
+    length = len(peer_attr) + 4 + size + padding
+    return b"".join(
+        (
+            _DATA_INDICATION_HEAD,
+            length.to_bytes(2, "big"),
+            _COOKIE_BYTES,
+            txid,
+            peer_attr,
+            b"\x00\x13",
+            size.to_bytes(2, "big"),
+            data,
+            b"\x00" * padding,
+        )
+    )

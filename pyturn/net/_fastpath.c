@@ -1,0 +1,701 @@
+/*
+ * pyturn.net._batch: the batched UDP I/O of _udp_batch.c, and the relay fast path.
+ *
+ * The fast path relays the ChannelData of UDP clients in both directions without
+ * running Python. It reads the forwarding table (pyturn/core/forwarding.py) and nothing
+ * else: the dictionaries `to_peer_by_channel` and `to_client_by_peer`, whose keys and
+ * values are plain tuples read here by position, and the I/O layer's map from a UDP
+ * listener's local address to its descriptor. The rules are those of
+ * ForwardingTable.from_client and ForwardingTable.from_peer, the reference path; what
+ * this file does not serve (STUN, Data indications, clients on TCP/TLS) goes back to
+ * Python, and tests/net/test_forwarding_differential.py holds the two to the same
+ * answers. `is_channel_data` (pyturn/wire/channel_data.py) is the classifier below too.
+ */
+#include "_udp_batch.h"
+
+/* The top two bits of a ChannelData message are 01 (RFC 8656 §12.4). */
+#define IS_CHANNEL_DATA(b, len) ((len) >= 1 && (b)[0] >= 0x40 && (b)[0] <= 0x7F)
+
+/* Positions in the table's tuples (see pyturn/core/forwarding.py). */
+enum { TO_PEER_RELAY_KEY = 1, TO_PEER_PEER = 2, TO_PEER_COUNTERS = 3, TO_PEER_SIZE = 4 };
+enum { TO_CLIENT_HEADER = 0, TO_CLIENT_FLOW = 1, TO_CLIENT_SIZE = 2 };
+enum { FLOW_TRANSPORT = 0, FLOW_CLIENT = 1, FLOW_SERVER = 2, FLOW_COUNTERS = 3, FLOW_SIZE = 4 };
+/* The counters: an array("Q") of packets and bytes to the peer, then to the client. */
+enum { PACKETS_TO_PEER = 0, PACKETS_TO_CLIENT = 2 };
+
+static PyObject *s_udp;
+
+/* counters[index] += packets, counters[index + 1] += bytes: 0, or -1 with an exception. */
+static int
+add_counts(PyObject *counters, int index, Py_ssize_t packets, Py_ssize_t bytes)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(counters, &view, PyBUF_WRITABLE | PyBUF_FORMAT) < 0)
+        return -1;
+    if (view.len < 4 * 8 || view.itemsize != 8 || view.format == NULL ||
+        strcmp(view.format, "Q") != 0) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_TypeError, "counters are an array('Q') of four");
+        return -1;
+    }
+    unsigned long long *c = view.buf;
+    c[index] += (unsigned long long)packets;
+    c[index + 1] += (unsigned long long)bytes;
+    PyBuffer_Release(&view);
+    return 0;
+}
+
+/* An item of a table tuple of `size` items, borrowed; NULL with TypeError otherwise. */
+static PyObject *
+item(PyObject *tuple, Py_ssize_t size, Py_ssize_t index)
+{
+    if (!PyTuple_Check(tuple) || PyTuple_GET_SIZE(tuple) != size) {
+        PyErr_SetString(PyExc_TypeError, "not a forwarding table entry");
+        return NULL;
+    }
+    return PyTuple_GET_ITEM(tuple, index);
+}
+
+/* The int objects of channel numbers 0x4000-0x7FFF, made once each: a per-datagram
+ * allocation less on the relay path. New reference. */
+static PyObject *channel_numbers[0x4000];
+
+static PyObject *
+channel_number(unsigned int number)
+{
+    if (number < 0x4000 || number > 0x7FFF)
+        return PyLong_FromUnsignedLong(number);
+    PyObject **slot = &channel_numbers[number - 0x4000];
+    if (*slot == NULL && (*slot = PyLong_FromUnsignedLong(number)) == NULL)
+        return NULL;
+    Py_INCREF(*slot);
+    return *slot;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Client -> peer: ForwardingTable.from_client.
+ */
+
+/* A payload on its way to a peer: a slice of a receive slot. */
+struct forward {
+    int fd;
+    socklen_t namelen;
+    struct sockaddr_storage name;
+    struct iovec payload;
+    int sent;
+};
+
+static struct forward forwards[BATCH];
+
+/* Route one ChannelData datagram (b, len) from UDP client `client` of the listener bound
+ * to `local`: 1 when its payload is described in *f and counted, 0 when it has no route
+ * (no such channel, a length past the datagram: the reference path drops it), -1 on an
+ * error. */
+static int
+route_from_client(const unsigned char *b, size_t len, PyObject *client, PyObject *to_peer,
+                  PyObject *local, struct forward *f)
+{
+    if (len < 4)
+        return 0;
+    PyObject *number = channel_number(((unsigned int)b[0] << 8) | b[1]);
+    if (number == NULL)
+        return -1;
+    PyObject *key = PyTuple_Pack(4, s_udp, client, local, number);
+    Py_DECREF(number);
+    if (key == NULL)
+        return -1;
+    PyObject *route = PyDict_GetItemWithError(to_peer, key); /* borrowed */
+    Py_DECREF(key);
+    if (route == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    size_t end = 4 + (((size_t)b[2] << 8) | b[3]);
+    if (end > len)
+        return 0;
+    PyObject *relay_key = item(route, TO_PEER_SIZE, TO_PEER_RELAY_KEY);
+    if (relay_key == NULL)
+        return -1;
+    f->fd = (int)PyLong_AsLong(relay_key);
+    if (f->fd == -1 && PyErr_Occurred())
+        return -1;
+    if (parse_address(PyTuple_GET_ITEM(route, TO_PEER_PEER), &f->name, &f->namelen) < 0)
+        return -1;
+    if (add_counts(PyTuple_GET_ITEM(route, TO_PEER_COUNTERS), PACKETS_TO_PEER, 1,
+                   (Py_ssize_t)(end - 4)) < 0)
+        return -1;
+    f->payload.iov_base = (void *)(b + 4);
+    f->payload.iov_len = end - 4;
+    f->sent = 0;
+    return 1;
+}
+
+/* Send the queued payloads, one send_runs per (relay socket, peer) in arrival order. */
+static void
+flush_forwards(int count)
+{
+    struct iovec frames[BATCH];
+    for (int i = 0; i < count; i++) {
+        if (forwards[i].sent)
+            continue;
+        Py_ssize_t k = 0;
+        for (int j = i; j < count; j++) {
+            struct forward *f = &forwards[j];
+            if (!f->sent && f->fd == forwards[i].fd && same_address(&f->name, &forwards[i].name)) {
+                frames[k++] = f->payload;
+                f->sent = 1;
+            }
+        }
+        int full;
+        send_runs(forwards[i].fd, &forwards[i].name, forwards[i].namelen, frames, k, &full);
+    }
+}
+
+/* Clients with a datagram left for Python during one forward(): their later ChannelData
+ * is left for Python too, since it may depend on what Python has not seen yet (a
+ * ChannelBind, a Refresh that ends the allocation), and a client's datagrams must take
+ * effect in order. */
+#define DEFERRED_MAX 256
+static struct sockaddr_storage deferred[DEFERRED_MAX];
+static int ndeferred;
+
+static int
+is_deferred(const struct sockaddr_storage *client)
+{
+    for (int d = 0; d < ndeferred; d++)
+        if (same_address(&deferred[d], client))
+            return 1;
+    return 0;
+}
+
+/* 0, or -1 when there is no room left to remember the client. */
+static int
+defer(const struct sockaddr_storage *client)
+{
+    if (ndeferred == DEFERRED_MAX)
+        return -1;
+    deferred[ndeferred++] = *client;
+    return 0;
+}
+
+/* forward_channel_data on a descriptor: sets *received, and *left to a list of what was
+ * left for Python, or to NULL when nothing was (no list is made for a wake-up served
+ * here entirely). 0, or -1 with an exception. */
+static int
+forward(int fd, Py_ssize_t limit, PyObject *to_peer, PyObject *local,
+        Py_ssize_t *received_out, PyObject **left)
+{
+    *left = NULL;
+    *received_out = 0;
+    if (ensure_rx_buffers() < 0)
+        return -1;
+    Py_ssize_t received = 0;
+    int stale_errors = 0, full_of_deferred = 0;
+    ndeferred = 0;
+    while (received < limit) {
+        unsigned int vlen = limit - received > BATCH ? BATCH : (unsigned int)(limit - received);
+        int n = receive(fd, vlen, 0, &stale_errors);
+        if (n < 0) {
+            if (nothing_to_read(errno) || received)
+                break;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        received += n;
+        int queued = 0;
+        for (int i = 0; i < n; i++) {
+            if (rx_msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
+                continue;
+            const unsigned char *b = rx_iov[i].iov_base;
+            size_t len = rx_msgs[i].msg_len;
+            int waits = is_deferred(&rx_names[i]);
+            if (!waits && IS_CHANNEL_DATA(b, len)) {
+                PyObject *client = address_tuple(&rx_names[i]);
+                if (client == NULL)
+                    goto fail;
+                int routed = route_from_client(b, len, client, to_peer, local, &forwards[queued]);
+                Py_DECREF(client);
+                if (routed < 0)
+                    goto fail;
+                if (routed) {
+                    queued++;
+                    continue;
+                }
+                /* No route: the reference path drops it; it is Python's to drop. */
+            }
+            if (!waits && defer(&rx_names[i]) < 0)
+                full_of_deferred = 1;
+            if (*left == NULL && (*left = PyList_New(0)) == NULL)
+                goto fail;
+            if (append_datagram(*left, i) < 0)
+                goto fail;
+        }
+        flush_forwards(queued);
+        /* Past DEFERRED_MAX clients the next one could not be held back: stop here. */
+        if ((unsigned int)n < vlen || full_of_deferred)
+            break;
+        continue;
+fail:
+        flush_forwards(queued);
+        Py_CLEAR(*left);
+        return -1;
+    }
+    *received_out = received;
+    return 0;
+}
+
+PyDoc_STRVAR(forward_channel_data_doc,
+"forward_channel_data(sock, limit, to_peer_by_channel, local) -> tuple[int, list]\n\n"
+"Read up to limit datagrams from a UDP client listener bound to local, as recv_batch\n"
+"does, and relay the ChannelData of bound channels to their peers at once (what\n"
+"ForwardingTable.from_client does, counters included). Returns how many datagrams were read and the (data, client) pairs left for\n"
+"Python, in their order. Once a client has a datagram left for Python, its later ones\n"
+"in the batch are left too, and no more is read before Python has seen them, so that\n"
+"each client's datagrams take effect in the order they came.");
+
+static PyObject *
+forward_channel_data(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyDict_Check(args[2]) || !PyTuple_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "forward_channel_data(sock, limit, to_peer_by_channel: dict, local)");
+        return NULL;
+    }
+    int fd;
+    Py_ssize_t limit;
+    if (socket_and_limit(args, &fd, &limit) < 0)
+        return NULL;
+    Py_ssize_t received;
+    PyObject *left;
+    if (forward(fd, limit, args[2], args[3], &received, &left) < 0)
+        return NULL;
+    if (left == NULL && (left = PyList_New(0)) == NULL)
+        return NULL;
+    return Py_BuildValue("(nN)", received, left);
+}
+
+PyDoc_STRVAR(listener_ready_doc,
+"listener_ready(sock, limit, to_peer_by_channel, local, handle, failed) -> None\n\n"
+"The event loop's callback for a UDP client listener, so that a wake-up the native path\n"
+"serves runs no Python: forward_channel_data(sock, limit, to_peer_by_channel, local),\n"
+"then handle(received, left) when datagrams were left for Python or the limit was\n"
+"reached, or failed(exc) when reading raised an OSError.");
+
+static PyObject *
+listener_ready(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 || !PyDict_Check(args[2]) || !PyTuple_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "listener_ready(sock, limit, to_peer_by_channel, local, handle, failed)");
+        return NULL;
+    }
+    int fd;
+    Py_ssize_t limit;
+    if (socket_and_limit(args, &fd, &limit) < 0)
+        return NULL;
+    Py_ssize_t received = 0;
+    PyObject *left = NULL;
+    if (forward(fd, limit, args[2], args[3], &received, &left) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_OSError))
+            return NULL;
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        PyErr_NormalizeException(&type, &value, &traceback);
+        PyObject *done = PyObject_CallOneArg(args[5], value);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(traceback);
+        return done;
+    }
+    if (left == NULL && received < limit)
+        Py_RETURN_NONE; /* all of it relayed here: the common case */
+    if (left == NULL && (left = PyList_New(0)) == NULL)
+        return NULL;
+    PyObject *count = PyLong_FromSsize_t(received);
+    PyObject *done = count == NULL ? NULL
+                                   : PyObject_CallFunctionObjArgs(args[4], count, left, NULL);
+    Py_XDECREF(count);
+    Py_DECREF(left);
+    return done;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Peer -> client: ForwardingTable.from_peer, for ChannelData.
+ */
+
+/* The (header, flow) entry for a datagram from `peer` on relay `relay_key`, borrowed;
+ * NULL without an exception when there is none (Python decides: a Data indication, or
+ * nothing). */
+static PyObject *
+route_from_peer(PyObject *to_client, PyObject *relay_key, PyObject *peer)
+{
+    PyObject *key = PyTuple_Pack(2, relay_key, peer);
+    if (key == NULL)
+        return NULL;
+    PyObject *entry = PyDict_GetItemWithError(to_client, key);
+    Py_DECREF(key);
+    if (entry == NULL)
+        return NULL;
+    PyObject *header = item(entry, TO_CLIENT_SIZE, TO_CLIENT_HEADER);
+    if (header == NULL)
+        return NULL;
+    if (!PyBytes_Check(header) || PyBytes_GET_SIZE(header) != 2 ||
+        item(PyTuple_GET_ITEM(entry, TO_CLIENT_FLOW), FLOW_SIZE, 0) == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "not a forwarding table entry");
+        return NULL;
+    }
+    return entry;
+}
+
+/* A run of frames for one client, sent when the flow changes or the batch ends. */
+struct client_run {
+    PyObject *flow; /* a reference of the run's own; NULL when no run is open */
+    int fd;
+    struct sockaddr_storage name;
+    socklen_t namelen;
+    struct iovec frames[BATCH];
+    Py_ssize_t count, payload_bytes;
+};
+
+static int
+flush_run(struct client_run *run)
+{
+    if (run->flow == NULL || run->count == 0)
+        return 0;
+    int full;
+    send_runs(run->fd, &run->name, run->namelen, run->frames, run->count, &full);
+    int rc = add_counts(PyTuple_GET_ITEM(run->flow, FLOW_COUNTERS), PACKETS_TO_CLIENT,
+                        run->count, run->payload_bytes);
+    run->count = run->payload_bytes = 0;
+    return rc;
+}
+
+/* Open a run for `flow` (a UDP client's): 1, or 0 when the flow is not served here (a
+ * TCP/TLS client, a listener not in `listeners`), -1 on an error. */
+static int
+open_run(struct client_run *run, PyObject *flow, PyObject *listeners)
+{
+    if (run->flow == flow)
+        return 1;
+    if (flush_run(run) < 0)
+        return -1;
+    Py_CLEAR(run->flow);
+    PyObject *transport = PyTuple_GET_ITEM(flow, FLOW_TRANSPORT);
+    int udp = transport == s_udp ? 1 : PyObject_RichCompareBool(transport, s_udp, Py_EQ);
+    if (udp <= 0)
+        return udp;
+    PyObject *fd = PyDict_GetItemWithError(listeners, PyTuple_GET_ITEM(flow, FLOW_SERVER));
+    if (fd == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    run->fd = (int)PyLong_AsLong(fd);
+    if (run->fd == -1 && PyErr_Occurred())
+        return -1;
+    if (parse_address(PyTuple_GET_ITEM(flow, FLOW_CLIENT), &run->name, &run->namelen) < 0)
+        return -1;
+    Py_INCREF(flow);
+    run->flow = flow;
+    return 1;
+}
+
+/* Serve up to `reads` datagrams queued on relay socket fd (whose table key is relay_key):
+ * ChannelData to UDP clients goes out here; the rest is appended to *left as (data, peer)
+ * for Python (the list is made on first use). 0, or -1 with an exception. */
+static int
+serve_endpoint(int fd, PyObject *relay_key, Py_ssize_t reads, PyObject *to_client,
+               PyObject *listeners, PyObject **left)
+{
+    if (ensure_rx_buffers() < 0)
+        return -1;
+    struct client_run run = {.flow = NULL, .count = 0, .payload_bytes = 0};
+    Py_ssize_t done_reads = 0;
+    int stale_errors = 0;
+    while (done_reads < reads) {
+        unsigned int vlen = reads - done_reads > BATCH ? BATCH : (unsigned int)(reads - done_reads);
+        int n = receive(fd, vlen, 4, &stale_errors); /* room for the ChannelData header */
+        if (n < 0)
+            break; /* empty, or an error the next wake-up meets again */
+        done_reads += n;
+        for (int i = 0; i < n; i++) {
+            if (rx_msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
+                continue;
+            unsigned char *b = rx_iov[i].iov_base;
+            size_t len = rx_msgs[i].msg_len;
+            PyObject *peer = address_tuple(&rx_names[i]);
+            if (peer == NULL)
+                goto error;
+            PyObject *entry = route_from_peer(to_client, relay_key, peer);
+            Py_DECREF(peer);
+            int served = 0;
+            if (entry != NULL) {
+                served = open_run(&run, PyTuple_GET_ITEM(entry, TO_CLIENT_FLOW), listeners);
+                if (served < 0)
+                    goto error;
+            } else if (PyErr_Occurred()) {
+                goto error;
+            }
+            if (!served) {
+                if (*left == NULL && (*left = PyList_New(0)) == NULL)
+                    goto error;
+                if (append_datagram(*left, i) < 0)
+                    goto error;
+                continue;
+            }
+            const char *h = PyBytes_AS_STRING(PyTuple_GET_ITEM(entry, TO_CLIENT_HEADER));
+            b[-4] = (unsigned char)h[0];
+            b[-3] = (unsigned char)h[1];
+            b[-2] = (unsigned char)(len >> 8);
+            b[-1] = (unsigned char)len;
+            run.frames[run.count].iov_base = b - 4;
+            run.frames[run.count].iov_len = len + 4;
+            run.count++;
+            run.payload_bytes += (Py_ssize_t)len;
+        }
+        if (flush_run(&run) < 0)
+            goto error;
+        if ((unsigned int)n < vlen)
+            break;
+    }
+    Py_CLEAR(run.flow);
+    return 0;
+error:
+    flush_run(&run);
+    Py_CLEAR(run.flow);
+    return -1;
+}
+
+#define MAX_EVENTS 256
+
+PyDoc_STRVAR(serve_relays_doc,
+"serve_relays(epoll, endpoints, limit, reads, to_client_by_peer, udp_listeners)\n"
+"    -> list[tuple[endpoint, list[tuple[bytes, tuple[str, int]]]]]\n\n"
+"One epoll_wait (no waiting) on the relay sockets' epoll instance for up to limit\n"
+"ready sockets. endpoints maps each registered fd (the socket's table key) to an\n"
+"object of the caller's. Up to reads datagrams of each ready socket are read; the\n"
+"ChannelData of UDP clients (udp_listeners maps a listener's local address to its fd)\n"
+"goes out here, as ForwardingTable.from_peer would make it, counters included. Returns\n"
+"(endpoint, datagrams) for each socket with datagrams left for Python.");
+
+static PyObject *
+serve_relays(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 || !PyDict_Check(args[1]) || !PyDict_Check(args[4]) ||
+        !PyDict_Check(args[5])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "serve_relays(epoll, endpoints: dict, limit, reads, "
+                        "to_client_by_peer: dict, udp_listeners: dict)");
+        return NULL;
+    }
+    int epfd = PyObject_AsFileDescriptor(args[0]);
+    if (epfd < 0)
+        return NULL;
+    Py_ssize_t limit = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t reads = PyLong_AsSsize_t(args[3]);
+    if ((limit < 0 || reads < 0) && PyErr_Occurred())
+        return NULL;
+    struct epoll_event events[MAX_EVENTS];
+    int n = epoll_wait(epfd, events, limit > MAX_EVENTS ? MAX_EVENTS : (int)(limit < 1 ? 1 : limit), 0);
+    if (n < 0) {
+        if (errno != EINTR)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        n = 0;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (int i = 0; i < n; i++) {
+        PyObject *key = PyLong_FromLong(events[i].data.fd);
+        if (key == NULL)
+            goto fail;
+        PyObject *endpoint = PyDict_GetItemWithError(args[1], key);
+        if (endpoint == NULL) {
+            Py_DECREF(key);
+            if (PyErr_Occurred())
+                goto fail;
+            continue;
+        }
+        Py_INCREF(endpoint);
+        PyObject *left = NULL;
+        int rc = serve_endpoint(events[i].data.fd, key, reads, args[4], args[5], &left);
+        Py_DECREF(key);
+        if (rc == 0 && left != NULL) {
+            PyObject *pair = PyTuple_Pack(2, endpoint, left);
+            rc = pair == NULL ? -1 : PyList_Append(out, pair);
+            Py_XDECREF(pair);
+        }
+        Py_XDECREF(left);
+        Py_DECREF(endpoint);
+        if (rc < 0)
+            goto fail;
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+PyDoc_STRVAR(serve_relay_doc,
+"serve_relay(sock, reads, to_client_by_peer, udp_listeners, deliver) -> None\n\n"
+"The event loop's callback for a relay socket it watches itself (its descriptor is its\n"
+"table key): served as by serve_relays, then deliver(datagrams) with what was left for\n"
+"Python, if anything was.");
+
+static PyObject *
+serve_relay(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 || !PyDict_Check(args[2]) || !PyDict_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "serve_relay(sock, reads, to_client_by_peer: dict, "
+                        "udp_listeners: dict, deliver)");
+        return NULL;
+    }
+    int fd = PyObject_AsFileDescriptor(args[0]);
+    if (fd < 0)
+        return NULL;
+    Py_ssize_t reads = PyLong_AsSsize_t(args[1]);
+    if (reads < 0 && PyErr_Occurred())
+        return NULL;
+    PyObject *key = PyLong_FromLong(fd);
+    if (key == NULL)
+        return NULL;
+    PyObject *left = NULL;
+    int rc = serve_endpoint(fd, key, reads, args[2], args[3], &left);
+    Py_DECREF(key);
+    if (rc < 0) {
+        Py_XDECREF(left);
+        return NULL;
+    }
+    if (left == NULL)
+        Py_RETURN_NONE;
+    PyObject *done = PyObject_CallOneArg(args[4], left);
+    Py_DECREF(left);
+    return done;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The two routing rules on their own, without sockets: what the differential test
+ * compares with the reference path.
+ */
+
+PyDoc_STRVAR(route_client_datagram_doc,
+"route_client_datagram(to_peer_by_channel, local, client, data)\n"
+"    -> tuple[int, tuple[str, int], bytes] | None\n\n"
+"What forward_channel_data does with ChannelData data from UDP client `client`:\n"
+"(relay key, peer, payload), counted, or None when it has no route (left for Python).");
+
+static PyObject *
+route_client_datagram(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyDict_Check(args[0]) || !PyBytes_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "route_client_datagram(to_peer_by_channel: dict, local, client, "
+                        "data: bytes)");
+        return NULL;
+    }
+    const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(args[3]);
+    size_t len = (size_t)PyBytes_GET_SIZE(args[3]);
+    if (!IS_CHANNEL_DATA(b, len))
+        Py_RETURN_NONE;
+    struct forward f;
+    int routed = route_from_client(b, len, args[2], args[0], args[1], &f);
+    if (routed < 0)
+        return NULL;
+    if (!routed)
+        Py_RETURN_NONE;
+    struct sockaddr_storage *name = &f.name;
+    char host[INET6_ADDRSTRLEN];
+    int port;
+    if (name->ss_family == AF_INET) {
+        const struct sockaddr_in *sin = (const void *)name;
+        inet_ntop(AF_INET, &sin->sin_addr, host, sizeof host);
+        port = ntohs(sin->sin_port);
+    } else {
+        const struct sockaddr_in6 *sin6 = (const void *)name;
+        inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof host);
+        port = ntohs(sin6->sin6_port);
+    }
+    return Py_BuildValue("(i(si)y#)", f.fd, host, port, (const char *)f.payload.iov_base,
+                         (Py_ssize_t)f.payload.iov_len);
+}
+
+PyDoc_STRVAR(route_peer_datagram_doc,
+"route_peer_datagram(to_client_by_peer, relay_key, peer, data)\n"
+"    -> tuple[flow, bytes] | None\n\n"
+"What serve_relay does with a datagram from `peer`: (flow, ChannelData frame), counted,\n"
+"or None when it is left for Python.");
+
+static PyObject *
+route_peer_datagram(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyDict_Check(args[0]) || !PyBytes_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "route_peer_datagram(to_client_by_peer: dict, relay_key, peer, "
+                        "data: bytes)");
+        return NULL;
+    }
+    PyObject *entry = route_from_peer(args[0], args[1], args[2]);
+    if (entry == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t len = PyBytes_GET_SIZE(args[3]);
+    if (len > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "larger than a UDP datagram");
+        return NULL;
+    }
+    PyObject *flow = PyTuple_GET_ITEM(entry, TO_CLIENT_FLOW);
+    PyObject *frame = PyBytes_FromStringAndSize(NULL, len + 4);
+    if (frame == NULL)
+        return NULL;
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(frame);
+    memcpy(out, PyBytes_AS_STRING(PyTuple_GET_ITEM(entry, TO_CLIENT_HEADER)), 2);
+    out[2] = (unsigned char)(len >> 8);
+    out[3] = (unsigned char)len;
+    memcpy(out + 4, PyBytes_AS_STRING(args[3]), (size_t)len);
+    if (add_counts(PyTuple_GET_ITEM(flow, FLOW_COUNTERS), PACKETS_TO_CLIENT, 1, len) < 0) {
+        Py_DECREF(frame);
+        return NULL;
+    }
+    return Py_BuildValue("(ON)", flow, frame);
+}
+
+static PyMethodDef fastpath_methods[] = {
+    {"forward_channel_data", (PyCFunction)(void (*)(void))forward_channel_data, METH_FASTCALL,
+     forward_channel_data_doc},
+    {"listener_ready", (PyCFunction)(void (*)(void))listener_ready, METH_FASTCALL,
+     listener_ready_doc},
+    {"serve_relays", (PyCFunction)(void (*)(void))serve_relays, METH_FASTCALL,
+     serve_relays_doc},
+    {"serve_relay", (PyCFunction)(void (*)(void))serve_relay, METH_FASTCALL, serve_relay_doc},
+    {"route_client_datagram", (PyCFunction)(void (*)(void))route_client_datagram,
+     METH_FASTCALL, route_client_datagram_doc},
+    {"route_peer_datagram", (PyCFunction)(void (*)(void))route_peer_datagram, METH_FASTCALL,
+     route_peer_datagram_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef batch_module = {
+    PyModuleDef_HEAD_INIT,
+    "pyturn.net._batch",
+    "Batched UDP I/O and the table-driven relay fast path (see pyturn/net/batch.py).",
+    -1,
+    fastpath_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__batch(void)
+{
+    if (udp_batch_init() < 0)
+        return NULL;
+    s_udp = PyUnicode_InternFromString("udp");
+    if (s_udp == NULL)
+        return NULL;
+    PyObject *module = PyModule_Create(&batch_module);
+    if (module == NULL)
+        return NULL;
+    if (PyModule_AddFunctions(module, udp_batch_methods) < 0 ||
+        PyModule_AddIntConstant(module, "BATCH", BATCH) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

@@ -1,0 +1,134 @@
+"""The relay fast path: ChannelData of UDP clients relayed in C, both directions.
+
+The native functions (pyturn/net/_fastpath.c, in the module `pyturn.net._batch`) read
+the forwarding table's dictionaries (pyturn/core/forwarding.py) and the I/O layer's map
+of UDP listeners, and relay what they can without running Python; what they leave goes
+to the reference path, `ForwardingTable.from_client` and `from_peer`, called from
+pyturn/net/udp.py and pyturn/net/relay.py. Without the native module the functions
+below read and hand over everything, so Python routes it all: the same behaviour,
+slower.
+
+    listener_ready(sock, limit, to_peer_by_channel, local, handle, failed)
+        the event loop's callback for a UDP client listener
+    forward_channel_data(sock, limit, to_peer_by_channel, local) -> (read, left)
+        the same read for the rest of a wake-up's budget
+    serve_relay(sock, reads, to_client_by_peer, udp_listeners, deliver)
+        the event loop's callback for a relay socket it watches itself
+    serve_relays(epoll, endpoints, limit, reads, to_client_by_peer, udp_listeners)
+        the relay sockets behind one epoll descriptor -> [(endpoint, left)]
+"""
+
+from __future__ import annotations
+
+import _socket
+import select
+from collections.abc import Callable
+from typing import Any
+
+from pyturn.net import batch
+from pyturn.net.batch import recv_batch
+from pyturn.wire.attributes import Address
+
+Datagram = tuple[bytes, Address]
+# A UDP listener's local address -> its file descriptor (for sending to its clients).
+UdpListeners = dict[Address, int]
+
+
+def _forward_channel_data(
+    sock: _socket.socket, limit: int, to_peer_by_channel: dict[Any, Any], local: Address
+) -> tuple[int, list[Datagram]]:
+    """Relays nothing itself: every datagram read is left for Python."""
+    datagrams = recv_batch(sock, limit)
+    return len(datagrams), datagrams
+
+
+def _listener_ready(  # noqa: PLR0917 (add_reader passes its arguments positionally)
+    sock: _socket.socket,
+    limit: int,
+    to_peer_by_channel: dict[Any, Any],
+    local: Address,
+    handle: Callable[[int, list[Datagram]], None],
+    failed: Callable[[OSError], None],
+) -> None:
+    try:
+        received, datagrams = forward_channel_data(sock, limit, to_peer_by_channel, local)
+    except OSError as exc:
+        failed(exc)
+        return
+    if datagrams or received == limit:
+        handle(received, datagrams)
+
+
+def _serve_relay(
+    sock: _socket.socket,
+    reads: int,
+    to_client_by_peer: dict[Any, Any],
+    udp_listeners: UdpListeners,
+    deliver: Deliver,
+) -> None:
+    """Serves nothing itself: what is queued goes to Python."""
+    try:
+        datagrams = recv_batch(sock, reads)
+    except OSError:
+        return  # the next wake-up meets the error again, as the native path does
+    if datagrams:
+        deliver(datagrams)
+
+
+def _serve_relays(  # noqa: PLR0917 (the native signature)
+    epoll: select.epoll,
+    endpoints: dict[int, Any],
+    limit: int,
+    reads: int,
+    to_client_by_peer: dict[Any, Any],
+    udp_listeners: UdpListeners,
+) -> list[tuple[Any, list[Datagram]]]:
+    """Serves nothing itself: every ready socket's datagrams go to Python (an endpoint
+    here is a RelayEndpoint, whose socket this reads)."""
+    left = []
+    for fd, _ in epoll.poll(0, limit):
+        endpoint = endpoints.get(fd)
+        if endpoint is None:
+            continue
+        try:
+            datagrams = recv_batch(endpoint.sock, reads)
+        except OSError:
+            continue
+        if datagrams:
+            left.append((endpoint, datagrams))
+    return left
+
+
+Deliver = Callable[[list[Datagram]], None]
+ListenerReady = Callable[
+    [
+        _socket.socket,
+        int,
+        dict[Any, Any],
+        Address,
+        Callable[[int, list[Datagram]], None],
+        Callable[[OSError], None],
+    ],
+    None,
+]
+ForwardChannelData = Callable[
+    [_socket.socket, int, dict[Any, Any], Address], tuple[int, list[Datagram]]
+]
+ServeRelay = Callable[[_socket.socket, int, dict[Any, Any], UdpListeners, Deliver], None]
+ServeRelays = Callable[
+    [select.epoll, dict[int, Any], int, int, dict[Any, Any], UdpListeners],
+    list[tuple[Any, list[Datagram]]],
+]
+
+listener_ready: ListenerReady = _listener_ready
+forward_channel_data: ForwardChannelData = _forward_channel_data
+serve_relay: ServeRelay = _serve_relay
+serve_relays: ServeRelays = _serve_relays
+
+if batch.NATIVE:
+    from pyturn.net import _batch
+
+    listener_ready = _batch.listener_ready
+    forward_channel_data = _batch.forward_channel_data
+    serve_relay = _batch.serve_relay
+    serve_relays = _batch.serve_relays

@@ -59,12 +59,17 @@ def server(
 
 
 async def _hold_allocations(server: ServerProcess, count: int) -> None:
-    """Allocations that outlive their clients' sockets (until their lifetime ends)."""
-    for _ in range(count):
-        client = await TurnClient.open(server.udp_address)
-        try:
+    """Allocations that outlive their clients' sockets (until their lifetime ends). The
+    sockets stay open until all are made: a port closed earlier could be handed to the
+    next client, whose Allocate would meet the allocation still there (437)."""
+    clients = []
+    try:
+        for _ in range(count):
+            client = await TurnClient.open(server.udp_address)
+            clients.append(client)
             assert code_of(await client.allocate()) == 0
-        finally:
+    finally:
+        for client in clients:
             client.close()
 
 

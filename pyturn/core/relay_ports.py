@@ -1,0 +1,171 @@
+"""Relay ports (RFC 8656 §7.2): the port pools, EVEN-PORT reservations and their tokens.
+
+A port is chosen at random from what is free (`PortPool`), bound through the I/O layer's
+`RelayBinder`, and put back when its allocation ends. EVEN-PORT with R reserves the next
+port for a RESERVATION-TOKEN that any worker can redeem; a reserved port counts against
+its user's allocation quota until it is used or its 30 s pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from pyturn.core import errors
+from pyturn.core.allocation import (
+    Allocation,
+    PortPool,
+    RelayBinder,
+)
+from pyturn.core.forwarding import RelaySocket
+from pyturn.core.quotas import UserCounts
+from pyturn.core.randomness import RandomSource
+from pyturn.wire.attributes import (
+    FAMILY_IPV4,
+    FAMILY_IPV6,
+    EvenPort,
+    ReservationToken,
+)
+
+RESERVATION_LIFETIME = 30.0  # RFC 8656 §7.2: a reserved port is held for about 30 s
+_BIND_ATTEMPTS = 8
+
+
+@dataclass(slots=True)
+class _Reservation:
+    port: int
+    family: int
+    expires_at: float
+    # A reserved port counts against its user's quota until used or expired.
+    quota_user: str
+
+
+class RelayPorts:
+    """The relay ports of one process, both families."""
+
+    def __init__(
+        self,
+        min_port: int,
+        max_port: int,
+        binder: RelayBinder,
+        *,
+        random: RandomSource,
+        secret: bytes,
+        per_user: UserCounts,
+    ) -> None:
+        self.binder = binder
+        self._secret = secret
+        self._per_user = per_user
+        self.pools = {
+            FAMILY_IPV4: PortPool(min_port, max_port, random),
+            FAMILY_IPV6: PortPool(min_port, max_port, random),
+        }
+        self.reservations: dict[bytes, _Reservation] = {}
+
+    def bind_udp(
+        self,
+        family: int,
+        token: ReservationToken | None,
+        even_port: EvenPort | None,
+        dont_fragment: bool,
+        now: float,
+        *,
+        quota_user: str,
+    ) -> tuple[RelaySocket, bytes | None]:
+        pool = self.pools[family]
+        if token is not None:
+            reserved = self.read_token(token.value, now)
+            if reserved is None or reserved[1] != family:
+                raise errors.InsufficientCapacity("unknown or expired RESERVATION-TOKEN")
+            held = self.reservations.pop(token.value, None)
+            if held is not None:
+                self._per_user.remove(held.quota_user)
+            elif pool.min_port <= reserved[0] <= pool.max_port:
+                # Our own port, no longer held for this token: it was used already.
+                raise errors.InsufficientCapacity("RESERVATION-TOKEN already used")
+            relay = self.binder.bind(family, reserved[0], dont_fragment)
+            if relay is None:
+                raise errors.InsufficientCapacity("reserved port could not be bound")
+            return relay, None
+        for _ in range(_BIND_ATTEMPTS):
+            if even_port is None:
+                port = pool.take_random()
+            else:
+                port = pool.random_even_pair() if even_port.reserve else pool.random_even()
+                if port is not None:
+                    pool.take(port)
+            if port is None:
+                break
+            relay = self.binder.bind(family, port, dont_fragment)
+            if relay is None:
+                # Someone outside pyturn holds it: try another, but keep it in the pool
+                # because that process may let it go.
+                pool.put(port)
+                continue
+            if even_port is not None and even_port.reserve:
+                pool.take(port + 1)
+                reservation = self._make_token(port + 1, family, now)
+                self.reservations[reservation] = _Reservation(
+                    port + 1, family, now + RESERVATION_LIFETIME, quota_user
+                )
+                self._per_user[quota_user] += 1
+                return relay, reservation
+            return relay, None
+        raise errors.InsufficientCapacity("no relay port free")
+
+    def _make_token(self, port: int, family: int, now: float) -> bytes:
+        """A RESERVATION-TOKEN any worker process can redeem (they share the secret).
+
+        Port, then 15 bits of the expiry time and the family bit, then a 4-byte MAC: a
+        client on another 5-tuple may land on another worker than the one that reserved.
+        """
+        expiry = (int(now + RESERVATION_LIFETIME) & 0x7FFF) | (
+            0x8000 if family == FAMILY_IPV6 else 0
+        )
+        body = port.to_bytes(2, "big") + expiry.to_bytes(2, "big")
+        return body + self._token_mac(body)
+
+    def _token_mac(self, body: bytes) -> bytes:
+        return hmac.new(self._secret, b"reservation" + body, hashlib.sha256).digest()[:4]
+
+    def read_token(self, token: bytes, now: float) -> tuple[int, int] | None:
+        """(port, family) of a valid, unexpired token of ours, else None."""
+        body, mac = token[:4], token[4:]
+        if not hmac.compare_digest(mac, self._token_mac(body)):
+            return None
+        word = int.from_bytes(body[2:4], "big")
+        if ((word & 0x7FFF) - int(now)) & 0x7FFF > RESERVATION_LIFETIME:
+            return None  # past its expiry (the difference wraps around)
+        family = FAMILY_IPV6 if word & 0x8000 else FAMILY_IPV4
+        return int.from_bytes(body[:2], "big"), family
+
+    def bind_tcp(self, family: int) -> RelaySocket:
+        pool = self.pools[family]
+        for _ in range(_BIND_ATTEMPTS):
+            port = pool.take_random()
+            if port is None:
+                break
+            relay = self.binder.bind_tcp(family, port)
+            if relay is not None:
+                return relay
+            pool.put(port)
+        raise errors.InsufficientCapacity("no relay port free")
+
+    def release(self, allocation: Allocation) -> None:
+        """Close an ended allocation's relay sockets and free their ports."""
+        self.binder.release(allocation.relay)
+        self.pools[allocation.family].put(allocation.relay.port)
+        if allocation.relay6 is not None:
+            self.binder.release(allocation.relay6)
+            self.pools[FAMILY_IPV6].put(allocation.relay6.port)
+
+    def expire(self, now: float) -> None:
+        """Free the reserved ports whose tokens were not redeemed in time."""
+        for token in [t for t, r in self.reservations.items() if r.expires_at <= now]:
+            reservation = self.reservations.pop(token)
+            self.pools[reservation.family].put(reservation.port)
+            self._per_user.remove(reservation.quota_user)
+
+    def next_deadline(self) -> float | None:
+        return min((r.expires_at for r in self.reservations.values()), default=None)

@@ -85,9 +85,10 @@ def serve(config_path: Path | None) -> None:
     With `workers` other than 1 (0, the default, is one per CPU) a supervisor runs that
     many worker processes on the same ports and passes these signals on to them.
     """
+    from pyturn.net.addresses import default_relay_ipv4  # noqa: PLC0415
     from pyturn.net.errors import StartupError  # noqa: PLC0415
     from pyturn.net.supervisor import supervise, worker_count  # noqa: PLC0415 (fast --help)
-    from pyturn.net.worker import default_relay_ipv4, run  # noqa: PLC0415
+    from pyturn.net.worker import run  # noqa: PLC0415
 
     if config_path is None:
         config, username, password = _embedded_default()
@@ -118,7 +119,7 @@ def serve(config_path: Path | None) -> None:
 def worker(control_fd: int) -> None:
     """One worker process of `workers: N`; started by `pyturn serve`, not by hand."""
     from pyturn.net.errors import StartupError  # noqa: PLC0415
-    from pyturn.net.worker import run_worker  # noqa: PLC0415
+    from pyturn.net.worker_process import run_worker  # noqa: PLC0415
 
     try:
         run_worker(control_fd)

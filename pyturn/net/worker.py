@@ -15,27 +15,26 @@ startup -> serve -> drain -> shutdown, as uvicorn does it:
   until they have all ended or `shutdown_timeout` passes. A second SIGTERM or SIGINT
   stops at once. Either way the listeners close, every relay is released and the
   process exits 0.
+
+Beside it: addresses.py picks the relay address to advertise, session_log.py writes the
+log lines of the core's events, memory.py gives memory back after a wave of allocations,
+and worker_process.py talks to the supervisor when there are several worker processes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import functools
-import gc
 import logging
 import os
 import signal
 import socket
-import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pyturn.config import Config, ConfigError, Listener, load_config, parse_config
+from pyturn.config import Config, ConfigError, Listener, load_config
 from pyturn.core.allocation import Allocation, FiveTuple
-from pyturn.core.auth import AuthFailure
 from pyturn.core.forwarding import ForwardingTable
 from pyturn.core.randomness import SystemRandom
 from pyturn.core.server import (
@@ -58,22 +57,17 @@ from pyturn.core.server import (
     StopRelaying,
     TurnServer,
 )
-from pyturn.logs import (
-    FieldValue,
-    LogThrottle,
-    configure_logging,
-    forget_plain_values,
-    format_address,
-    log_event,
-)
+from pyturn.logs import configure_logging, format_address, log_event
 from pyturn.metrics import Stats, TurnCollector, make_registry, render
 from pyturn.net import batch
+from pyturn.net.addresses import default_relay_ipv4, default_relay_ipv6
 from pyturn.net.clients import Clients
-from pyturn.net.control import LINE_LIMIT, read_message, write_message
 from pyturn.net.errors import StartupError
 from pyturn.net.http import OpsApp, start_ops_server
+from pyturn.net.memory import MemoryReturner
 from pyturn.net.relay import UdpRelayBinder
 from pyturn.net.sdnotify import SystemdNotifier
+from pyturn.net.session_log import SessionLog
 from pyturn.net.sockets import bound_socket
 from pyturn.net.stream import ConnectionCounter, StreamConnection, TlsAcceptor
 from pyturn.net.tcp_relay import TcpRelay
@@ -83,14 +77,6 @@ from pyturn.net.udp import UdpListener
 log = logging.getLogger(__name__)
 
 _MAX_TIMER_SLEEP = 1.0
-# Memory is handed back once at least this many allocations (and at least as many as are
-# still running) have ended: the work is O(running allocations), so it stays amortised.
-_COMPACT_AFTER = 256
-# A full collection walks what was made since start-up: only with few allocations left.
-_COLLECT_BELOW = 256
-# Auth failures that are part of the normal flow (the first challenge, an expired nonce)
-# are logged at DEBUG; the others at INFO, for fail2ban.
-_ROUTINE_AUTH = (AuthFailure.NO_CREDENTIALS, AuthFailure.STALE_NONCE)
 # Sections a reload cannot change in a running process: they name sockets.
 _RESTART_ONLY = ("listen", "relay", "metrics", "workers")
 # Every Event but RequestHandled, which handle_actions counts itself.
@@ -115,44 +101,6 @@ def install_event_loop_policy() -> str:
     return "uvloop"
 
 
-def default_relay_ipv4(config: Config) -> str:
-    """The IPv4 address to advertise in XOR-RELAYED-ADDRESS when none is configured."""
-    relay = config.relay
-    if relay.external_address:
-        return relay.external_address
-    if relay.address != "0.0.0.0":  # noqa: S104 (comparing, not binding)
-        return relay.address
-    for listener in config.listen:
-        if ":" not in listener.address and listener.address != "0.0.0.0":  # noqa: S104
-            return listener.address
-    # Wildcard everywhere: the first address of the host's own interfaces.
-    for address in interface_ipv4_addresses():
-        if not address.startswith(("127.", "169.254.")):
-            return address
-    log.warning(
-        "no non-loopback IPv4 address found: clients will be told 127.0.0.1 as their "
-        "relayed address; set relay.external_address"
-    )
-    return "127.0.0.1"
-
-
-def interface_ipv4_addresses() -> list[str]:
-    """IPv4 addresses of the host's interfaces (Linux SIOCGIFADDR; no packet is sent)."""
-    try:
-        import fcntl  # noqa: PLC0415 (POSIX only)
-    except ImportError:
-        return []
-    siocgifaddr = 0x8915
-    found: list[str] = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        for _, name in socket.if_nameindex():
-            request = struct.pack("256s", name.encode()[:15])
-            with contextlib.suppress(OSError):
-                answer = fcntl.ioctl(probe.fileno(), siocgifaddr, request)
-                found.append(socket.inet_ntoa(answer[20:24]))
-    return found
-
-
 def load_for_reload(path: Path, notifier: SystemdNotifier) -> Config | None:
     """SIGHUP's first step, for a worker and the supervisor alike: the new config, or None
     (logged, and systemd told) when the file is invalid and the running config stays."""
@@ -165,63 +113,9 @@ def load_for_reload(path: Path, notifier: SystemdNotifier) -> Config | None:
         return None
 
 
-def default_relay_ipv6(config: Config) -> str | None:
-    """The IPv6 address to advertise for IPv6 relaying, if `relay.address6` is set."""
-    relay = config.relay
-    if relay.external_address6:
-        return relay.external_address6
-    if relay.address6 is None:
-        return None
-    if relay.address6 != "::":
-        return relay.address6
-    for listener in config.listen:
-        if ":" in listener.address and listener.address != "::":
-            return listener.address
-    log.warning(
-        "relay.address6 is '::' and no IPv6 listener names an address: set "
-        "relay.external_address6 so clients learn a reachable IPv6 relay address"
-    )
-    return "::1"
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None where there is none (musl, macOS)."""
-    try:
-        import ctypes  # noqa: PLC0415 (only once memory is to be given back)
-
-        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    return trim
-
-
 def _os_reason(exc: OSError) -> str:
     """The OS words ("Address already in use"), not asyncio's longer wrapping of them."""
     return os.strerror(exc.errno) if exc.errno else str(exc)
-
-
-def _session(allocation: Allocation) -> dict[str, FieldValue]:
-    """The fields every allocation log line starts with."""
-    transport, client, _ = allocation.five_tuple
-    fields: dict[str, FieldValue] = {
-        "client": format_address(client),
-        "transport": transport,
-        "user": allocation.username,
-        "relayed": format_address(allocation.relayed_address),
-    }
-    if allocation.relayed_address6 is not None:  # dual-stack (ADDITIONAL-ADDRESS-FAMILY)
-        fields["relayed6"] = format_address(allocation.relayed_address6)
-    return fields
-
-
-def _traffic(allocation: Allocation) -> dict[str, FieldValue]:
-    return {
-        "bytes_to_peer": allocation.bytes_to_peer,
-        "packets_to_peer": allocation.packets_to_peer,
-        "bytes_to_client": allocation.bytes_to_client,
-        "packets_to_client": allocation.packets_to_client,
-    }
 
 
 class Worker:
@@ -261,7 +155,8 @@ class Worker:
         self.registry = make_registry(
             TurnCollector(self.server, self.stats, lambda: self.state == "draining")
         )
-        self.throttle = LogThrottle(log)
+        self.session_log = SessionLog(log, self.now)
+        self.memory = MemoryReturner(self.server, self.now)
         # starting -> serving -> draining -> stopping
         self.state = "starting"
         self.bound: list[tuple[str, str, int]] = []
@@ -272,8 +167,6 @@ class Worker:
         self._watchdog: asyncio.TimerHandle | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()
-        # Most allocations at once since memory was last handed back (_return_memory).
-        self._peak_allocations = 0
 
     def now(self) -> float:
         """Monotonic time in Unix seconds, so REST expiry stamps compare directly."""
@@ -322,78 +215,21 @@ class Worker:
         self.handle_actions(actions, five_tuple, lambda data: self.clients.send(five_tuple, data))
 
     def _event(self, event: Event) -> None:
-        """Count one core event for the metrics and write its log line, if it has one."""
+        """Count one core event for the metrics, write its log line if it has one, and
+        react to what it changed."""
         self.stats.record(event)
         if type(event) is RequestHandled:
             return
+        self.session_log.write(event)
         if type(event) is AllocationCreated:
-            allocation = event.allocation
-            running = len(self.server.allocations)
-            self._peak_allocations = max(self._peak_allocations, running)
-            lifetime = round(allocation.expires_at - allocation.created_at)
-            log_event(
-                log,
-                logging.INFO,
-                "allocation_created",
-                {**_session(allocation), "lifetime": lifetime},
-            )
-        elif type(event) is AllocationDeleted:
-            a = event.allocation
-            log_event(
-                log,
-                logging.INFO,
-                "allocation_deleted",
-                {
-                    **_session(a),
-                    "reason": event.reason.replace(" ", "_"),
-                    "duration": event.now - a.created_at,
-                    **_traffic(a),
-                },
-            )
-            if not self.server.allocations:
-                if self.state == "draining":
-                    log.info("drained: every allocation has ended")
-                    self._stopped.set()
-                else:
-                    # Now rather than at the next tick: nothing is left to relay.
-                    self.loop.call_soon(self._return_memory)
-        elif type(event) is AllocationRefreshed:
-            a = event.allocation
-            duration = a.expires_at - event.lifetime - a.created_at
-            log_event(
-                log,
-                logging.INFO,
-                "allocation_refreshed",
-                {**_session(a), "lifetime": event.lifetime, "duration": duration, **_traffic(a)},
-            )
-        elif isinstance(event, AuthFailed | PeerDenied | QuotaRejected):
-            self._log_refusal(event)
-
-    def _log_refusal(self, event: AuthFailed | PeerDenied | QuotaRejected) -> None:
-        """One line per refusal, for fail2ban; throttled, as clients can cause them at will."""
-        level = logging.INFO
-        if isinstance(event, AuthFailed):
-            name = "auth_failed"
-            if event.reason in _ROUTINE_AUTH:
-                level = logging.DEBUG  # the normal challenge, not worth a line at INFO
-        elif isinstance(event, PeerDenied):
-            name = "peer_denied"
-        else:
-            name = "quota_rejected"
-        # Checked first: the first challenge of every session comes here, mostly unlogged.
-        if not log.isEnabledFor(level):
-            return
-        if level > logging.DEBUG and not self.throttle.allow(event.client[0], name, self.now()):
-            return
-        fields: dict[str, FieldValue] = {
-            "client": format_address(event.client),
-            "user": event.username,
-        }
-        if isinstance(event, AuthFailed):
-            fields["reason"] = event.reason.value
-        elif isinstance(event, PeerDenied):
-            fields["peer"] = event.peer[0]
-        log_event(log, level, name, fields)
+            self.memory.saw_running(len(self.server.allocations))
+        elif type(event) is AllocationDeleted and not self.server.allocations:
+            if self.state == "draining":
+                log.info("drained: every allocation has ended")
+                self._stopped.set()
+            else:
+                # Now rather than at the next tick: nothing is left to relay.
+                self.loop.call_soon(self.memory.return_memory)
 
     # -- timer -----------------------------------------------------------------------------
 
@@ -423,37 +259,9 @@ class Worker:
                 self._event(action)
             else:
                 self._wire(action)
-        self.throttle.flush(now)
-        self._return_memory()
+        self.session_log.flush(now)
+        self.memory.return_memory()
         self._rearm_timer()
-
-    def _return_memory(self) -> None:
-        """Once many allocations have ended, drop what they left behind; once the running
-        allocations fell to half their peak, also give the freed heap pages back to the OS.
-        A few ms at most, from the timer or when the last allocation ends, never per packet.
-        """
-        server = self.server
-        ended = server.ended_since_compact
-        if ended < _COMPACT_AFTER or ended < len(server.allocations):
-            return
-        server.compact(self.now())
-        batch.forget_addresses()  # caches: a miss only formats the address again
-        forget_plain_values()
-        running = len(server.allocations)
-        if running * 2 > self._peak_allocations:
-            # Churn, not the end of a wave: what was freed is about to be used again,
-            # and a full collection and a trim every few hundred allocations would cost
-            # more than the compaction itself.
-            return
-        self._peak_allocations = running
-        if running <= _COLLECT_BELOW:
-            # A full collection also empties the interpreter's free lists (thousands of
-            # tuples of gone clients); it walks every object made since start-up (the
-            # rest is frozen), so it runs only when few allocations are left.
-            gc.collect()
-        trim = _malloc_trim()
-        if trim is not None:
-            trim(0)
 
     def _ping_watchdog(self) -> None:
         interval = self.notifier.watchdog_interval
@@ -574,12 +382,7 @@ class Worker:
     def mark_ready(self, started: float) -> None:
         """Every listener is bound: say so in /ready, to systemd and in the log."""
         self.state = "serving"
-        _malloc_trim()  # loads ctypes now: made during a wave of allocations, it would pin
-        # What start-up made (modules, config, sockets) lives as long as the process:
-        # kept out of the collector's sight, a full collection under allocation churn
-        # scans only what serving made, not every object the process ever loaded. Before
-        # the first client, so that no allocation is ever frozen with it.
-        gc.freeze()
+        self.memory.after_startup()
         log.info(
             "ready in %.0f ms: realm=%s relay=%s ports %d-%d",
             (time.perf_counter() - started) * 1000,
@@ -745,65 +548,3 @@ def run(
     log.debug("event loop: %s", loop_name)
     log.info(batch.describe())
     asyncio.run(serve(config, on_ready, config_path=config_path))
-
-
-async def serve_as_worker(control_fd: int) -> None:
-    """One of several worker processes: config, metrics and orders come from the supervisor.
-
-    SIGINT and SIGHUP belong to the supervisor (a terminal's Ctrl-C reaches the whole
-    process group); SIGTERM still drains, as systemd may send it to every process.
-    """
-    started = time.perf_counter()
-    sock = socket.socket(fileno=control_fd)
-    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=LINE_LIMIT)
-    first = await read_message(reader)
-    if first is None or first.get("op") != "start":
-        raise StartupError("worker: no start message from the supervisor")
-    config = parse_config(first["config"], source=f"supervisor (worker {first['index']})")
-    configure_logging(config.logging.level, config.logging.format)
-    # Workers share the nonce and reservation-token secret: a client's next 5-tuple
-    # may hash to another worker.
-    secret = bytes.fromhex(first["secret"])
-    worker = Worker(config, notifier=SystemdNotifier({}), secret=secret)
-    try:
-        await worker.start()
-    except StartupError as exc:
-        write_message(writer, {"op": "failed", "error": str(exc)})
-        await writer.drain()
-        raise
-    for signum in (signal.SIGINT, signal.SIGHUP):
-        worker.loop.remove_signal_handler(signum)
-        signal.signal(signum, signal.SIG_IGN)
-    worker.mark_ready(started)
-    write_message(writer, {"op": "ready", "pid": os.getpid(), "bound": worker.bound})
-    orders = worker.loop.create_task(_obey(worker, reader, writer))
-    try:
-        await worker.serve_until_stopped()
-    finally:
-        orders.cancel()
-        writer.close()
-
-
-async def _obey(worker: Worker, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while (message := await read_message(reader)) is not None:
-        op = message.get("op")
-        if op == "metrics":
-            text = render(worker.registry).decode()
-            write_message(writer, {"op": "metrics", "id": message.get("id"), "text": text})
-        elif op == "reload":
-            new = parse_config(message["config"], source="supervisor")
-            ok = worker.apply_config(new, source=str(message.get("source", "supervisor")))
-            write_message(writer, {"op": "reloaded", "ok": ok})
-        elif op == "drain":
-            if worker.state == "serving":
-                worker.drain("supervisor")
-        elif op == "stop":
-            worker.stop()
-    # The supervisor is gone: nobody can stop or reload this process any more.
-    log.error("supervisor gone: stopping")
-    worker.stop()
-
-
-def run_worker(control_fd: int) -> None:
-    install_event_loop_policy()
-    asyncio.run(serve_as_worker(control_fd))

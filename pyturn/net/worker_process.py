@@ -1,0 +1,89 @@
+"""A worker process's side of the supervisor's control channel (`workers: N`).
+
+The supervisor owns the config file, the signals of the terminal and systemd, and
+/metrics; each worker process gets its config, its share of the relay ports and its
+orders (metrics, reload, drain, stop) over one Unix socket, and answers there. The
+supervisor's side is pyturn.net.supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+
+from pyturn.config import parse_config
+from pyturn.logs import configure_logging
+from pyturn.metrics import render
+from pyturn.net.control import LINE_LIMIT, read_message, write_message
+from pyturn.net.errors import StartupError
+from pyturn.net.sdnotify import SystemdNotifier
+from pyturn.net.worker import Worker, install_event_loop_policy
+
+# The worker's logger: these lines have always carried its name, and log filters match it.
+log = logging.getLogger("pyturn.net.worker")
+
+
+async def serve_as_worker(control_fd: int) -> None:
+    """One of several worker processes: config, metrics and orders come from the supervisor.
+
+    SIGINT and SIGHUP belong to the supervisor (a terminal's Ctrl-C reaches the whole
+    process group); SIGTERM still drains, as systemd may send it to every process.
+    """
+    started = time.perf_counter()
+    sock = socket.socket(fileno=control_fd)
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=LINE_LIMIT)
+    first = await read_message(reader)
+    if first is None or first.get("op") != "start":
+        raise StartupError("worker: no start message from the supervisor")
+    config = parse_config(first["config"], source=f"supervisor (worker {first['index']})")
+    configure_logging(config.logging.level, config.logging.format)
+    # Workers share the nonce and reservation-token secret: a client's next 5-tuple
+    # may hash to another worker.
+    secret = bytes.fromhex(first["secret"])
+    worker = Worker(config, notifier=SystemdNotifier({}), secret=secret)
+    try:
+        await worker.start()
+    except StartupError as exc:
+        write_message(writer, {"op": "failed", "error": str(exc)})
+        await writer.drain()
+        raise
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        worker.loop.remove_signal_handler(signum)
+        signal.signal(signum, signal.SIG_IGN)
+    worker.mark_ready(started)
+    write_message(writer, {"op": "ready", "pid": os.getpid(), "bound": worker.bound})
+    orders = worker.loop.create_task(_obey(worker, reader, writer))
+    try:
+        await worker.serve_until_stopped()
+    finally:
+        orders.cancel()
+        writer.close()
+
+
+async def _obey(worker: Worker, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while (message := await read_message(reader)) is not None:
+        op = message.get("op")
+        if op == "metrics":
+            text = render(worker.registry).decode()
+            write_message(writer, {"op": "metrics", "id": message.get("id"), "text": text})
+        elif op == "reload":
+            new = parse_config(message["config"], source="supervisor")
+            ok = worker.apply_config(new, source=str(message.get("source", "supervisor")))
+            write_message(writer, {"op": "reloaded", "ok": ok})
+        elif op == "drain":
+            if worker.state == "serving":
+                worker.drain("supervisor")
+        elif op == "stop":
+            worker.stop()
+    # The supervisor is gone: nobody can stop or reload this process any more.
+    log.error("supervisor gone: stopping")
+    worker.stop()
+
+
+def run_worker(control_fd: int) -> None:
+    install_event_loop_policy()
+    asyncio.run(serve_as_worker(control_fd))

@@ -7,12 +7,9 @@ and the allocation itself, whose methods write the forwarding table from then on
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from pyturn.config import Config, split_host_port
+from pyturn.config import split_host_port
 from pyturn.core import errors
 from pyturn.core.actions import (
-    Action,
     AllocationCreated,
     AllocationRefreshed,
     QuotaRejected,
@@ -22,9 +19,8 @@ from pyturn.core.allocation import (
     Allocation,
 )
 from pyturn.core.auth import Candidate
-from pyturn.core.forwarding import FiveTuple, ForwardingTable, RelaySocket
-from pyturn.core.quotas import UserCounts
-from pyturn.core.relay_ports import RelayPorts
+from pyturn.core.forwarding import FiveTuple, RelaySocket
+from pyturn.core.state import ServerState
 from pyturn.wire.attributes import (
     FAMILY_IPV4,
     FAMILY_IPV6,
@@ -42,7 +38,6 @@ from pyturn.wire.attributes import (
     RequestedTransport,
     ReservationToken,
     XorMappedAddress,
-    XorPeerAddress,
     XorRelayedAddress,
 )
 from pyturn.wire.message import (
@@ -50,32 +45,8 @@ from pyturn.wire.message import (
 )
 
 
-class AllocateRequests:
+class AllocateRequests(ServerState):
     """The Allocate and Refresh handlers of TurnServer."""
-
-    # The state of TurnServer that these handlers share with the rest of it.
-    allocations: dict[FiveTuple, Allocation]
-    config: Config
-    draining: bool
-    ports: RelayPorts
-    relay_ips: dict[int, str]
-    table: ForwardingTable
-    _per_user: UserCounts
-    _out: list[Action]
-
-    if TYPE_CHECKING:  # defined by TurnServer (pyturn/core/server.py)
-
-        def _allocation(self, five_tuple: FiveTuple) -> Allocation:
-            raise NotImplementedError
-
-        def _check_peer(self, allocation: Allocation, peer: XorPeerAddress) -> None:
-            raise NotImplementedError
-
-        def _schedule(self, allocation: Allocation) -> None:
-            raise NotImplementedError
-
-        def _delete(self, allocation: Allocation, reason: str, now: float) -> list[Action]:
-            raise NotImplementedError
 
     def _lifetime(self, msg: Message, *, zero_deletes: bool) -> int:
         """RFC 8656 §7.2/§7.3: at least the default, at most the maximum; 0 on Refresh."""

@@ -8,15 +8,10 @@ without a decode.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from pyturn.config import Config
 from pyturn.core import errors
-from pyturn.core.allocation import (
-    Allocation,
-)
 from pyturn.core.auth import Candidate
-from pyturn.core.forwarding import FiveTuple, ForwardingTable, SendToPeer
+from pyturn.core.forwarding import FiveTuple, SendToPeer
+from pyturn.core.state import ServerState
 from pyturn.wire.attributes import (
     FAMILY_IPV4,
     MAGIC_COOKIE,
@@ -41,27 +36,8 @@ _COOKIE_BYTES = MAGIC_COOKIE.to_bytes(4, "big")
 SLOW_PATH = object()
 
 
-class RelayingRequests:
+class RelayingRequests(ServerState):
     """The CreatePermission, ChannelBind and Send handlers of TurnServer."""
-
-    # The state of TurnServer that these handlers share with the rest of it.
-    allocations: dict[FiveTuple, Allocation]
-    config: Config
-    table: ForwardingTable
-
-    if TYPE_CHECKING:  # defined by TurnServer (pyturn/core/server.py)
-
-        def _allocation(self, five_tuple: FiveTuple) -> Allocation:
-            raise NotImplementedError
-
-        def _check_peer(self, allocation: Allocation, peer: XorPeerAddress) -> None:
-            raise NotImplementedError
-
-        def _schedule(self, allocation: Allocation) -> None:
-            raise NotImplementedError
-
-        def _udp_allocation(self, five_tuple: FiveTuple) -> Allocation:
-            raise NotImplementedError
 
     def _create_permission(
         self, msg: Message, five_tuple: FiveTuple, candidate: Candidate, now: float

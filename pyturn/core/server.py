@@ -74,7 +74,6 @@ from pyturn.wire.attributes import (
     UserHash,
     Username,
     XorMappedAddress,
-    XorPeerAddress,
     clear_address_cache,
     xor_address_value,
 )
@@ -568,30 +567,6 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
         if (chosen.algorithm, chosen.parameters) not in SUPPORTED_ALGORITHMS:
             raise errors.BadRequest("unsupported PASSWORD-ALGORITHM")
         return chosen.algorithm
-
-    # -- what the handlers share -----------------------------------------------------------
-
-    def _allocation(self, five_tuple: FiveTuple) -> Allocation:
-        allocation = self.allocations.get(five_tuple)
-        if allocation is None:
-            raise errors.AllocationMismatch
-        return allocation
-
-    def _udp_allocation(self, five_tuple: FiveTuple) -> Allocation:
-        allocation = self._allocation(five_tuple)
-        if allocation.is_tcp:
-            raise errors.BadRequest("not for a TCP allocation")
-        return allocation
-
-    def _check_peer(self, allocation: Allocation, peer: XorPeerAddress) -> None:
-        family = FAMILY_IPV6 if ":" in peer.host else FAMILY_IPV4
-        if not allocation.serves_family(family):
-            raise errors.PeerAddressFamilyMismatch
-        if not self.policy.is_allowed(peer.host):
-            self._out.append(
-                PeerDenied(allocation.five_tuple[1], allocation.username, peer.address)
-            )
-            raise errors.Forbidden("peer address not allowed")
 
 
 # The actions and events, importable from here as before the split.

@@ -8,9 +8,6 @@ may connect and tracks the CONNECTION-IDs; the sockets are pyturn/net/tcp_relay.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from pyturn.config import Config
 from pyturn.core import errors
 from pyturn.core.actions import (
     Action,
@@ -30,14 +27,12 @@ from pyturn.core.allocation import (
 )
 from pyturn.core.auth import Candidate
 from pyturn.core.forwarding import FiveTuple
-from pyturn.core.policy import PeerPolicy
-from pyturn.core.randomness import RandomSource
+from pyturn.core.state import ServerState
 from pyturn.wire.attributes import (
     Address,
     Attribute,
     ConnectionId,
     ErrorCode,
-    Software,
     XorPeerAddress,
 )
 from pyturn.wire.message import (
@@ -48,28 +43,8 @@ from pyturn.wire.message import (
 )
 
 
-class TcpRelaying:
+class TcpRelaying(ServerState):
     """The RFC 6062 handlers of TurnServer and the outcomes the I/O layer reports."""
-
-    # The state of TurnServer that these handlers share with the rest of it.
-    allocations: dict[FiveTuple, Allocation]
-    peer_connections: dict[int, PeerConnection]
-    config: Config
-    policy: PeerPolicy
-    random: RandomSource
-    _out: list[Action]
-    _software: tuple[Software, ...]
-
-    if TYPE_CHECKING:  # defined by TurnServer (pyturn/core/server.py)
-
-        def _allocation(self, five_tuple: FiveTuple) -> Allocation:
-            raise NotImplementedError
-
-        def _check_peer(self, allocation: Allocation, peer: XorPeerAddress) -> None:
-            raise NotImplementedError
-
-        def _schedule(self, allocation: Allocation) -> None:
-            raise NotImplementedError
 
     def _new_connection_id(self) -> int:
         while True:

@@ -1,5 +1,5 @@
 """Relaying data (RFC 8656 §11, §12.4-§12.7): Send indications and ChannelData towards
-peers, and `Allocation.frame_for_client` for datagrams coming back from them."""
+peers, and `ForwardingTable.from_peer` for datagrams coming back from them."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The ChannelData fast path of UDP clients, native (`batch.forward_channel_data`,
-`batch.serve_relays`) and pure Python (PYTURN_NO_NATIVE=1): a real server must relay,
+"""The ChannelData fast path of UDP clients, native (`fastpath.forward_channel_data`,
+`fastpath.serve_relays`) and pure Python (PYTURN_NO_NATIVE=1): a real server must relay,
 drop and count the same way with either, and a client's datagrams must take effect in
 the order they came even when the native path takes some of a batch and Python the rest.
 """
@@ -47,7 +47,7 @@ def server(
 ) -> Iterator[ServerProcess]:
     """A server relaying natively or not; "native-shared-epoll" first fills the relay
     sockets that the event loop watches itself, so the test's own relay socket is served
-    through the poller's epoll (`batch.serve_relays` rather than `batch.serve_relay`)."""
+    through the poller's epoll (`fastpath.serve_relays` rather than `fastpath.serve_relay`)."""
     env = {"PYTURN_NO_NATIVE": "1"} if request.param == "python" else {}
     with ServerProcess(base_config(), tmp_path_factory.mktemp("fast-path"), env) as process:
         which = "one system call" if request.param == "python" else "natively"

@@ -80,11 +80,12 @@ class Allocation:
     # RFC 6062: a TCP allocation's peer connections by CONNECTION-ID (None for UDP).
     peer_connections: dict[int, PeerConnection] | None = None
 
-    @property
-    def flow(self) -> Flow:
-        """The allocation as the forwarding table's entries name it."""
+    # The allocation as the forwarding table's entries name it: one tuple, shared by all.
+    flow: Flow = field(init=False)
+
+    def __post_init__(self) -> None:
         transport, client, server = self.five_tuple
-        return (transport, client, server, self.counters)
+        self.flow = (transport, client, server, self.counters)
 
     @property
     def packets_to_peer(self) -> int:

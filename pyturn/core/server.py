@@ -184,8 +184,12 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
     def _reservations(self) -> dict[bytes, _Reservation]:
         return self.ports.reservations
 
-    def reconfigure(self, config: Config) -> None:
-        """Take new users, secrets, policy, quotas and lifetimes; allocations stay."""
+    def reconfigure(self, config: Config) -> list[Action]:
+        """Take new users, secrets, policy, quotas and lifetimes; allocations stay.
+
+        Returns what a tightened peer policy closes: RFC 6062 peer connections to peers
+        it now denies (their permissions and channels are simply dropped).
+        """
         self.config = config
         self.auth = Authenticator(
             config.realm,
@@ -200,8 +204,13 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
             limits.unauthenticated_burst, limits.unauthenticated_rate
         )
         # A tightened policy applies at once: nothing may be sent to a peer it now denies.
+        closed: list[Action] = []
         for allocation in self.allocations.values():
             allocation.forget_peers(lambda ip: not self.policy.is_allowed(ip))
+            for connection in list((allocation.peer_connections or {}).values()):
+                if not self.policy.is_allowed(connection.peer[0]):
+                    self._forget_connection(connection)
+                    closed.append(ClosePeerConnection(connection))
         relay = config.relay
         self.relay_ips: dict[int, str] = {}
         v4 = relay.external_address or self._relay_ipv4
@@ -214,6 +223,7 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
         # The constant attributes of replies, encoded once.
         self._software_tlv = tuple(encode_tlv(a) for a in self._software)
         self._challenge_realm = encode_tlv(Realm(config.realm))
+        return closed
 
     # -- entry points --------------------------------------------------------------------
 

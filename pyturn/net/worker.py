@@ -426,7 +426,8 @@ class Worker:
             new, listen=old.listen, relay=old.relay, metrics=old.metrics, workers=old.workers
         )
         self.config = new
-        self.server.reconfigure(new)
+        for action in self.server.reconfigure(new):
+            self._wire(action)
         self.connections.limit = new.limits.connections_per_source
         configure_logging(new.logging.level, new.logging.format)
         self.stats.config_reloads["success"] += 1

@@ -19,7 +19,7 @@ from pyturn.wire.attributes import (
 )
 from pyturn.wire.integrity import verify_integrity
 from pyturn.wire.message import MessageClass, Method, decode
-from tests.core.turn_client import T0, FakeBinder, MakeServer, TurnTestClient
+from tests.core.turn_client import T0, FakeBinder, MakeServer, TurnTestClient, make_config
 
 PEER = ("8.8.8.8", 443)
 DATA_CLIENT = ("203.0.113.5", 40001)
@@ -179,3 +179,21 @@ def test_udp_only_requests_on_a_tcp_allocation_are_refused_or_dropped(
     assert result.code == 400
     assert client.create_permission(PEER).code == 0
     assert client.send_indication(PEER, b"x") == []
+
+
+def test_a_reload_that_denies_a_peer_closes_its_peer_connections(
+    make_server: MakeServer,
+) -> None:
+    """RFC 8656 §21.2.1: a tightened policy applies at once, to RFC 6062 peer connections
+    as to permissions: the connection to the now denied peer closes, the other stays."""
+    server = make_server()
+    client = _tcp_client(server)
+    denied = _connect(client, PEER)
+    kept = _connect(client, ("9.9.9.9", 443))
+    server.peer_connected(denied.connection_id, True, T0)
+    server.peer_connected(kept.connection_id, True, T0)
+    closed = server.reconfigure(make_config({"peers": {"deny": ["8.8.8.0/24"]}}))
+    assert closed == [ClosePeerConnection(denied)]
+    assert set(server.peer_connections) == {kept.connection_id}
+    (allocation,) = server.allocations.values()
+    assert set(allocation.peer_connections or {}) == {kept.connection_id}

@@ -17,12 +17,15 @@ connection from a loopback source to a non-loopback destination.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
+import yaml
 
 from pyturn.wire.attributes import ConnectionId
 from pyturn.wire.message import MessageClass
@@ -333,3 +336,55 @@ def test_connect_errors_follow_rfc_6062(
     data.share_credentials(control)
     unknown = data.connection_bind(cid.value ^ 0x5A5A5A5A)
     assert error_code(unknown) == 400, error_text(unknown)
+
+
+def echo_through(pipe: socket.socket, peer: socket.socket, tag: bytes) -> None:
+    """One message each way between a data connection and its peer."""
+    pipe.sendall(b"\xfd" + tag)
+    assert recv_exactly(peer, 1 + len(tag)) == b"\xfd" + tag
+    peer.sendall(b"\xfc" + tag)
+    assert recv_exactly(pipe, 1 + len(tag)) == b"\xfc" + tag
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_that_denies_a_peer_closes_its_established_peer_connection(
+    server_factory: ServerFactory,
+    clients: list[WireClient],
+    sockets: list[socket.socket],
+    workers: int,
+) -> None:
+    """RFC 8656 §21.2.1 for RFC 6062: a SIGHUP whose peer policy now denies a peer closes
+    the relayed TCP connection to it and the client's data connection, both ways, while a
+    connection to a peer still allowed keeps relaying."""
+    server = server_factory({"workers": workers})
+    control = open_client("tcp", server.tcp_address)
+    clients.append(control)
+    control.allocate_tcp()
+    pipes: list[tuple[socket.socket, socket.socket]] = []
+    for host in (LOOPBACK, "127.0.0.2"):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sockets.append(listener)
+        listener.bind((host, 0))
+        listener.listen(1)
+        response = control.connect_peer(listener.getsockname()[:2])
+        assert response.msg_class == MessageClass.SUCCESS, error_text(response)
+        cid = response.get(ConnectionId)
+        assert cid is not None
+        peer = accepted_within(listener, PEER_TIMEOUT)
+        assert peer is not None
+        sockets.append(peer)
+        pipe, leftover = data_connection(server, control, cid.value, clients)
+        assert leftover == b""
+        echo_through(pipe, peer, b"before the reload")
+        pipes.append((pipe, peer))
+
+    server.config["peers"] = {"allow": ["127.0.0.2/32"]}  # 127.0.0.1 falls to the deny list
+    server.config_path.write_text(yaml.safe_dump(server.config, sort_keys=False))
+    mark = server.log_mark()
+    os.kill(server.pid, signal.SIGHUP)
+    server.wait_for_event("config reloaded", since=mark)
+
+    (denied_pipe, denied_peer), (kept_pipe, kept_peer) = pipes
+    assert_closed(denied_peer, "the connection to the denied peer")
+    assert_closed(denied_pipe, "the data connection of the denied peer")
+    echo_through(kept_pipe, kept_peer, b"after the reload")

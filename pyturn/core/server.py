@@ -55,7 +55,7 @@ from pyturn.core.quotas import UserCounts
 from pyturn.core.randomness import RandomSource, SystemRandom
 from pyturn.core.relay_ports import RelayPorts, _Reservation
 from pyturn.core.relaying import SLOW_PATH, RelayingRequests
-from pyturn.core.tcp_relaying import TcpRelaying
+from pyturn.core.tcp_relaying import MAX_WORKERS, TcpRelaying
 from pyturn.wire import integrity
 from pyturn.wire.attributes import (
     FAMILY_IPV4,
@@ -133,7 +133,11 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
         nonce_secret: bytes | None = None,
         random: RandomSource | None = None,
         table: ForwardingTable | None = None,
+        worker_index: int = 0,
     ) -> None:
+        if not 0 <= worker_index < MAX_WORKERS:
+            raise ValueError(f"worker_index must be in [0, {MAX_WORKERS}), got {worker_index}")
+        self.worker_index = worker_index
         self.binder = binder
         # Ports, CONNECTION-IDs, transaction IDs and the secret: one source, seedable.
         self.random = random or SystemRandom()

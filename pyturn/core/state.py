@@ -29,6 +29,8 @@ class ServerState:
     config: Config
     policy: PeerPolicy
     random: RandomSource
+    # Which worker process this is (0 for a single process): CONNECTION-IDs carry it.
+    worker_index: int
     draining: bool
     ports: RelayPorts
     relay_ips: dict[int, str]

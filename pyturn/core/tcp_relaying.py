@@ -4,6 +4,10 @@ A TCP allocation's relayed address listens for peers and connects out to them; e
 such connection waits (at most 30 s) for the client to claim it with a ConnectionBind on
 a new data connection, after which the I/O layer pipes its bytes. The core decides who
 may connect and tracks the CONNECTION-IDs; the sockets are pyturn/net/tcp_relay.py's.
+
+A CONNECTION-ID names the worker process that made it in its low 8 bits (the rest is
+random): with several workers the kernel may hand the client's data connection to any of
+them, and the one that accepts it passes it to the owner (pyturn/net/handover.py).
 """
 
 from __future__ import annotations
@@ -42,13 +46,24 @@ from pyturn.wire.message import (
     encode,
 )
 
+# The low bits of a CONNECTION-ID that name its worker; so at most 256 workers.
+WORKER_BITS = 8
+MAX_WORKERS = 1 << WORKER_BITS
+
+
+def connection_id_worker(connection_id: int) -> int:
+    """The index of the worker whose TurnServer made `connection_id`."""
+    return connection_id & (MAX_WORKERS - 1)
+
 
 class TcpRelaying(ServerState):
     """The RFC 6062 handlers of TurnServer and the outcomes the I/O layer reports."""
 
     def _new_connection_id(self) -> int:
+        """RFC 6062 §5.2: an ID unique within the server; 24 random bits, then the worker."""
         while True:
-            connection_id = int.from_bytes(self.random.token(4), "big")
+            high = int.from_bytes(self.random.token(3), "big")
+            connection_id = (high << WORKER_BITS) | self.worker_index
             if connection_id and connection_id not in self.peer_connections:
                 return connection_id
 

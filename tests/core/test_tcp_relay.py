@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pyturn.core.allocation import PeerConnection
+from pyturn.core.randomness import SeededRandom
 from pyturn.core.server import (
     ClosePeerConnection,
     ConnectToPeer,
@@ -10,6 +13,7 @@ from pyturn.core.server import (
     SendToClient,
     TurnServer,
 )
+from pyturn.core.tcp_relaying import connection_id_worker
 from pyturn.wire.attributes import (
     TRANSPORT_TCP,
     ChannelNumber,
@@ -197,3 +201,34 @@ def test_a_reload_that_denies_a_peer_closes_its_peer_connections(
     assert set(server.peer_connections) == {kept.connection_id}
     (allocation,) = server.allocations.values()
     assert set(allocation.peer_connections or {}) == {kept.connection_id}
+
+
+def test_connection_ids_name_the_worker_that_made_them(
+    make_server: MakeServer, binder: FakeBinder
+) -> None:
+    """RFC 6062 §5.2 leaves CONNECTION-IDs to the server: pyturn puts the index of the
+    worker process in the low 8 bits, so that a data connection the kernel gives to
+    another worker can be passed to the one that holds the peer connection; the other
+    24 bits come from the random source."""
+    server = TurnServer(
+        make_config({"quotas": {"permissions_per_allocation": 50}}),
+        binder,
+        relay_ipv4="192.0.2.10",
+        random=SeededRandom(1),
+        worker_index=7,
+    )
+    client = _tcp_client(server)
+    made = [_connect(client, (f"8.8.8.{last}", 443)).connection_id for last in range(1, 21)]
+    assert client.create_permission(("9.9.9.9", 0)).code == 0
+    (allocation,) = server.allocations.values()
+    arrived, _ = server.peer_connection_arrived(allocation, ("9.9.9.9", 5000), T0)
+    assert arrived is not None
+    made.append(arrived.connection_id)
+    assert {connection_id_worker(connection_id) for connection_id in made} == {7}
+    assert len(set(made)) == len(made)
+    assert len({connection_id >> 8 for connection_id in made}) == len(made)
+    # One process is worker 0; 256 workers are the most the 8 bits can name.
+    single = _connect(_tcp_client(make_server()))
+    assert connection_id_worker(single.connection_id) == 0
+    with pytest.raises(ValueError, match="worker_index"):
+        TurnServer(make_config(), binder, relay_ipv4="192.0.2.10", worker_index=256)

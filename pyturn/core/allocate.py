@@ -123,42 +123,28 @@ class AllocateRequests(ServerState):
                 extra.append(AddressErrorCode(FAMILY_IPV6, 440, "Address Family not Supported"))
         if family not in self.relay_ips:
             raise errors.AddressFamilyNotSupported
-        # Step 7: quotas.
+        # Step 7: quotas, for the whole node (pyturn/core/node.py). Held from here: the
+        # steps below give the place back if they refuse.
         quotas = self.config.quotas
-        if (
-            quotas.allocations_per_user
-            and self._per_user[candidate.quota_user] >= quotas.allocations_per_user
-        ) or (
-            quotas.allocations_total
-            and len(self.allocations) + len(self.ports.reservations) >= quotas.allocations_total
-        ):
+        user = candidate.quota_user
+        if not self.node.hold(user, quotas.allocations_per_user, quotas.allocations_total):
             self._out.append(QuotaRejected(client, candidate.username))
             raise errors.AllocationQuotaReached
-        # Step 8: a node taken out of rotation sends new clients elsewhere.
-        if self.draining:
-            alternate = self.config.alternate_server
-            if alternate:
-                host, port = split_host_port(alternate)
-                raise errors.TryAlternate(attributes=[AlternateServer(host, port)])
-            raise errors.InsufficientCapacity("server is draining")
-        dont_fragment = msg.get(DontFragment) is not None
-        if tcp:
-            relay, reservation = self.ports.bind_tcp(family), None
-        else:
-            relay, reservation = self.ports.bind_udp(
-                family, token, even_port, dont_fragment, now, quota_user=candidate.quota_user
+        try:
+            relay, reservation, relay6, relayed6 = self._bind_relays(
+                family=family,
+                tcp=tcp,
+                token=token,
+                even_port=even_port,
+                dual_stack=dual_stack,
+                msg=msg,
+                extra=extra,
+                user=user,
+                now=now,
             )
-        relay6: RelaySocket | None = None
-        relayed6: Address | None = None
-        if dual_stack:
-            try:
-                relay6, _ = self.ports.bind_udp(
-                    FAMILY_IPV6, None, None, dont_fragment, now, quota_user=candidate.quota_user
-                )
-            except errors.InsufficientCapacity:
-                extra.append(AddressErrorCode(FAMILY_IPV6, 508, "Insufficient Capacity"))
-            else:
-                relayed6 = (self.relay_ips[FAMILY_IPV6], relay6.port)
+        except BaseException:
+            self.node.release(user)
+            raise
         lifetime = self._lifetime(msg, zero_deletes=False)
         relayed = (self.relay_ips[family], relay.port)
         allocation = Allocation(
@@ -180,7 +166,6 @@ class AllocateRequests(ServerState):
             peer_connections={} if tcp else None,
         )
         self.allocations[five_tuple] = allocation
-        self._per_user[candidate.quota_user] += 1
         self._schedule(allocation)
         self._out.append(AllocationCreated(allocation))
         self._out.append(StartRelaying(allocation))
@@ -194,6 +179,47 @@ class AllocateRequests(ServerState):
         if reservation is not None:
             attributes.append(ReservationToken(reservation))
         return attributes + extra
+
+    def _bind_relays(
+        self,
+        *,
+        family: int,
+        tcp: bool,
+        token: ReservationToken | None,
+        even_port: EvenPort | None,
+        dual_stack: bool,
+        msg: Message,
+        extra: list[Attribute],
+        user: str,
+        now: float,
+    ) -> tuple[RelaySocket, bytes | None, RelaySocket | None, Address | None]:
+        """Steps 8-9: the relay socket(s) of a new allocation, and its reservation token."""
+        # Step 8: a node taken out of rotation sends new clients elsewhere.
+        if self.draining:
+            alternate = self.config.alternate_server
+            if alternate:
+                host, port = split_host_port(alternate)
+                raise errors.TryAlternate(attributes=[AlternateServer(host, port)])
+            raise errors.InsufficientCapacity("server is draining")
+        dont_fragment = msg.get(DontFragment) is not None
+        if tcp:
+            relay, reservation = self.ports.bind_tcp(family), None
+        else:
+            relay, reservation = self.ports.bind_udp(
+                family, token, even_port, dont_fragment, now, quota_user=user
+            )
+        relay6: RelaySocket | None = None
+        relayed6: Address | None = None
+        if dual_stack:
+            try:
+                relay6, _ = self.ports.bind_udp(
+                    FAMILY_IPV6, None, None, dont_fragment, now, quota_user=user
+                )
+            except errors.InsufficientCapacity:
+                extra.append(AddressErrorCode(FAMILY_IPV6, 508, "Insufficient Capacity"))
+            else:
+                relayed6 = (self.relay_ips[FAMILY_IPV6], relay6.port)
+        return relay, reservation, relay6, relayed6
 
     def _refresh(
         self, msg: Message, five_tuple: FiveTuple, candidate: Candidate, now: float

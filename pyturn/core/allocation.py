@@ -10,7 +10,6 @@ counters live in the table too (`counters`); the properties below read them.
 
 from __future__ import annotations
 
-import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -27,7 +26,6 @@ from pyturn.core.forwarding import (
     RelaySocket,
     new_counters,
 )
-from pyturn.core.randomness import RandomSource
 from pyturn.wire.attributes import FAMILY_IPV6, Address
 
 # RFC 8656 §9 and §12: fixed lifetimes, not negotiable.
@@ -212,78 +210,3 @@ class PeerConnection:
     fingerprint: bool = False
     # The I/O layer's object for the peer side of the connection.
     handle: object = None
-
-
-class PortPool:
-    """Relay ports of one address family, chosen with a CSPRNG (RFC 8656 §7.2).
-
-    `free` holds every port not handed out; taking one is a swap-remove at a random
-    index, so picking stays O(1) however full the range is.
-    """
-
-    def __init__(self, min_port: int, max_port: int, random: RandomSource) -> None:
-        self.random = random
-        self.min_port = min_port
-        self.max_port = max_port
-        self.free: list[int] = list(range(min_port, max_port + 1))
-        # Each port's position in `free`, -1 once taken, at index port - min_port. An
-        # array, not a dict: putting a port back stores a C integer rather than a new
-        # int object, and such objects, made while allocations come and go and kept for
-        # good, would each pin a whole arena of freed memory.
-        self._index = array.array("i", range(len(self.free)))
-
-    def __len__(self) -> int:
-        return len(self.free)
-
-    def take_random(self) -> int | None:
-        if not self.free:
-            return None
-        return self.take(self.free[self.random.below(len(self.free))])
-
-    def take(self, port: int) -> int | None:
-        if not self.min_port <= port <= self.max_port:
-            return None
-        index = self._index
-        i = index[port - self.min_port]
-        if i < 0:
-            return None
-        index[port - self.min_port] = -1
-        # The pool's own int: the caller's may be a fresh one (a reservation token's).
-        port = self.free[i]
-        last = self.free.pop()
-        if last != port:
-            self.free[i] = last
-            index[last - self.min_port] = i
-        return port
-
-    def is_free(self, port: int) -> bool:
-        return self.min_port <= port <= self.max_port and self._index[port - self.min_port] >= 0
-
-    def put(self, port: int) -> None:
-        if not self.min_port <= port <= self.max_port or self._index[port - self.min_port] >= 0:
-            return
-        self._index[port - self.min_port] = len(self.free)
-        self.free.append(port)
-
-    def random_even_pair(self, tries: int = 64) -> int | None:
-        """An even port whose successor is also free (EVEN-PORT with R, RFC 8656 §14.6)."""
-        for _ in range(tries):
-            port = self.free[self.random.below(len(self.free))] if self.free else None
-            if port is None:
-                return None
-            even = port & ~1
-            if self.is_free(even) and self.is_free(even + 1):
-                return even
-        for port in list(self.free):
-            if port % 2 == 0 and self.is_free(port + 1):
-                return port
-        return None
-
-    def random_even(self, tries: int = 64) -> int | None:
-        for _ in range(tries):
-            if not self.free:
-                return None
-            port = self.free[self.random.below(len(self.free))]
-            if port % 2 == 0:
-                return port
-        return next((p for p in self.free if p % 2 == 0), None)

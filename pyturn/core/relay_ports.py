@@ -1,9 +1,10 @@
 """Relay ports (RFC 8656 §7.2): the port pools, EVEN-PORT reservations and their tokens.
 
-A port is chosen at random from what is free (`PortPool`), bound through the I/O layer's
-`RelayBinder`, and put back when its allocation ends. EVEN-PORT with R reserves the next
-port for a RESERVATION-TOKEN that any worker can redeem; a reserved port counts against
-its user's allocation quota until it is used or its 30 s pass.
+A port is chosen at random from what is free in the node's pool of its family
+(`PortPool`, pyturn/core/node.py: one pool for all workers), bound through the I/O
+layer's `RelayBinder`, and put back when its allocation ends. EVEN-PORT with R reserves
+the next port for a RESERVATION-TOKEN that any worker can redeem; a reserved port counts
+against its user's allocation quota until it is used or its 30 s pass.
 """
 
 from __future__ import annotations
@@ -13,13 +14,9 @@ import hmac
 from dataclasses import dataclass
 
 from pyturn.core import errors
-from pyturn.core.allocation import (
-    Allocation,
-    PortPool,
-    RelayBinder,
-)
+from pyturn.core.allocation import Allocation, RelayBinder
 from pyturn.core.forwarding import RelaySocket
-from pyturn.core.quotas import UserCounts
+from pyturn.core.node import NodeState
 from pyturn.core.randomness import RandomSource
 from pyturn.wire.attributes import (
     FAMILY_IPV4,
@@ -42,7 +39,7 @@ class _Reservation:
 
 
 class RelayPorts:
-    """The relay ports of one process, both families."""
+    """The relay ports this process holds, both families, and its reservations."""
 
     def __init__(
         self,
@@ -52,15 +49,12 @@ class RelayPorts:
         *,
         random: RandomSource,
         secret: bytes,
-        per_user: UserCounts,
+        node: NodeState,
     ) -> None:
         self.binder = binder
         self._secret = secret
-        self._per_user = per_user
-        self.pools = {
-            FAMILY_IPV4: PortPool(min_port, max_port, random),
-            FAMILY_IPV6: PortPool(min_port, max_port, random),
-        }
+        self._node = node
+        self.pools = node.port_pools(min_port, max_port, random)
         self.reservations: dict[bytes, _Reservation] = {}
 
     def bind_udp(
@@ -80,12 +74,13 @@ class RelayPorts:
                 raise errors.InsufficientCapacity("unknown or expired RESERVATION-TOKEN")
             held = self.reservations.pop(token.value, None)
             if held is not None:
-                self._per_user.remove(held.quota_user)
-            elif pool.min_port <= reserved[0] <= pool.max_port:
-                # Our own port, no longer held for this token: it was used already.
+                self._node.release(held.quota_user)
+            if not pool.claim_reserved(reserved[0]):
+                # No longer reserved, by this worker or another: it was used already.
                 raise errors.InsufficientCapacity("RESERVATION-TOKEN already used")
             relay = self.binder.bind(family, reserved[0], dont_fragment)
             if relay is None:
+                pool.put(reserved[0])
                 raise errors.InsufficientCapacity("reserved port could not be bound")
             return relay, None
         for _ in range(_BIND_ATTEMPTS):
@@ -93,23 +88,27 @@ class RelayPorts:
                 port = pool.take_random()
             else:
                 port = pool.random_even_pair() if even_port.reserve else pool.random_even()
-                if port is not None:
-                    pool.take(port)
+                if port is not None and pool.take(port) is None:
+                    continue  # another worker took it in between
             if port is None:
                 break
+            if even_port is not None and even_port.reserve and not pool.reserve(port + 1):
+                pool.put(port)
+                continue  # another worker took the successor in between
             relay = self.binder.bind(family, port, dont_fragment)
             if relay is None:
                 # Someone outside pyturn holds it: try another, but keep it in the pool
                 # because that process may let it go.
                 pool.put(port)
+                if even_port is not None and even_port.reserve:
+                    pool.unreserve(port + 1)
                 continue
             if even_port is not None and even_port.reserve:
-                pool.take(port + 1)
                 reservation = self._make_token(port + 1, family, now)
                 self.reservations[reservation] = _Reservation(
                     port + 1, family, now + RESERVATION_LIFETIME, quota_user
                 )
-                self._per_user[quota_user] += 1
+                self._node.add(quota_user)
                 return relay, reservation
             return relay, None
         raise errors.InsufficientCapacity("no relay port free")
@@ -164,8 +163,8 @@ class RelayPorts:
         """Free the reserved ports whose tokens were not redeemed in time."""
         for token in [t for t, r in self.reservations.items() if r.expires_at <= now]:
             reservation = self.reservations.pop(token)
-            self.pools[reservation.family].put(reservation.port)
-            self._per_user.remove(reservation.quota_user)
+            self.pools[reservation.family].unreserve(reservation.port)
+            self._node.release(reservation.quota_user)
 
     def next_deadline(self) -> float | None:
         return min((r.expires_at for r in self.reservations.values()), default=None)

@@ -44,14 +44,12 @@ from pyturn.core.allocate import AllocateRequests
 from pyturn.core.allocation import (
     Allocation,
     PeerConnection,
-    PortPool,
     RelayBinder,
 )
 from pyturn.core.auth import SUPPORTED_ALGORITHMS, Authenticator, AuthFailure, Candidate
 from pyturn.core.forwarding import FiveTuple, ForwardingTable, SendToPeer
-from pyturn.core.limits import SourceBudget
+from pyturn.core.node import LocalNodeState, NodeState, PortPool
 from pyturn.core.policy import PeerPolicy
-from pyturn.core.quotas import UserCounts
 from pyturn.core.randomness import RandomSource, SystemRandom
 from pyturn.core.relay_ports import RelayPorts, _Reservation
 from pyturn.core.relaying import SLOW_PATH, RelayingRequests
@@ -134,6 +132,7 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
         random: RandomSource | None = None,
         table: ForwardingTable | None = None,
         worker_index: int = 0,
+        node: NodeState | None = None,
     ) -> None:
         if not 0 <= worker_index < MAX_WORKERS:
             raise ValueError(f"worker_index must be in [0, {MAX_WORKERS}), got {worker_index}")
@@ -147,8 +146,9 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
         self.table = table if table is not None else ForwardingTable(self.random)
         self.allocations: dict[FiveTuple, Allocation] = {}
         self.draining = False
-        # Allocations and reserved ports per user, for quotas.allocations_per_user.
-        self._per_user = UserCounts()
+        # Allocations and reserved ports per user and in all, source budgets and relay
+        # ports: counted for the node, whatever the number of workers.
+        self.node: NodeState = node if node is not None else LocalNodeState()
         self._timers: list[tuple[float, int, Allocation]] = []
         self._seq = itertools.count()
         # What the request being handled returns: handlers append their actions and
@@ -165,7 +165,7 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
             binder,
             random=self.random,
             secret=self._nonce_secret,
-            per_user=self._per_user,
+            node=self.node,
         )
         self._handlers: dict[int, _Handler] = {
             Method.ALLOCATE: self._allocate,
@@ -204,9 +204,7 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
         )
         self.policy = PeerPolicy(config.peers.allow, config.peers.deny)
         limits = config.limits
-        self.unsigned_budget = SourceBudget(
-            limits.unauthenticated_burst, limits.unauthenticated_rate
-        )
+        self.node.set_budget(limits.unauthenticated_burst, limits.unauthenticated_rate)
         # A tightened policy applies at once: nothing may be sent to a peer it now denies.
         closed: list[Action] = []
         for allocation in self.allocations.values():
@@ -362,8 +360,7 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
         self.allocations = dict(self.allocations)
         self.peer_connections = dict(self.peer_connections)
         self.table.compact()
-        self._per_user.compact()
-        self.unsigned_budget.prune(now)
+        self.node.compact(now)
         # Caches by client, nonce or key: cheap to fill again, but their entries of gone
         # clients, spread over the heap, would keep its pages from the OS.
         clear_address_cache()
@@ -385,7 +382,7 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
         # max_lifetime): under churn, drop the stale entries once they dominate.
         if len(self._timers) > 2 * len(self.allocations) + 64:
             self._drop_stale_timers()
-        self._per_user.remove(allocation.quota_user)
+        self.node.release(allocation.quota_user)
         self.ports.release(allocation)
         for connection_id in allocation.peer_connections or ():
             self.peer_connections.pop(connection_id, None)
@@ -444,7 +441,7 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
             if (
                 exc.code in (401, 438)
                 and five_tuple[0] == "udp"  # a TCP/TLS handshake already proved the source
-                and not self.unsigned_budget.allow(client[0], now)
+                and not self.node.allow_unsigned(client[0], now)
             ):
                 self._out.append(ReplySuppressed(client, exc.code))
                 return None

@@ -16,8 +16,8 @@ from pyturn.core import errors
 from pyturn.core.actions import Action, PeerDenied
 from pyturn.core.allocation import Allocation, PeerConnection
 from pyturn.core.forwarding import FiveTuple, ForwardingTable
+from pyturn.core.node import NodeState
 from pyturn.core.policy import PeerPolicy
-from pyturn.core.quotas import UserCounts
 from pyturn.core.randomness import RandomSource
 from pyturn.core.relay_ports import RelayPorts
 from pyturn.wire.attributes import FAMILY_IPV4, FAMILY_IPV6, Software, XorPeerAddress
@@ -35,7 +35,7 @@ class ServerState:
     ports: RelayPorts
     relay_ips: dict[int, str]
     table: ForwardingTable
-    _per_user: UserCounts
+    node: NodeState
     # The output of the request being handled (see TurnServer.receive).
     _out: list[Action]
     _software: tuple[Software, ...]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from pyturn.core.allocation import PortPool
 from pyturn.core.limits import SourceBudget
+from pyturn.core.node import LocalNodeState, LocalPortPool
 from pyturn.core.randomness import SystemRandom
 from pyturn.wire import integrity, message
 from pyturn.wire.message import Method
@@ -30,8 +30,9 @@ def test_compact_leaves_no_state_of_ended_allocations(make_server: MakeServer) -
     server.compact(T0 + 10)
     assert server.ended_since_compact == 0
     assert server._timers == []
-    assert len(server.unsigned_budget) == 0
-    assert not server._per_user
+    assert isinstance(server.node, LocalNodeState)
+    assert len(server.node.unsigned_budget) == 0
+    assert not server.node.held_here
     assert server.peer_connections == {}
     # Caches by client, nonce or key are empty too (their entries would pin heap pages).
     assert server.auth._checked_nonces == {}
@@ -78,7 +79,7 @@ def test_budget_without_refill_keeps_its_sources() -> None:
 
 
 def test_port_pool_take_and_put() -> None:
-    pool = PortPool(50000, 50009, SystemRandom())
+    pool = LocalPortPool(50000, 50009, SystemRandom())
     assert len(pool) == 10
     taken = {pool.take_random() for _ in range(10)}
     assert taken == set(range(50000, 50010))
@@ -97,7 +98,7 @@ def test_port_pool_take_and_put() -> None:
 
 def test_port_pool_hands_out_its_own_int_objects() -> None:
     """A reservation token's port is a fresh int; the pool returns the one it keeps."""
-    pool = PortPool(50000, 50009, SystemRandom())
+    pool = LocalPortPool(50000, 50009, SystemRandom())
     fresh = int("50005")
     mine = pool.take(fresh)
     assert mine is not None
@@ -109,7 +110,7 @@ def test_port_pool_hands_out_its_own_int_objects() -> None:
 def test_random_ports_cover_the_pool_evenly() -> None:
     """RFC 8656 §7.2 recommends randomized port assignment (RFC 6056): every free port
     comes up, none far more often than the others."""
-    pool = PortPool(50000, 50006, SystemRandom())
+    pool = LocalPortPool(50000, 50006, SystemRandom())
     counts: Counter[int] = Counter()
     for _ in range(7000):
         port = pool.take_random()

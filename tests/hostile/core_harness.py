@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pyturn.config import Config
 from pyturn.core.allocation import FiveTuple, PeerConnection
 from pyturn.core.auth import rest_password, rest_username
+from pyturn.core.node import LocalPortPool
 from pyturn.core.server import (
     Action,
     ConnectToPeer,
@@ -277,8 +278,8 @@ class Harness:
             raise InvariantBroken(f"peer connections left over: {server.peer_connections}")
         if server._reservations:
             raise InvariantBroken(f"reservations left over: {server._reservations}")
-        if +server._per_user:
-            raise InvariantBroken(f"quota counts left over: {server._per_user}")
+        if +server.node.held_here:
+            raise InvariantBroken(f"quota counts left over: {server.node.held_here}")
         if self.live_relays():
             raise InvariantBroken(f"relay sockets never released: {self.live_relays()}")
         for family, pool in server.pools.items():
@@ -400,8 +401,10 @@ class Harness:
         # allocations (reservations, say) but never fewer; finish() checks it drains.
         per_user = Counter(a.quota_user for a in allocations)
         for user, count in per_user.items():
-            if server._per_user[user] < count:
-                raise InvariantBroken(f"{user}: {count} allocations, counted {server._per_user}")
+            if server.node.held_here[user] < count:
+                raise InvariantBroken(
+                    f"{user}: {count} allocations, counted {server.node.held_here}"
+                )
             if quotas.allocations_per_user and count > quotas.allocations_per_user:
                 raise InvariantBroken(f"{user} holds {count} allocations, over the quota")
         if quotas.allocations_total and len(allocations) > quotas.allocations_total:
@@ -419,6 +422,7 @@ class Harness:
                 if (FAMILY_IPV6 if relay is a.relay6 else a.family) == family
             ]
             reserved = [r.port for r in server._reservations.values() if r.family == family]
+            assert isinstance(pool, LocalPortPool)  # the harness runs one process
             everything = list(pool.free) + used + reserved
             if len(everything) != len(set(everything)):
                 raise InvariantBroken(f"family {family}: a port is counted twice")

@@ -1,0 +1,439 @@
+"""The node's shared counts for `workers: N`: one memory region, every worker maps it.
+
+The supervisor creates the region (a memfd) before the first worker starts and hands it
+to each worker; `SharedNodeState` is the core's `NodeState` (pyturn/core/node.py) over
+it. A POSIX record lock on the memfd serializes what must be one step (check and count,
+find and take): the kernel drops it if its holder dies, and it costs two system calls.
+
+Layout, all little-endian, sized from the relay port range (`NodeLayout`):
+
+- header: generation (u64), allocations and reservations held on the node (u64);
+- users: an open-addressing table (linear probing, backward-shift deletion) of
+  (key u64, count u32) per user holding something, at most half full: the users
+  holding something never outnumber the ports of both families;
+- budgets: (key u64, tokens f64, last f64) per source IP, direct-mapped: a collision
+  forgets the older source's bucket, as the in-process budget forgets its oldest;
+- per address family, one byte per relay port: 0 if free, else 1 + the index of the
+  worker that holds it; then one byte per port, 1 while it is reserved for a token.
+
+Keys are keyed BLAKE2b hashes (the workers' shared secret), so clients cannot aim at a
+slot. When a worker dies its ports are freed, and the user counts are rebuilt: the
+supervisor clears them and bumps the generation, and each worker, seeing a new
+generation under the lock, adds back what it holds before doing anything else.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import mmap
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pyturn.core.node import PortPool
+from pyturn.core.quotas import UserCounts
+from pyturn.core.randomness import RandomSource
+from pyturn.wire.attributes import FAMILY_IPV4, FAMILY_IPV6
+
+# A port's owner byte is 1 + the worker's index: a node has at most 254 workers.
+MAX_WORKERS = 254
+
+_HEADER_SIZE = 64
+_COUNTS = struct.Struct("<QQ")  # generation, total held
+_USER = struct.Struct("<QI4x")
+_BUDGET = struct.Struct("<Qdd")
+_BUDGET_SLOTS = 1 << 16  # as many sources as the in-process budget keeps
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLayout:
+    """Where each part of the region starts, for a relay port range."""
+
+    min_port: int
+    max_port: int
+
+    @property
+    def ports(self) -> int:
+        return self.max_port - self.min_port + 1
+
+    @property
+    def user_slots(self) -> int:
+        # A power of two, at least twice the most users that can hold something.
+        return max(1024, 1 << (4 * self.ports - 1).bit_length())
+
+    @property
+    def users_at(self) -> int:
+        return _HEADER_SIZE
+
+    @property
+    def budgets_at(self) -> int:
+        return self.users_at + self.user_slots * _USER.size
+
+    def owners_at(self, family: int) -> int:
+        start = self.budgets_at + _BUDGET_SLOTS * _BUDGET.size
+        return start if family == FAMILY_IPV4 else start + 2 * self.ports
+
+    def reserved_at(self, family: int) -> int:
+        return self.owners_at(family) + self.ports
+
+    @property
+    def size(self) -> int:
+        return self.owners_at(FAMILY_IPV6) + 2 * self.ports
+
+
+def create_region(layout: NodeLayout) -> int:
+    """A zeroed memfd of the layout's size (the supervisor's; workers inherit it)."""
+    fd = os.memfd_create("pyturn-node", 0)
+    os.ftruncate(fd, layout.size)
+    return fd
+
+
+class _Region:
+    """The mapped region and its lock."""
+
+    def __init__(self, fd: int, layout: NodeLayout, secret: bytes) -> None:
+        self.fd = fd
+        self.layout = layout
+        self.mm = mmap.mmap(fd, layout.size)
+        self._secret = hashlib.blake2b(secret, digest_size=32).digest()
+
+    def key(self, name: str) -> int:
+        digest = hashlib.blake2b(name.encode(), digest_size=8, key=self._secret).digest()
+        return int.from_bytes(digest, "little") or 1  # 0 marks an empty slot
+
+    def lock(self) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+
+    def unlock(self) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    # -- the user table (call with the lock held) ------------------------------------------
+
+    def find_user(self, key: int) -> tuple[int, int]:
+        """(offset of the key's slot, its count), or (offset of the empty slot, -1)."""
+        mm, mask, base = self.mm, self.layout.user_slots - 1, self.layout.users_at
+        i = key & mask
+        for _ in range(mask + 1):
+            offset = base + i * _USER.size
+            found, count = _USER.unpack_from(mm, offset)
+            if found == key:
+                return offset, count
+            if found == 0:
+                return offset, -1
+            i = (i + 1) & mask
+        # Cannot happen: the table is sized for twice the users that can hold a port.
+        raise RuntimeError("node state: the user table is full")
+
+    def add_user(self, key: int, delta: int) -> None:
+        offset, count = self.find_user(key)
+        count = max(count, 0) + delta
+        if count > 0:
+            _USER.pack_into(self.mm, offset, key, count)
+        elif count == 0 and _USER.unpack_from(self.mm, offset)[0] == key:
+            self._delete_user(offset)
+        generation, total = _COUNTS.unpack_from(self.mm, 0)
+        _COUNTS.pack_into(self.mm, 0, generation, max(total + delta, 0))
+
+    def _delete_user(self, offset: int) -> None:
+        """Empty a slot, moving later entries of its probe run back (no tombstones)."""
+        mm, slots, base = self.mm, self.layout.user_slots, self.layout.users_at
+        hole = (offset - base) // _USER.size
+        i = hole
+        while True:
+            i = (i + 1) % slots
+            key, count = _USER.unpack_from(mm, base + i * _USER.size)
+            if key == 0:
+                break
+            home = key % slots
+            # The entry at i may fill the hole unless its home lies in (hole, i].
+            if (hole < i and not hole < home <= i) or (hole > i and not (home <= i or home > hole)):
+                _USER.pack_into(mm, base + hole * _USER.size, key, count)
+                hole = i
+        _USER.pack_into(mm, base + hole * _USER.size, 0, 0)
+
+    def forget_worker(self, index: int) -> None:
+        """A worker died: free its ports and reservations, and have the user counts
+        rebuilt by the living (see the module docstring). The supervisor's."""
+        self.lock()
+        try:
+            layout, mm = self.layout, self.mm
+            users = layout.users_at
+            mm[users : users + layout.user_slots * _USER.size] = bytes(
+                layout.user_slots * _USER.size
+            )
+            generation, _ = _COUNTS.unpack_from(mm, 0)
+            _COUNTS.pack_into(mm, 0, generation + 1, 0)
+            owner = bytes([index + 1])
+            for family in (FAMILY_IPV4, FAMILY_IPV6):
+                owners, reserved = layout.owners_at(family), layout.reserved_at(family)
+                end = owners + layout.ports
+                at = mm.find(owner, owners, end)
+                while at >= 0:
+                    mm[at] = 0
+                    mm[reserved + at - owners] = 0
+                    at = mm.find(owner, at + 1, end)
+        finally:
+            self.unlock()
+
+    def close(self) -> None:
+        self.mm.close()
+
+
+class SupervisorRegion(_Region):
+    """The supervisor's handle on the region: it creates it and cleans up after a death."""
+
+    def __init__(self, layout: NodeLayout, secret: bytes) -> None:
+        super().__init__(create_region(layout), layout, secret)
+
+    def close(self) -> None:
+        super().close()
+        os.close(self.fd)
+
+
+class SharedNodeState(_Region):
+    """`NodeState` over the shared region, for worker `index` of the node."""
+
+    def __init__(
+        self, fd: int, layout: NodeLayout, secret: bytes, *, index: int, burst: int, rate: float
+    ) -> None:
+        if not 0 <= index < MAX_WORKERS:
+            raise ValueError(f"worker index {index} outside 0-{MAX_WORKERS - 1}")
+        super().__init__(fd, layout, secret)
+        self.owner = index + 1
+        self.held_here = UserCounts()
+        self.burst = float(burst)
+        self.rate = rate
+        self._generation = _COUNTS.unpack_from(self.mm, 0)[0]
+
+    def _sync(self) -> None:
+        """Under the lock: after a worker died, add back what this one holds."""
+        generation = _COUNTS.unpack_from(self.mm, 0)[0]
+        if generation != self._generation:
+            for user, count in self.held_here.items():
+                self.add_user(self.key(user), count)
+            self._generation = generation
+
+    def sync(self) -> None:
+        self.lock()
+        try:
+            self._sync()
+        finally:
+            self.unlock()
+
+    def held_on_node(self, user: str) -> int:
+        self.lock()
+        try:
+            self._sync()
+            return max(self.find_user(self.key(user))[1], 0)
+        finally:
+            self.unlock()
+
+    @property
+    def total(self) -> int:
+        return int(_COUNTS.unpack_from(self.mm, 0)[1])
+
+    def hold(self, user: str, per_user: int, total: int) -> bool:
+        key = self.key(user)
+        self.lock()
+        try:
+            self._sync()
+            if per_user and self.find_user(key)[1] >= per_user:
+                return False
+            if total and _COUNTS.unpack_from(self.mm, 0)[1] >= total:
+                return False
+            self.add_user(key, 1)
+        finally:
+            self.unlock()
+        self.held_here[user] += 1
+        return True
+
+    def add(self, user: str) -> None:
+        key = self.key(user)
+        self.lock()
+        try:
+            self._sync()
+            self.add_user(key, 1)
+        finally:
+            self.unlock()
+        self.held_here[user] += 1
+
+    def release(self, user: str) -> None:
+        key = self.key(user)
+        self.lock()
+        try:
+            self._sync()
+            self.add_user(key, -1)
+        finally:
+            self.unlock()
+        self.held_here.remove(user)
+
+    def allow_unsigned(self, ip: str, now: float) -> bool:
+        key = self.key(ip)
+        offset = self.layout.budgets_at + (key & (_BUDGET_SLOTS - 1)) * _BUDGET.size
+        self.lock()
+        try:
+            found, tokens, last = _BUDGET.unpack_from(self.mm, offset)
+            if found != key:
+                tokens = self.burst
+            else:
+                tokens = min(self.burst, tokens + max(now - last, 0.0) * self.rate)
+            allowed: bool = tokens >= 1.0
+            _BUDGET.pack_into(self.mm, offset, key, tokens - 1.0 if allowed else tokens, now)
+        finally:
+            self.unlock()
+        return allowed
+
+    def set_budget(self, burst: int, rate: float) -> None:
+        self.burst = float(burst)
+        self.rate = rate
+
+    def port_pools(self, min_port: int, max_port: int, random: RandomSource) -> dict[int, PortPool]:
+        if (min_port, max_port) != (self.layout.min_port, self.layout.max_port):
+            raise ValueError("the relay port range differs from the node's")
+        return {
+            FAMILY_IPV4: SharedPortPool(self, FAMILY_IPV4, random),
+            FAMILY_IPV6: SharedPortPool(self, FAMILY_IPV6, random),
+        }
+
+    def compact(self, now: float) -> None:
+        self.held_here.compact()
+
+
+class SharedPortPool:
+    """The relay ports of one family for the whole node: owner bytes in the region."""
+
+    def __init__(self, region: SharedNodeState, family: int, random: RandomSource) -> None:
+        self.region = region
+        self.random = random
+        self.min_port = region.layout.min_port
+        self.max_port = region.layout.max_port
+        self.owner = region.owner
+        self._owners = region.layout.owners_at(family)
+        self._reserved = region.layout.reserved_at(family)
+        self._size = region.layout.ports
+
+    def __len__(self) -> int:
+        return self.region.mm[self._owners : self._owners + self._size].count(0)
+
+    def _at(self, port: int) -> int | None:
+        """The owner byte's offset, or None outside the range."""
+        if not self.min_port <= port <= self.max_port:
+            return None
+        return self._owners + port - self.min_port
+
+    def is_free(self, port: int) -> bool:
+        at = self._at(port)
+        return at is not None and self.region.mm[at] == 0
+
+    def _free_from(self, start: int) -> int:
+        """Offset of the first free port at or after `start`, wrapping around; -1 if none."""
+        mm, low, high = self.region.mm, self._owners, self._owners + self._size
+        at = mm.find(b"\0", low + start, high)
+        return at if at >= 0 else mm.find(b"\0", low, low + start)
+
+    def take_random(self) -> int | None:
+        # The first free port from a random place: as unpredictable as a random pick for
+        # a client that cannot see which ports are taken (RFC 8656 §7.2, RFC 6056).
+        start = self.random.below(self._size)
+        region = self.region
+        region.lock()
+        try:
+            at = self._free_from(start)
+            if at < 0:
+                return None
+            region.mm[at] = self.owner
+        finally:
+            region.unlock()
+        return self.min_port + at - self._owners
+
+    def take(self, port: int) -> int | None:
+        at = self._at(port)
+        if at is None:
+            return None
+        region = self.region
+        region.lock()
+        try:
+            if region.mm[at] != 0:
+                return None
+            region.mm[at] = self.owner
+        finally:
+            region.unlock()
+        return port
+
+    def put(self, port: int) -> None:
+        at = self._at(port)
+        if at is None:
+            return
+        region = self.region
+        region.lock()
+        try:
+            if region.mm[at] == self.owner and region.mm[self._reserved + at - self._owners] == 0:
+                region.mm[at] = 0
+        finally:
+            region.unlock()
+
+    def _random_free(self, fits: Callable[[int], bool]) -> int | None:
+        """A free port (not taken) that `fits`, looked for from a random place."""
+        mm, low, high = self.region.mm, self._owners, self._owners + self._size
+        start = low + self.random.below(self._size)
+        for begin, end in ((start, high), (low, start)):
+            at = mm.find(b"\0", begin, end)
+            while at >= 0:
+                port = self.min_port + at - low
+                if fits(port):
+                    return port
+                at = mm.find(b"\0", at + 1, end)
+        return None
+
+    def random_even(self) -> int | None:
+        return self._random_free(lambda port: port % 2 == 0)
+
+    def random_even_pair(self) -> int | None:
+        return self._random_free(lambda port: port % 2 == 0 and self.is_free(port + 1))
+
+    def reserve(self, port: int) -> bool:
+        at = self._at(port)
+        if at is None:
+            return False
+        region = self.region
+        region.lock()
+        try:
+            if region.mm[at] != 0:
+                return False
+            region.mm[at] = self.owner
+            region.mm[self._reserved + at - self._owners] = 1
+        finally:
+            region.unlock()
+        return True
+
+    def claim_reserved(self, port: int) -> bool:
+        at = self._at(port)
+        if at is None:
+            return False
+        region = self.region
+        region.lock()
+        try:
+            flag = self._reserved + at - self._owners
+            if region.mm[flag] != 1:
+                return False
+            region.mm[flag] = 0
+            region.mm[at] = self.owner
+        finally:
+            region.unlock()
+        return True
+
+    def unreserve(self, port: int) -> None:
+        at = self._at(port)
+        if at is None:
+            return
+        region = self.region
+        region.lock()
+        try:
+            flag = self._reserved + at - self._owners
+            if region.mm[flag] == 1 and region.mm[at] == self.owner:
+                region.mm[flag] = 0
+                region.mm[at] = 0
+        finally:
+            region.unlock()

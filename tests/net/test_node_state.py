@@ -1,0 +1,153 @@
+"""The node's shared counts (pyturn/net/node_state.py), several workers in one process.
+
+Each `SharedNodeState` maps the same memfd, as worker processes do; the lock is a
+process-wide POSIX lock, so here it never blocks, and what is checked is the arithmetic:
+counts are the node's, ports are handed out once each, a death is cleaned up.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyturn.core.randomness import SystemRandom
+from pyturn.net.node_state import NodeLayout, SharedNodeState, SupervisorRegion
+from pyturn.wire.attributes import FAMILY_IPV4, FAMILY_IPV6
+
+SECRET = b"s" * 32
+
+
+class Node:
+    def __init__(self, min_port: int, max_port: int) -> None:
+        self.layout = NodeLayout(min_port, max_port)
+        self.region = SupervisorRegion(self.layout, SECRET)
+        self.workers: list[SharedNodeState] = []
+
+    def worker(self, index: int) -> SharedNodeState:
+        state = SharedNodeState(self.region.fd, self.layout, SECRET, index=index, burst=3, rate=1.0)
+        self.workers.append(state)
+        return state
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()
+        self.region.close()
+
+
+@pytest.fixture
+def node() -> Iterator[Node]:
+    made = Node(50000, 50020)
+    yield made
+    made.close()
+
+
+def test_a_users_quota_and_the_total_hold_across_workers(node: Node) -> None:
+    a, b, c = node.worker(0), node.worker(1), node.worker(2)
+    assert [w.hold("alice", 3, 5) for w in (a, b, c, a)] == [True, True, True, False]
+    assert b.hold("bob", 3, 5) and c.hold("bob", 3, 5)
+    assert not a.hold("carol", 3, 5)  # the node holds 5
+    b.release("alice")
+    assert a.hold("carol", 3, 5)
+    assert a.held_on_node("alice") == 2 and c.held_on_node("bob") == 2
+    assert a.held_here == Counter({"alice": 1, "carol": 1})
+
+
+def test_unsigned_answers_are_budgeted_per_source_for_the_node(node: Node) -> None:
+    a, b = node.worker(0), node.worker(1)
+    assert [a.allow_unsigned("192.0.2.1", 0.0), b.allow_unsigned("192.0.2.1", 0.0)] == [True] * 2
+    assert a.allow_unsigned("192.0.2.1", 0.0)
+    assert not b.allow_unsigned("192.0.2.1", 0.0)  # burst 3, spent over both workers
+    assert b.allow_unsigned("192.0.2.2", 0.0)
+    assert a.allow_unsigned("192.0.2.1", 1.0)  # 1 token per second
+
+
+@pytest.mark.parametrize("size", [3, 21, 10_000])
+@pytest.mark.parametrize("workers", [1, 2, 8])
+def test_every_port_of_the_range_is_handed_out_once(size: int, workers: int) -> None:
+    node = Node(40000, 40000 + size - 1)
+    try:
+        pools = [
+            node.worker(i).port_pools(40000, 40000 + size - 1, SystemRandom())[FAMILY_IPV4]
+            for i in range(workers)
+        ]
+        taken = [pools[i % workers].take_random() for i in range(size)]
+        assert sorted(p for p in taken if p is not None) == list(range(40000, 40000 + size))
+        assert all(pool.take_random() is None for pool in pools)
+        assert len(pools[0]) == 0
+        last = taken[-1]
+        assert last is not None
+        pools[0].put(last)  # not its port unless worker 0 took it
+        pools[(size - 1) % workers].put(last)
+        assert len(pools[0]) == 1 and pools[-1].take_random() == last
+    finally:
+        node.close()
+
+
+def test_a_reservation_made_by_one_worker_is_redeemed_by_another(node: Node) -> None:
+    a, b = node.worker(0), node.worker(1)
+    pool_a = a.port_pools(50000, 50020, SystemRandom())[FAMILY_IPV6]
+    pool_b = b.port_pools(50000, 50020, SystemRandom())[FAMILY_IPV6]
+    even = pool_a.random_even_pair()
+    assert even is not None and even % 2 == 0
+    assert pool_a.take(even) == even and pool_a.reserve(even + 1)
+    assert not pool_b.is_free(even + 1) and pool_b.take(even + 1) is None
+    assert pool_b.claim_reserved(even + 1)
+    assert not pool_a.claim_reserved(even + 1)  # used once
+    pool_a.unreserve(even + 1)  # the token's 30 s pass: the port is b's now
+    assert not pool_b.is_free(even + 1)
+    pool_b.put(even + 1)
+    assert pool_a.is_free(even + 1)
+    assert pool_a.reserve(even + 1)
+    pool_a.unreserve(even + 1)
+    assert pool_b.is_free(even + 1)
+
+
+def test_a_dead_workers_ports_are_freed_and_the_living_recount_their_users(node: Node) -> None:
+    a, b = node.worker(0), node.worker(1)
+    pool_a = a.port_pools(50000, 50020, SystemRandom())[FAMILY_IPV4]
+    pool_b = b.port_pools(50000, 50020, SystemRandom())[FAMILY_IPV4]
+    mine = [pool_a.take_random() for _ in range(5)]
+    theirs = [pool_b.take_random() for _ in range(4)]
+    assert a.hold("alice", 2, 0) and b.hold("alice", 2, 0) and b.hold("bob", 0, 0)
+    node.region.forget_worker(1)
+    assert len(pool_a) == 21 - 5
+    assert all(pool_a.is_free(p) for p in theirs if p is not None)
+    assert not any(pool_b.is_free(p) for p in mine if p is not None)
+    assert a.held_on_node("alice") == 1 and a.held_on_node("bob") == 0
+    assert a.hold("alice", 2, 0)
+    assert not a.hold("alice", 2, 0)
+
+
+class _Colliding(SharedNodeState):
+    """Keys that pile up on a few home slots, so that probing and deletion are exercised."""
+
+    def key(self, name: str) -> int:
+        number = int(name[1:])
+        return (number % 3) | ((number + 1) << 12)  # never 0, the empty slot
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 40)), max_size=200))
+def test_user_counts_match_a_counter_whatever_collides(ops: list[tuple[bool, int]]) -> None:
+    node = Node(50000, 50100)
+    state = _Colliding(node.region.fd, node.layout, SECRET, index=0, burst=1, rate=0.0)
+    model: Counter[str] = Counter()
+    try:
+        for hold, number in ops:
+            user = f"u{number}"
+            if hold:
+                assert state.hold(user, 0, 0)
+                model[user] += 1
+            elif model[user]:
+                state.release(user)
+                model[user] -= 1
+            assert state.total == model.total()
+        for number in range(41):
+            assert state.held_on_node(f"u{number}") == model[f"u{number}"]
+    finally:
+        state.close()
+        node.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import secrets
 import sys
 import time
@@ -26,6 +27,7 @@ from pyturn.config import (
     ConfigError,
     UserEntry,
     config_to_dict,
+    config_warnings,
     default_config,
     load_config,
 )
@@ -105,6 +107,8 @@ def serve(config_path: Path | None) -> None:
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from exc
     configure_logging(config.logging.level, config.logging.format)
+    for warning in config_warnings(config):
+        logging.getLogger("pyturn.config").warning("%s", warning)
     try:
         if worker_count(config) > 1:
             supervise(config, config_path)
@@ -137,6 +141,8 @@ def check_config(config_path: Path, quiet: bool) -> None:
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    for warning in config_warnings(config):
+        click.echo(f"warning: {warning}", err=True)
     if not quiet:
         click.echo(yaml.safe_dump(config_to_dict(config), sort_keys=False), nl=False)
 

@@ -288,6 +288,27 @@ class Config:
 
 # --------------------------------------------------------------------------- cross-field rules
 
+
+def config_warnings(config: Config) -> list[str]:
+    """What is valid but probably not meant: printed by check-config, logged by serve."""
+    warnings: list[str] = []
+    relay, quotas = config.relay, config.quotas
+    ports = relay.max_port - relay.min_port + 1
+    where = f"relay ports {relay.min_port}-{relay.max_port} ({ports})"
+    if quotas.allocations_total > ports:
+        warnings.append(
+            f"{where}: fewer than quotas.allocations_total ({quotas.allocations_total}); "
+            "past them, Allocates get 508"
+        )
+    elif not quotas.allocations_total and ports < quotas.allocations_per_user:
+        warnings.append(
+            f"{where}: fewer than quotas.allocations_per_user ({quotas.allocations_per_user}),"
+            " so one user can take every port; lower it, set quotas.allocations_total "
+            "or widen the range"
+        )
+    return warnings
+
+
 # Each yields (key path relative to the object, problem); the first one is reported.
 _Problems = Iterator[tuple[str, str]]
 
@@ -313,7 +334,13 @@ def _allocations_problems(allocations: AllocationsConfig) -> _Problems:
         )
 
 
+# A relay port's owner is one byte in the node's shared state (pyturn/net/node_state.py).
+MAX_WORKERS = 254
+
+
 def _config_problems(config: Config) -> _Problems:
+    if config.workers > MAX_WORKERS:
+        yield "workers", f"must be at most {MAX_WORKERS}, got {config.workers}"
     tls_users = [i for i, listener in enumerate(config.listen) if listener.transport == "tls"]
     if tls_users:
         for name in ("certificate", "private_key"):

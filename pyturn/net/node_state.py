@@ -32,13 +32,11 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pyturn.config import MAX_WORKERS
 from pyturn.core.node import PortPool
 from pyturn.core.quotas import UserCounts
 from pyturn.core.randomness import RandomSource
 from pyturn.wire.attributes import FAMILY_IPV4, FAMILY_IPV6
-
-# A port's owner byte is 1 + the worker's index: a node has at most 254 workers.
-MAX_WORKERS = 254
 
 _HEADER_SIZE = 64
 _COUNTS = struct.Struct("<QQ")  # generation, total held

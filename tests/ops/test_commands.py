@@ -76,3 +76,36 @@ def test_serve_on_a_taken_metrics_port_names_the_setting(tmp_path: Path) -> None
     assert "cannot serve metrics on 127.0.0.1:" in result.stderr
     assert "(metrics.address, metrics.port)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_check_config_warns_when_the_relay_range_is_smaller_than_the_quotas(
+    tmp_path: Path,
+) -> None:
+    """A 21-port range (a common Docker default) under the default 64 allocations per
+    user: one user could take every port. check-config says so and still succeeds."""
+    config = tmp_path / "c.yaml"
+    config.write_text("relay: {min_port: 49152, max_port: 49172}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pyturn", "check-config", "-q", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert result.stderr.strip() == (
+        "warning: relay ports 49152-49172 (21): fewer than quotas.allocations_per_user (64),"
+        " so one user can take every port; lower it, set quotas.allocations_total or widen"
+        " the range"
+    )
+    config.write_text(
+        "relay: {min_port: 49152, max_port: 49172}\nquotas: {allocations_total: 20}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pyturn", "check-config", "-q", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (0, "")

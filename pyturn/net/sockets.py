@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Iterator
 
+from pyturn.config import Listener
+from pyturn.logs import format_address
+from pyturn.net.errors import StartupError
+
 log = logging.getLogger(__name__)
+
+# Stream listeners queue this many connections not yet accepted.
+LISTEN_BACKLOG = 1024
 
 
 def bound_socket(
@@ -41,6 +49,36 @@ def bound_socket(
         sock.close()
         raise
     return sock
+
+
+def listener_sockets(listener: Listener, count: int = 1) -> list[socket.socket]:
+    """The bound sockets of one `listen` entry, or StartupError naming it.
+
+    UDP: `count` sockets on the same port with SO_REUSEPORT (with count > 1), one per
+    worker; the kernel hashes each client's addresses to one of them, and keeps doing so
+    while they all stay open. TCP and TLS: one listening socket, whatever `count`; the
+    workers that share it accept from it in turn. Port 0 picks a free port, which the
+    other sockets then take: the port is `getsockname()[1]` of any of them.
+    """
+    kind = socket.SOCK_DGRAM if listener.transport == "udp" else socket.SOCK_STREAM
+    host, port = listener.address, listener.port
+    udp = kind == socket.SOCK_DGRAM
+    backlog = None if udp else LISTEN_BACKLOG
+    made: list[socket.socket] = []
+    try:
+        for _ in range(count if udp else 1):
+            made.append(
+                bound_socket(kind, host, port, reuse_port=udp and count > 1, backlog=backlog)
+            )
+            port = made[0].getsockname()[1]
+    except OSError as exc:
+        for sock in made:
+            sock.close()
+        # The OS words ("Address already in use"), not Python's longer wrapping of them.
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        where = format_address((host, port))
+        raise StartupError(f"cannot listen on {listener.transport} {where}: {reason}") from exc
+    return made
 
 
 def accept_ready(

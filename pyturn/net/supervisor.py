@@ -1,10 +1,14 @@
-"""Worker processes: `workers: N` runs N copies of the server behind SO_REUSEPORT.
+"""Worker processes: `workers: N` runs N copies of the server on the same ports.
 
-Each worker binds its own sockets on the same listening ports; the kernel hashes a
-client's addresses to one of them, so a client keeps talking to the worker that holds
-its allocation. Relay ports are split into disjoint slices, one per worker. The
-supervisor starts the workers, restarts one that dies, serves /metrics (the sum of the
-workers' metrics), /live and /ready, and turns signals into orders:
+The supervisor binds the listening sockets once, keeps them open for its whole life and
+hands them to the workers (see `Supervisor.inherit`). Each UDP listener is N sockets on
+one port with SO_REUSEPORT, one per worker slot: the kernel hashes a client's addresses
+to one of them, so a client keeps talking to the worker that holds its allocation, and
+since the set of sockets never changes, neither does the hash when a worker dies and
+its slot's socket passes to the worker restarted in its place. Relay ports are split
+into disjoint slices, one per worker. The supervisor starts the workers, restarts one
+that dies, serves /metrics (the sum of the workers' metrics), /live and /ready, and
+turns signals into orders:
 
 - SIGHUP: re-read and check the config file, then send it to every worker;
 - SIGTERM/SIGINT: tell the workers to drain; a second one tells them to stop at once.
@@ -42,6 +46,7 @@ from pyturn.net.control import LINE_LIMIT, Message, read_message, write_message
 from pyturn.net.errors import StartupError
 from pyturn.net.http import OpsApp, start_ops_server
 from pyturn.net.sdnotify import SystemdNotifier
+from pyturn.net.sockets import listener_sockets
 from pyturn.net.worker import install_event_loop_policy, load_for_reload
 
 log = logging.getLogger(__name__)
@@ -127,6 +132,21 @@ class _Fixed(Collector):
         return self.families
 
 
+@dataclasses.dataclass(frozen=True)
+class Inherited:
+    """A descriptor the supervisor holds and hands to workers at every spawn.
+
+    pass_fds gives it the same number in the worker, and the start message's "fds" list
+    says what it is: `{"fd": fd, **description}`, where `description` has a "kind" (a
+    worker picks its entries with worker_process.inherited) and whatever the worker needs
+    to use it. `slot` is the one worker index that gets it; None gives it to every worker.
+    """
+
+    fd: int
+    description: Message
+    slot: int | None = None
+
+
 @dataclasses.dataclass(eq=False)
 class WorkerProcess:
     index: int
@@ -151,6 +171,7 @@ class Supervisor:
         self._all_exited = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closers: list[Callable[[], None]] = []
+        self.inherited: list[Inherited] = []
         self.secret = secrets.token_bytes(32)
 
     def _spawn_task(self, coro: Coroutine[object, object, None]) -> None:
@@ -160,25 +181,46 @@ class Supervisor:
 
     # -- start-up --------------------------------------------------------------------------
 
-    def _reserve_ports(self) -> list[socket.socket]:
-        """Port 0 means "any free port": find one every worker can then bind."""
-        placeholders: list[socket.socket] = []
+    def inherit(
+        self,
+        fd: int,
+        description: Message,
+        close: Callable[[], None],
+        *,
+        slot: int | None = None,
+    ) -> None:
+        """Hand `fd` to every worker spawned from now on (or only to worker `slot`), with
+        `description` in its start message; `close` runs when the supervisor stops. The
+        descriptor stays open here, so a restarted worker gets the very same one."""
+        self.inherited.append(Inherited(fd, {**description, "fd": fd}, slot))
+        self._closers.append(close)
+
+    def _open_listeners(self) -> None:
+        """Bind every `listen` entry once, before any worker starts.
+
+        UDP: one SO_REUSEPORT socket per worker slot, and slot i always gets socket i, so
+        the kernel's hash of a client's 5-tuple picks the same slot for the life of the
+        supervisor. TCP and TLS: one listening socket that every worker accepts from. A
+        stream client stays on the worker that accepted it, so there is no hash to keep
+        stable, and while a worker restarts the others take its share of new connections
+        at once, where a socket of its own would queue them until it is back. (Each
+        connection wakes every worker, and the first to accept takes it; with a worker
+        per core that costs little.)
+        """
         resolved: list[Listener] = []
-        for listener in self.config.listen:
-            if listener.port != 0:
-                resolved.append(listener)
-                continue
-            family = socket.AF_INET6 if ":" in listener.address else socket.AF_INET
-            kind = socket.SOCK_DGRAM if listener.transport == "udp" else socket.SOCK_STREAM
-            sock = socket.socket(family, kind)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((listener.address, 0))
-            placeholders.append(sock)
-            port = sock.getsockname()[1]
-            resolved.append(dataclasses.replace(listener, port=port))
+        for position, listener in enumerate(self.config.listen):
+            sockets = listener_sockets(listener, self.count)
+            resolved.append(dataclasses.replace(listener, port=sockets[0].getsockname()[1]))
+            for slot, sock in enumerate(sockets):
+                self.inherit(
+                    sock.fileno(),
+                    {"kind": "listener", "listen": position},
+                    sock.close,
+                    slot=slot if listener.transport == "udp" else None,
+                )
         self.listen = tuple(resolved)
-        return placeholders
+        for listener in self.listen:
+            log.info("listening on %s %s:%d", listener.transport, listener.address, listener.port)
 
     async def start(self) -> None:
         started = time.perf_counter()
@@ -187,19 +229,14 @@ class Supervisor:
         self.loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         if self.notifier.enabled and self.notifier.watchdog_interval is not None:
             self._ping_watchdog(self.notifier.watchdog_interval)
-        placeholders = self._reserve_ports()
-        try:
-            for index in range(self.count):
-                if self.state != "starting":
-                    break  # a stop signal came in while the workers started
-                await self._start_worker(index)
-            results = await asyncio.wait_for(
-                asyncio.gather(*(w.ready for w in self.workers.values())), READY_TIMEOUT
-            )
-        finally:
-            # Until now a placeholder could catch a datagram meant for a worker.
-            for sock in placeholders:
-                sock.close()
+        self._open_listeners()
+        for index in range(self.count):
+            if self.state != "starting":
+                break  # a stop signal came in while the workers started
+            await self._start_worker(index)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(w.ready for w in self.workers.values())), READY_TIMEOUT
+        )
         if self.state != "starting":
             return  # SIGTERM or SIGINT came while the workers were starting
         if not all(results):
@@ -228,6 +265,7 @@ class Supervisor:
 
     async def _start_worker(self, index: int) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        inherited = [item for item in self.inherited if item.slot in (None, index)]
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -237,7 +275,7 @@ class Supervisor:
             "worker",
             "--control-fd",
             str(child.fileno()),
-            pass_fds=(child.fileno(),),
+            pass_fds=(child.fileno(), *(item.fd for item in inherited)),
             env=env,
         )
         child.close()
@@ -252,6 +290,7 @@ class Supervisor:
                 "index": index,
                 "config": config_to_dict(config, redact=False),
                 "secret": self.secret.hex(),
+                "fds": [item.description for item in inherited],
             },
         )
         if self.state in ("draining", "stopping"):
@@ -395,10 +434,15 @@ class Supervisor:
 
     async def wait(self) -> None:
         await self._all_exited.wait()
+        self.close()
+        log.info("stopped: every worker has exited")
+
+    def close(self) -> None:
+        """Close the endpoint and the descriptors held for the workers."""
         for close in self._closers:
             close()
+        self._closers.clear()
         self.notifier.close()
-        log.info("stopped: every worker has exited")
 
 
 def supervise(config: Config, config_path: Path | None) -> None:
@@ -415,5 +459,6 @@ async def _supervise(config: Config, config_path: Path | None) -> None:
         for worker in supervisor.workers.values():
             with contextlib.suppress(ProcessLookupError):
                 worker.process.kill()
+        supervisor.close()
         raise
     await supervisor.wait()

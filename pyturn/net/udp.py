@@ -24,7 +24,6 @@ from pyturn.net.batch import send_batch, send_many_to
 from pyturn.net.clients import Clients
 from pyturn.net.fastpath import forward_channel_data, listener_ready
 from pyturn.net.relay import LISTENER_BUFFER, RelayEndpoint, grow_buffers
-from pyturn.net.sockets import bound_socket
 from pyturn.wire.attributes import Address
 from pyturn.wire.channel_data import is_channel_data
 from pyturn.wire.message import MessageClass, Method, message_type
@@ -98,12 +97,12 @@ class UdpListener:
         server: TurnServer,
         clock: Callable[[], float],
         handle_actions: ActionHandler,
-        address: Address,
+        sock: socket.socket,
         *,
         clients: Clients,
-        reuse_port: bool = False,
     ) -> UdpListener:
-        sock = bound_socket(socket.SOCK_DGRAM, address[0], address[1], reuse_port=reuse_port)
+        """Serve on `sock`, a bound UDP socket (see sockets.listener_sockets), with the
+        large buffers a listener needs; the socket is closed if that fails."""
         try:
             grow_buffers(sock, LISTENER_BUFFER)
             return cls(sock, loop, server, clock, handle_actions, clients=clients)

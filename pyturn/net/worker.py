@@ -30,7 +30,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from pyturn.config import Config, ConfigError, Listener, load_config
@@ -68,7 +68,7 @@ from pyturn.net.memory import MemoryReturner
 from pyturn.net.relay import UdpRelayBinder
 from pyturn.net.sdnotify import SystemdNotifier
 from pyturn.net.session_log import SessionLog
-from pyturn.net.sockets import bound_socket
+from pyturn.net.sockets import LISTEN_BACKLOG, listener_sockets
 from pyturn.net.stream import ConnectionCounter, StreamConnection, TlsAcceptor
 from pyturn.net.tcp_relay import TcpRelay
 from pyturn.net.tls import TlsContext, TlsError
@@ -126,9 +126,13 @@ class Worker:
         config_path: Path | None = None,
         notifier: SystemdNotifier | None = None,
         secret: bytes | None = None,
+        sockets: Mapping[int, socket.socket] | None = None,
     ) -> None:
+        """`sockets`: listening sockets bound by the supervisor, by their position in
+        `config.listen`; a listener without one is bound here."""
         self.config = config
         self.config_path = config_path
+        self.sockets: Mapping[int, socket.socket] = sockets or {}
         self.notifier = notifier or SystemdNotifier()
         self.loop = asyncio.get_running_loop()
         self._wall_at_start = time.time()
@@ -285,8 +289,8 @@ class Worker:
                 self._load_tls(self.config)
             except TlsError as exc:
                 raise StartupError(str(exc)) from exc
-        for listener in self.config.listen:
-            await self._bind(listener)
+        for position, listener in enumerate(self.config.listen):
+            await self._bind(position, listener)
         self._rearm_timer()
 
     async def _start_ops_endpoint(self) -> None:
@@ -302,8 +306,12 @@ class Worker:
             format_address(self.metrics_address),
         )
 
-    async def _bind(self, listener: Listener) -> None:
-        family = socket.AF_INET6 if ":" in listener.address else socket.AF_INET
+    async def _bind(self, position: int, listener: Listener) -> None:
+        """Serve `listen[position]`: on the socket the supervisor handed over, or on one
+        bound here (a single process)."""
+        inherited = self.sockets.get(position)
+        sock = inherited if inherited is not None else listener_sockets(listener)[0]
+        port = sock.getsockname()[1]
         try:
             if listener.transport == "udp":
                 udp = UdpListener.open(
@@ -311,11 +319,9 @@ class Worker:
                     self.server,
                     self.now,
                     self.handle_actions,
-                    (listener.address, listener.port),
+                    sock,
                     clients=self.clients,
-                    reuse_port=self.config.workers > 1,
                 )
-                port = udp.local[1]
                 self._closers.append(udp.close)
             else:  # tcp, or tls: the same framing over TLS (RFC 8656 §3.1)
                 transport_name = listener.transport
@@ -333,13 +339,6 @@ class Worker:
 
                 if transport_name == "tls":
                     assert self.tls is not None
-                    sock = bound_socket(
-                        socket.SOCK_STREAM,
-                        listener.address,
-                        listener.port,
-                        reuse_port=self.config.workers > 1,
-                        backlog=1024,
-                    )
                     acceptor = TlsAcceptor(
                         sock,
                         self.tls.context,
@@ -347,26 +346,30 @@ class Worker:
                         self.config.limits.first_message_timeout,
                         make_stream,
                     )
-                    port = sock.getsockname()[1]
                     self._closers.append(acceptor.close)
                 else:
                     tcp_server = await self.loop.create_server(
-                        make_stream,
-                        host=listener.address,
-                        port=listener.port,
-                        family=family,
-                        reuse_port=self.config.workers > 1,
-                        backlog=1024,
+                        make_stream, sock=sock, backlog=LISTEN_BACKLOG
                     )
-                    port = tcp_server.sockets[0].getsockname()[1]
                     self._closers.append(tcp_server.close)
         except OSError as exc:
-            where = format_address((listener.address, listener.port))
+            sock.close()
+            where = format_address((listener.address, port))
             raise StartupError(
                 f"cannot listen on {listener.transport} {where}: {_os_reason(exc)}"
             ) from exc
         self.bound.append((listener.transport, listener.address, port))
-        log.info("listening on %s %s:%d", listener.transport, listener.address, port)
+        if inherited is None:
+            log.info("listening on %s %s:%d", listener.transport, listener.address, port)
+        else:
+            # The supervisor bound it and logged the `listening on` line, once.
+            log.debug(
+                "serving %s %s:%d on the supervisor's socket (fd %d)",
+                listener.transport,
+                listener.address,
+                port,
+                sock.fileno(),
+            )
 
     def _load_tls(self, config: Config) -> None:
         """Load (or, on reload, replace) the certificate pair of the TLS listeners."""

@@ -1,9 +1,10 @@
 """A worker process's side of the supervisor's control channel (`workers: N`).
 
-The supervisor owns the config file, the signals of the terminal and systemd, and
-/metrics; each worker process gets its config, its share of the relay ports and its
-orders (metrics, reload, drain, stop) over one Unix socket, and answers there. The
-supervisor's side is pyturn.net.supervisor.
+The supervisor owns the config file, the signals of the terminal and systemd, /metrics
+and the listening sockets; each worker process gets its config, its share of the relay
+ports, the descriptors it inherits (its listening sockets) and its orders (metrics,
+reload, drain, stop) over one Unix socket, and answers there. The supervisor's side is
+pyturn.net.supervisor.
 """
 
 from __future__ import annotations
@@ -18,13 +19,19 @@ import time
 from pyturn.config import parse_config
 from pyturn.logs import configure_logging
 from pyturn.metrics import render
-from pyturn.net.control import LINE_LIMIT, read_message, write_message
+from pyturn.net.control import LINE_LIMIT, Message, read_message, write_message
 from pyturn.net.errors import StartupError
 from pyturn.net.sdnotify import SystemdNotifier
 from pyturn.net.worker import Worker, install_event_loop_policy
 
 # The worker's logger: these lines have always carried its name, and log filters match it.
 log = logging.getLogger("pyturn.net.worker")
+
+
+def inherited(start: Message, kind: str) -> list[Message]:
+    """The descriptors of `kind` the supervisor handed over (see Supervisor.inherit):
+    each entry has "fd", its number in this process, "kind" and what else describes it."""
+    return [entry for entry in start.get("fds", ()) if entry.get("kind") == kind]
 
 
 async def serve_as_worker(control_fd: int) -> None:
@@ -44,7 +51,12 @@ async def serve_as_worker(control_fd: int) -> None:
     # Workers share the nonce and reservation-token secret: a client's next 5-tuple
     # may hash to another worker.
     secret = bytes.fromhex(first["secret"])
-    worker = Worker(config, notifier=SystemdNotifier({}), secret=secret)
+    sockets = {}
+    for entry in inherited(first, "listener"):
+        sock = socket.socket(fileno=int(entry["fd"]))
+        sock.setblocking(False)
+        sockets[int(entry["listen"])] = sock
+    worker = Worker(config, notifier=SystemdNotifier({}), secret=secret, sockets=sockets)
     try:
         await worker.start()
     except StartupError as exc:

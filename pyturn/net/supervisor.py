@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import math
 import os
 import secrets
 import signal
@@ -38,15 +37,16 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
-
 from pyturn.config import Config, Listener, config_to_dict
 from pyturn.logs import format_address
-from pyturn.net import batch
 from pyturn.net.control import LINE_LIMIT, Message, read_message, write_message
 from pyturn.net.errors import StartupError
 from pyturn.net.http import OpsApp, start_ops_server
+from pyturn.net.node_state import NodeLayout, SupervisorRegion
 from pyturn.net.sdnotify import SystemdNotifier
 from pyturn.net.sockets import listener_sockets
+
+from pyturn.net import batch
 from pyturn.net.worker import install_event_loop_policy, load_for_reload
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ READY_TIMEOUT = 15.0
 METRICS_TIMEOUT = 2.0
 RESTART_DELAY = 1.0
 # Samples that are one process's value rather than a share of the whole.
-_TAKE_MIN = ("process_start_time_seconds",)
+# Each worker sees the node's free relay ports: the sum would count them N times.
+_TAKE_MIN = ("process_start_time_seconds", "pyturn_relay_ports_available")
 _TAKE_MAX = ("pyturn_info", "pyturn_draining", "python_info")
 
 
@@ -64,25 +65,12 @@ def worker_count(config: Config) -> int:
     return config.workers or os.cpu_count() or 1
 
 
-def relay_slice(config: Config, index: int, count: int) -> tuple[int, int]:
-    low, high = config.relay.min_port, config.relay.max_port
-    size = (high - low + 1) // count
-    start = low + index * size
-    end = high if index == count - 1 else start + size - 1
-    return start, end
-
-
-def worker_config(config: Config, listen: tuple[Listener, ...], index: int, count: int) -> Config:
-    """What worker `index` runs: the shared ports, its own relay ports and quota share."""
-    low, high = relay_slice(config, index, count)
-    total = config.quotas.allocations_total
+def worker_config(config: Config, listen: tuple[Listener, ...], count: int) -> Config:
+    """What a worker runs: the listeners as bound, and no /metrics of its own. Relay
+    ports and quotas are the node's, shared through the node state (node_state.py)."""
     return dataclasses.replace(
         config,
         listen=listen,
-        relay=dataclasses.replace(config.relay, min_port=low, max_port=high),
-        quotas=dataclasses.replace(
-            config.quotas, allocations_total=math.ceil(total / count) if total else 0
-        ),
         metrics=dataclasses.replace(config.metrics, enabled=False),
         workers=count,
     )
@@ -172,6 +160,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closers: list[Callable[[], None]] = []
         self.inherited: list[Inherited] = []
+        self.node: SupervisorRegion | None = None
         self.secret = secrets.token_bytes(32)
 
     def _spawn_task(self, coro: Coroutine[object, object, None]) -> None:
@@ -222,6 +211,12 @@ class Supervisor:
         for listener in self.listen:
             log.info("listening on %s %s:%d", listener.transport, listener.address, listener.port)
 
+    def _open_node_state(self) -> None:
+        """The region where the workers count quotas, budgets and relay ports together."""
+        relay = self.config.relay
+        self.node = SupervisorRegion(NodeLayout(relay.min_port, relay.max_port), self.secret)
+        self.inherit(self.node.fd, {"kind": "node"}, self.node.close)
+
     async def start(self) -> None:
         started = time.perf_counter()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -230,6 +225,7 @@ class Supervisor:
         if self.notifier.enabled and self.notifier.watchdog_interval is not None:
             self._ping_watchdog(self.notifier.watchdog_interval)
         self._open_listeners()
+        self._open_node_state()
         for index in range(self.count):
             if self.state != "starting":
                 break  # a stop signal came in while the workers started
@@ -249,7 +245,7 @@ class Supervisor:
                 return
         self.state = "serving"
         log.info(
-            "ready in %.0f ms: %d workers, relay ports %d-%d split between them",
+            "ready in %.0f ms: %d workers sharing relay ports %d-%d",
             (time.perf_counter() - started) * 1000,
             self.count,
             self.config.relay.min_port,
@@ -282,7 +278,7 @@ class Supervisor:
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=LINE_LIMIT)
         worker = WorkerProcess(index, process, writer, self.loop.create_future())
         self.workers[index] = worker
-        config = worker_config(self.config, self.listen, index, self.count)
+        config = worker_config(self.config, self.listen, self.count)
         write_message(
             writer,
             {
@@ -328,6 +324,11 @@ class Supervisor:
         worker.writer.close()
         for reply in worker.replies.values():
             reply.cancel()
+        if self.node is not None:
+            # Its ports are free again; the living re-add the users they count.
+            self.node.forget_worker(worker.index)
+            for other in self.workers.values():
+                write_message(other.writer, {"op": "resync"})
         if self.state == "serving":
             self.restarts += 1
             log.error(
@@ -409,7 +410,7 @@ class Supervisor:
         )
         self.config = new
         for worker in self.workers.values():
-            config = worker_config(new, self.listen, worker.index, self.count)
+            config = worker_config(new, self.listen, self.count)
             write_message(
                 worker.writer,
                 {

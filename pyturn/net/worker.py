@@ -36,6 +36,7 @@ from pathlib import Path
 from pyturn.config import Config, ConfigError, Listener, load_config
 from pyturn.core.allocation import Allocation, FiveTuple
 from pyturn.core.forwarding import ForwardingTable
+from pyturn.core.node import NodeState
 from pyturn.core.randomness import SystemRandom
 from pyturn.core.server import (
     Action,
@@ -59,7 +60,6 @@ from pyturn.core.server import (
 )
 from pyturn.logs import configure_logging, format_address, log_event
 from pyturn.metrics import Stats, TurnCollector, make_registry, render
-from pyturn.net import batch
 from pyturn.net.addresses import default_relay_ipv4, default_relay_ipv6
 from pyturn.net.clients import Clients
 from pyturn.net.errors import StartupError
@@ -73,6 +73,8 @@ from pyturn.net.stream import ConnectionCounter, StreamConnection, TlsAcceptor
 from pyturn.net.tcp_relay import TcpRelay
 from pyturn.net.tls import TlsContext, TlsError
 from pyturn.net.udp import UdpListener
+
+from pyturn.net import batch
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,7 @@ class Worker:
         notifier: SystemdNotifier | None = None,
         secret: bytes | None = None,
         sockets: Mapping[int, socket.socket] | None = None,
+        node: NodeState | None = None,
     ) -> None:
         """`sockets`: listening sockets bound by the supervisor, by their position in
         `config.listen`; a listener without one is bound here."""
@@ -152,6 +155,7 @@ class Worker:
             nonce_secret=secret,
             random=random,
             table=table,
+            node=node,
         )
         self.tcp_relay = TcpRelay(self.server, self.now, self._deliver_tcp)
         self.connections = ConnectionCounter(config.limits.connections_per_source)

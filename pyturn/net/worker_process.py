@@ -21,7 +21,9 @@ from pyturn.logs import configure_logging
 from pyturn.metrics import render
 from pyturn.net.control import LINE_LIMIT, Message, read_message, write_message
 from pyturn.net.errors import StartupError
+from pyturn.net.node_state import NodeLayout, SharedNodeState
 from pyturn.net.sdnotify import SystemdNotifier
+
 from pyturn.net.worker import Worker, install_event_loop_policy
 
 # The worker's logger: these lines have always carried its name, and log filters match it.
@@ -56,7 +58,18 @@ async def serve_as_worker(control_fd: int) -> None:
         sock = socket.socket(fileno=int(entry["fd"]))
         sock.setblocking(False)
         sockets[int(entry["listen"])] = sock
-    worker = Worker(config, notifier=SystemdNotifier({}), secret=secret, sockets=sockets)
+    node = None
+    for entry in inherited(first, "node"):
+        relay, limits = config.relay, config.limits
+        node = SharedNodeState(
+            int(entry["fd"]),
+            NodeLayout(relay.min_port, relay.max_port),
+            secret,
+            index=int(first["index"]),
+            burst=limits.unauthenticated_burst,
+            rate=limits.unauthenticated_rate,
+        )
+    worker = Worker(config, notifier=SystemdNotifier({}), secret=secret, sockets=sockets, node=node)
     try:
         await worker.start()
     except StartupError as exc:
@@ -89,6 +102,8 @@ async def _obey(worker: Worker, reader: asyncio.StreamReader, writer: asyncio.St
         elif op == "drain":
             if worker.state == "serving":
                 worker.drain("supervisor")
+        elif op == "resync" and isinstance(worker.server.node, SharedNodeState):
+            worker.server.node.sync()
         elif op == "stop":
             worker.stop()
     # The supervisor is gone: nobody can stop or reload this process any more.

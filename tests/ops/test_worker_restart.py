@@ -6,8 +6,9 @@ dies and another takes its place (and its socket). The surviving worker's client
 relaying on their allocations; the dead worker's clients reach the new worker in that
 slot, which answers 437 Allocation Mismatch to their Refresh.
 
-Which worker holds an allocation is told by its relayed port: each worker hands out
-ports from its own slice of the relay range (supervisor.relay_slice).
+Relay ports come from one pool for the node, so nothing outside tells which worker holds
+an allocation; the two deaths tell it instead: the clients that lose their allocation
+when the first worker dies must be exactly those that keep it when the second one dies.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import os
 import signal
 from pathlib import Path
 
-from pyturn.config import parse_config
-from pyturn.net.supervisor import relay_slice
 from pyturn.probe import ProbeClient
 from pyturn.wire.attributes import ErrorCode, Lifetime
 from pyturn.wire.message import MessageClass, Method
@@ -26,8 +25,6 @@ from tests.ops.helpers import OpsServer, Peer, relay_round_trip, value, wait_unt
 
 CLIENTS = 16
 WORKERS = 2
-# Tries at spreading the clients over both workers; all 16 on one has odds of 2 in 65,536.
-ROUNDS = 3
 CHANNEL = 0x4000
 ALLOCATIONS = "pyturn_allocations"
 
@@ -38,18 +35,6 @@ def _workers(server: OpsServer) -> list[int]:
     for children in Path(f"/proc/{server.pid}/task").glob("*/children"):
         pids += [int(pid) for pid in children.read_text().split()]
     return sorted(pids)
-
-
-def _slot(server: OpsServer, client: ProbeClient) -> int:
-    """The worker index whose relay port slice holds `client`'s relayed port."""
-    assert client.relayed is not None
-    config = parse_config(server.config, source="test")
-    port = client.relayed[1]
-    for index in range(WORKERS):
-        low, high = relay_slice(config, index, WORKERS)
-        if low <= port <= high:
-            return index
-    raise AssertionError(f"relayed port {port} is in no worker's slice")
 
 
 def _allocate(server: OpsServer, peer: Peer, client: ProbeClient, tag: bytes) -> None:
@@ -92,28 +77,26 @@ def _nothing_arrives(peer: Peer, within: float) -> None:
 
 
 def _kill_and_check(
-    server: OpsServer, peer: Peer, slots: dict[ProbeClient, int], victim: int, restarts: int
-) -> list[ProbeClient]:
-    """Kill worker `victim`, wait for its successor, check that only its clients lost
-    their allocations; returns those clients."""
+    server: OpsServer, peer: Peer, clients: list[ProbeClient], victim: int, restarts: int
+) -> tuple[list[ProbeClient], list[ProbeClient]]:
+    """Kill worker `victim`, wait for its successor, check that the clients that kept
+    their allocations still relay and the others get 437; returns (kept, lost)."""
     assert value(server.scrape(), ALLOCATIONS, transport="udp") == CLIENTS
     mark = server.log_mark()
     os.kill(victim, signal.SIGKILL)
-    exited = server.wait_for_log(
+    server.wait_for_log(
         rf"worker (\d) \(pid {victim}\) exited with code -9: restarting", since=mark, timeout=10
     )
-    dead_slot = int(exited[1])
     wait_until(lambda: len(_workers(server)) == WORKERS, timeout=15)
     assert victim not in _workers(server)
     wait_until(lambda: server.get("/ready")[0] == 200, timeout=15)
 
-    codes = {client: _refresh_code(client) for client in slots}
+    codes = {client: _refresh_code(client) for client in clients}
     survivors = [client for client, code in codes.items() if code is None]
     mismatched = [client for client, code in codes.items() if code == 437]
     assert len(survivors) + len(mismatched) == CLIENTS, sorted(map(str, codes.values()))
-    assert survivors and mismatched
-    assert {slots[client] for client in survivors} == set(range(WORKERS)) - {dead_slot}
-    assert {slots[client] for client in mismatched} == {dead_slot}
+    # All 16 on one worker has odds of 2 in 65,536.
+    assert survivors and mismatched, "every client hashed to one worker"
 
     for i, client in enumerate(survivors):
         _channel_round_trip(client, peer, b"after restart %d, client %d" % (restarts, i))
@@ -125,7 +108,7 @@ def _kill_and_check(
     samples = server.scrape()
     assert value(samples, ALLOCATIONS, transport="udp") == len(survivors)
     assert value(samples, "pyturn_worker_restarts_total") == restarts
-    return mismatched
+    return survivors, mismatched
 
 
 def test_a_worker_killed_and_restarted_moves_none_of_the_other_workers_clients(
@@ -134,37 +117,27 @@ def test_a_worker_killed_and_restarted_moves_none_of_the_other_workers_clients(
     """Each worker is killed once in turn: the survivors' clients keep relaying, the dead
     worker's clients get 437 and allocate again on its successor, on the same 5-tuple."""
     # Every client's 401 challenge comes from 127.0.0.1: lift the per-source budget.
-    server = start_server(
-        {"workers": WORKERS, "limits": {"unauthenticated_burst": 4 * CLIENTS * ROUNDS}}
-    )
+    server = start_server({"workers": WORKERS, "limits": {"unauthenticated_burst": 4 * CLIENTS}})
     server.wait_for_log(r"ready in \d+ ms: 2 workers", timeout=15)
     peer = Peer()
     clients: list[ProbeClient] = []
     try:
-        for _ in range(ROUNDS):
-            batch = []
-            for i in range(CLIENTS):
-                client = server.client()  # a socket, and so a source port, of its own
-                clients.append(client)
-                batch.append(client)
-                _allocate(server, peer, client, b"client %d" % i)
-            slots = {client: _slot(server, client) for client in batch}
-            if len(set(slots.values())) == WORKERS:
-                break
-            for client in batch:  # all on one worker: end them, and try new clients
-                client.refresh(0)
-        assert len(set(slots.values())) == WORKERS, "every client hashed to one worker"
+        for i in range(CLIENTS):
+            client = server.client()  # a socket, and so a source port, of its own
+            clients.append(client)
+            _allocate(server, peer, client, b"client %d" % i)
 
         # Kill every worker once. Were the listeners still each worker's own, the death
         # of the worker whose socket came first in the kernel's SO_REUSEPORT group would
         # move the last one's socket into its place, and with it the slots' clients.
-        first = _workers(server)
-        for restarts, victim in enumerate(first, start=1):
-            lost = _kill_and_check(server, peer, slots, victim, restarts)
-            for i, client in enumerate(lost):
-                # The same 5-tuple reaches the new worker in the same slot.
-                _allocate(server, peer, client, b"again %d" % i)
-                assert _slot(server, client) == slots[client]
+        first, second = _workers(server)
+        kept, lost = _kill_and_check(server, peer, clients, first, 1)
+        for i, client in enumerate(lost):
+            # The same 5-tuple reaches the new worker in the same slot.
+            _allocate(server, peer, client, b"again %d" % i)
+        kept_again, lost_again = _kill_and_check(server, peer, clients, second, 2)
+        # The slots did not move: who lost with the first death keeps with the second.
+        assert set(kept_again) == set(lost) and set(lost_again) == set(kept)
     finally:
         for client in clients:
             client.close()

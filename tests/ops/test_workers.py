@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pyturn.config import parse_config
-from pyturn.net.supervisor import Supervisor, merge_expositions, relay_slice, worker_config
+from pyturn.net.supervisor import Supervisor, merge_expositions, worker_config
 from tests.interop.test_turnutils import CLIENTS, MESSAGES, run_uclient
 from tests.ops.conftest import StartServer
 from tests.ops.helpers import OpsServer, parse_metrics, value, wait_until
@@ -36,16 +36,19 @@ def _workers(server: OpsServer) -> list[int]:
     return [int(pid) for pid in out.stdout.split()]
 
 
-def test_relay_ports_are_split_into_disjoint_slices_covering_the_range() -> None:
-    config = parse_config({"relay": {"min_port": 50000, "max_port": 50010}})
-    slices = [relay_slice(config, i, 3) for i in range(3)]
-    assert slices == [(50000, 50002), (50003, 50005), (50006, 50010)]
-
-
-def test_each_worker_gets_its_share_of_the_total_quota_and_no_metrics_port() -> None:
-    config = parse_config({"quotas": {"allocations_total": 5}, "workers": 2})
-    worker = worker_config(config, config.listen, 1, 2)
-    assert worker.quotas.allocations_total == 3
+def test_workers_share_the_relay_range_and_the_quotas_and_serve_no_metrics() -> None:
+    """Relay ports and quotas are the node's (pyturn/net/node_state.py): no worker gets a
+    slice of the range or a share of the total."""
+    config = parse_config(
+        {
+            "relay": {"min_port": 50000, "max_port": 50010},
+            "quotas": {"allocations_total": 5},
+            "workers": 2,
+        }
+    )
+    worker = worker_config(config, config.listen, 2)
+    assert worker.relay == config.relay
+    assert worker.quotas == config.quotas
     assert not worker.metrics.enabled
     assert worker.workers == 2
 

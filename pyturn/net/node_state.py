@@ -125,12 +125,16 @@ class _Region:
         raise RuntimeError("node state: the user table is full")
 
     def add_user(self, key: int, delta: int) -> None:
-        offset, count = self.find_user(key)
-        count = max(count, 0) + delta
-        if count > 0:
-            _USER.pack_into(self.mm, offset, key, count)
-        elif count == 0 and _USER.unpack_from(self.mm, offset)[0] == key:
-            self._delete_user(offset)
+        self._count_at(*self.find_user(key), key, delta)
+
+    def _count_at(self, offset: int, count: int, key: int, delta: int) -> None:
+        """Add `delta` to the slot `find_user` gave for `key`, and to the node's total."""
+        if count > 0 or delta > 0:
+            count = max(count, 0) + delta
+            if count > 0:
+                _USER.pack_into(self.mm, offset, key, count)
+            else:
+                self._delete_user(offset)
         generation, total = _COUNTS.unpack_from(self.mm, 0)
         _COUNTS.pack_into(self.mm, 0, generation, max(total + delta, 0))
 
@@ -237,11 +241,12 @@ class SharedNodeState(_Region):
         self.lock()
         try:
             self._sync()
-            if per_user and self.find_user(key)[1] >= per_user:
+            offset, count = self.find_user(key)
+            if per_user and count >= per_user:
                 return False
             if total and _COUNTS.unpack_from(self.mm, 0)[1] >= total:
                 return False
-            self.add_user(key, 1)
+            self._count_at(offset, count, key, 1)
         finally:
             self.unlock()
         self.held_here[user] += 1

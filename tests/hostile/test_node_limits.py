@@ -13,7 +13,8 @@ from collections import Counter
 
 import pytest
 
-from tests.hostile.client import TurnClient, code_of, rest_credentials, run
+from tests.hostile.client import TurnClient, code_of, flood_udp, rest_credentials, run
+from tests.hostile.test_floods import bare_allocate
 from tests.interop.server_process import ServerFactory
 
 LOOPBACK = "127.0.0.1"
@@ -111,3 +112,29 @@ def test_every_relay_port_can_be_used_whatever_the_number_of_workers(
     assert Counter(codes) == Counter({0: ports})
     assert used == set(range(low, high + 1))
     assert late == 508
+
+
+def test_the_unsigned_answer_budget_of_a_source_ip_holds_for_the_node(
+    server_factory: ServerFactory, figures: dict[str, object]
+) -> None:
+    """limits.unauthenticated_burst and _rate per source IP, with `workers: 4`: 4,000
+    unsigned Allocates from 32 source ports of one IP (spread over the workers by the
+    kernel) get at most burst + rate x time answers in all, not that much per worker."""
+    burst, rate = 32, 8.0
+    server = server_factory(
+        {
+            "workers": 4,
+            "limits": {"unauthenticated_burst": burst, "unauthenticated_rate": rate},
+        }
+    )
+    flood = flood_udp(
+        server.udp_address, bare_allocate, count=4000, seconds=1.0, sockets=32, pace=1.0
+    )
+    window = flood.seconds + 0.3  # replies are read for 0.3 s after the last datagram
+    allowed = burst + rate * window
+    figures["4 workers, 32 source ports of one IP"] = (
+        f"{flood.codes[401]} answered of {flood.sent} (burst {burst} + {rate:g}/s over "
+        f"{window:.2f} s allows {allowed:.1f})"
+    )
+    assert set(flood.codes) <= {401}
+    assert burst <= flood.codes[401] <= allowed + 1

@@ -39,6 +39,10 @@ MAX_PENDING = 65536 + 8
 # One address may not hold every descriptor of the process.
 MAX_CONNECTIONS_PER_SOURCE = _LIMITS.connections_per_source
 
+# With several workers, shown what a new connection has sent so far: True when it went
+# to another worker, False when it stays, None when its first message is not whole yet.
+HandOver = Callable[["StreamConnection", bytearray], "bool | None"]
+
 
 class ConnectionCounter:
     """Open stream connections per client IP, shared by the listeners of one process."""
@@ -74,7 +78,13 @@ class StreamConnection(asyncio.Protocol):
         first_frame_timeout: float = FIRST_FRAME_TIMEOUT,
         admitted: bool = False,
         clients: Clients | None = None,
+        hand_over: HandOver | None = None,
+        five_tuple: FiveTuple | None = None,
+        initial: bytes = b"",
     ) -> None:
+        """`hand_over` peeks at the first message (pyturn/net/handover.py); a connection
+        handed over by another worker comes with its 5-tuple (a TLS one is a local pipe)
+        and `initial`, the bytes that worker read, which are taken first."""
         self.server = server
         # Where relayed data for this connection's allocation finds it (by 5-tuple).
         self.clients = clients
@@ -92,24 +102,34 @@ class StreamConnection(asyncio.Protocol):
         self.pipe: PipeEnd | None = None
         # TLS connections are counted by `TlsAcceptor` before their handshake.
         self.admitted = admitted
+        self.hand_over = hand_over
+        self._given_five_tuple = five_tuple
+        self._initial = initial
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        local = transport.get_extra_info("sockname")
-        client: Address = (str(peer[0]), int(peer[1]))
+        given = self._given_five_tuple
+        if given is None:
+            peer = transport.get_extra_info("peername")
+            local = transport.get_extra_info("sockname")
+            client: Address = (str(peer[0]), int(peer[1]))
+            given = (self.transport_name, client, (str(local[0]), int(local[1])))
+        client = given[1]
         if not self.admitted and not self.counter.admit(client[0]):
             log.debug("connection from %s refused: too many from that address", client[0])
             transport.abort()
             return
         self._counted = client[0]
-        self.five_tuple = (self.transport_name, client, (str(local[0]), int(local[1])))
+        self.five_tuple = given
         if self.clients is not None:
             self.clients.streams[self.five_tuple] = self.send
         transport.set_write_buffer_limits(high=MAX_WRITE_BUFFER)
         loop = asyncio.get_running_loop()
         self._idle_timer = loop.call_later(self.first_frame_timeout, self._first_frame_timeout)
+        if self._initial:
+            initial, self._initial = self._initial, b""
+            self.data_received(initial)
 
     def _first_frame_timeout(self) -> None:
         if self.transport is not None:
@@ -121,6 +141,8 @@ class StreamConnection(asyncio.Protocol):
             return
         framer = self.framer
         framer.feed(data)
+        if self.hand_over is not None and self._handed_over():
+            return
         try:
             while self.pipe is None and (frames := framer.frames()):
                 self._handle_frames(frames)
@@ -129,6 +151,33 @@ class StreamConnection(asyncio.Protocol):
             return
         if framer.pending > MAX_PENDING:
             self.close()
+
+    def _handed_over(self) -> bool:
+        """Asks `hand_over` until the first message is whole (pyturn/net/handover.py: a
+        ConnectionBind for another worker's CONNECTION-ID goes there)."""
+        assert self.hand_over is not None
+        verdict = self.hand_over(self, self.framer.buffer)
+        if verdict is None:
+            return False
+        self.hand_over = None
+        if verdict:
+            self.framer.buffer.clear()
+        return verdict
+
+    def become_pipe(self) -> PipeEnd | None:
+        """Stop framing: what the client sends from now on goes, as it is, to the
+        returned end's partner, once the caller joins one (a TLS connection proxied to
+        another worker)."""
+        if self.transport is None:
+            return None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        end = PipeEnd(lambda: None, None, from_peer=False)
+        end.transport = self.transport
+        self.pipe = end
+        self.framer.buffer.clear()
+        return end
 
     def _handle_frames(self, frames: list[bytes]) -> None:
         five_tuple = self.five_tuple

@@ -37,16 +37,17 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+
 from pyturn.config import Config, Listener, config_to_dict
 from pyturn.logs import format_address
+from pyturn.net import batch
 from pyturn.net.control import LINE_LIMIT, Message, read_message, write_message
 from pyturn.net.errors import StartupError
+from pyturn.net.handover import HandoverRelay
 from pyturn.net.http import OpsApp, start_ops_server
 from pyturn.net.node_state import NodeLayout, SupervisorRegion
 from pyturn.net.sdnotify import SystemdNotifier
 from pyturn.net.sockets import listener_sockets
-
-from pyturn.net import batch
 from pyturn.net.worker import install_event_loop_policy, load_for_reload
 
 log = logging.getLogger(__name__)
@@ -211,6 +212,15 @@ class Supervisor:
         for listener in self.listen:
             log.info("listening on %s %s:%d", listener.transport, listener.address, listener.port)
 
+    def _open_handover_channels(self) -> None:
+        """One channel per worker slot for the RFC 6062 data connections a worker accepts
+        for another one's CONNECTION-ID; slot i's end goes to every worker started in
+        slot i, and the supervisor relays between them (pyturn/net/handover.py)."""
+        relay = HandoverRelay(self.loop, self.count, lambda slot: slot in self.workers)
+        for slot, child in enumerate(relay.children):
+            self.inherit(child.fileno(), {"kind": "handover"}, lambda: None, slot=slot)
+        self._closers.append(relay.close)
+
     def _open_node_state(self) -> None:
         """The region where the workers count quotas, budgets and relay ports together."""
         relay = self.config.relay
@@ -225,6 +235,7 @@ class Supervisor:
         if self.notifier.enabled and self.notifier.watchdog_interval is not None:
             self._ping_watchdog(self.notifier.watchdog_interval)
         self._open_listeners()
+        self._open_handover_channels()
         self._open_node_state()
         for index in range(self.count):
             if self.state != "starting":

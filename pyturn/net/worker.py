@@ -60,9 +60,11 @@ from pyturn.core.server import (
 )
 from pyturn.logs import configure_logging, format_address, log_event
 from pyturn.metrics import Stats, TurnCollector, make_registry, render
+from pyturn.net import batch
 from pyturn.net.addresses import default_relay_ipv4, default_relay_ipv6
 from pyturn.net.clients import Clients
 from pyturn.net.errors import StartupError
+from pyturn.net.handover import Handover
 from pyturn.net.http import OpsApp, start_ops_server
 from pyturn.net.memory import MemoryReturner
 from pyturn.net.relay import UdpRelayBinder
@@ -73,8 +75,6 @@ from pyturn.net.stream import ConnectionCounter, StreamConnection, TlsAcceptor
 from pyturn.net.tcp_relay import TcpRelay
 from pyturn.net.tls import TlsContext, TlsError
 from pyturn.net.udp import UdpListener
-
-from pyturn.net import batch
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ class Worker:
         notifier: SystemdNotifier | None = None,
         secret: bytes | None = None,
         sockets: Mapping[int, socket.socket] | None = None,
+        worker_index: int = 0,
         node: NodeState | None = None,
     ) -> None:
         """`sockets`: listening sockets bound by the supervisor, by their position in
@@ -155,8 +156,11 @@ class Worker:
             nonce_secret=secret,
             random=random,
             table=table,
+            worker_index=worker_index,
             node=node,
         )
+        # With several workers: where RFC 6062 data connections go to their owner.
+        self.handover: Handover | None = None
         self.tcp_relay = TcpRelay(self.server, self.now, self._deliver_tcp)
         self.connections = ConnectionCounter(config.limits.connections_per_source)
         self.stats = Stats()
@@ -339,6 +343,7 @@ class Worker:
                         counter=self.connections,
                         first_frame_timeout=self.config.limits.first_message_timeout,
                         clients=self.clients,
+                        hand_over=None if self.handover is None else self.handover.hand_over,
                     )
 
                 if transport_name == "tls":
@@ -374,6 +379,29 @@ class Worker:
                 port,
                 sock.fileno(),
             )
+
+    def open_handover(self, sock: socket.socket) -> None:
+        """Take the supervisor's handover channel (one per worker slot): RFC 6062 data
+        connections accepted here for another worker's CONNECTION-ID go there, and those
+        other workers accepted for ours come here (pyturn/net/handover.py)."""
+        self.handover = Handover(
+            self.loop, sock, self.server.worker_index, self.config.workers, self._handed_stream
+        )
+        self._closers.append(self.handover.close)
+
+    def _handed_stream(self, five_tuple: FiveTuple, initial: bytes) -> StreamConnection:
+        """The connection for a client's data connection another worker accepted."""
+        return StreamConnection(
+            self.server,
+            self.now,
+            self.handle_actions,
+            five_tuple[0],
+            counter=self.connections,
+            first_frame_timeout=self.config.limits.first_message_timeout,
+            clients=self.clients,
+            five_tuple=five_tuple,
+            initial=initial,
+        )
 
     def _load_tls(self, config: Config) -> None:
         """Load (or, on reload, replace) the certificate pair of the TLS listeners."""

@@ -23,7 +23,6 @@ from pyturn.net.control import LINE_LIMIT, Message, read_message, write_message
 from pyturn.net.errors import StartupError
 from pyturn.net.node_state import NodeLayout, SharedNodeState
 from pyturn.net.sdnotify import SystemdNotifier
-
 from pyturn.net.worker import Worker, install_event_loop_policy
 
 # The worker's logger: these lines have always carried its name, and log filters match it.
@@ -69,7 +68,16 @@ async def serve_as_worker(control_fd: int) -> None:
             burst=limits.unauthenticated_burst,
             rate=limits.unauthenticated_rate,
         )
-    worker = Worker(config, notifier=SystemdNotifier({}), secret=secret, sockets=sockets, node=node)
+    worker = Worker(
+        config,
+        node=node,
+        notifier=SystemdNotifier({}),
+        secret=secret,
+        sockets=sockets,
+        worker_index=int(first["index"]),
+    )
+    for entry in inherited(first, "handover"):
+        worker.open_handover(socket.socket(fileno=int(entry["fd"])))
     try:
         await worker.start()
     except StartupError as exc:

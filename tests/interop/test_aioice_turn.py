@@ -346,3 +346,24 @@ def test_aioice_turn_endpoint_with_an_expired_rest_credential_is_refused(
     assert failure.value.response.error_code == 401
     server.wait_for_event("auth failed", user=username, reason="expired_rest_credential")
     assert not server.events("allocation created"), server.log_text
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_aioice_clients_echo_with_several_workers(
+    server_factory: ServerFactory, transport: str
+) -> None:
+    """`workers: 2`: aioice's TURN over TCP is plain TURN on one client connection (no
+    RFC 6062), so each client's allocation lives on the worker that accepted it; four
+    clients at once, spread over the workers, each get every echo in order."""
+    server = server_factory({"workers": 2})
+    server.wait_for_log(r"ready in \d+ ms: 2 workers", timeout=15)
+
+    async def clients() -> list[Addr]:
+        return list(
+            await asyncio.gather(
+                *(echo_through_endpoint(server, transport, USER, PASSWORD, 10) for _ in range(4))
+            )
+        )
+
+    relayed = run(clients())
+    assert len(set(relayed)) == 4

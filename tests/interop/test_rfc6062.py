@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import yaml
 
+from pyturn.core.tcp_relaying import connection_id_worker
+from pyturn.logs import format_address
 from pyturn.wire.attributes import ConnectionId
 from pyturn.wire.message import MessageClass
 from tests.interop.server_process import (
@@ -35,7 +39,11 @@ from tests.interop.server_process import (
     USER,
     ServerFactory,
     ServerProcess,
+    base_config,
+    merge_config,
     require_tool,
+    running_server,
+    tls_config,
 )
 from tests.interop.test_turnutils import UclientRun
 from tests.interop.turn_wire_client import (
@@ -58,7 +66,9 @@ PEER_TIMEOUT = 5.0
 EARLY = b"\xfepeer spoke before the bind"
 
 
-def run_uclient_tcp_relay(server: ServerProcess, *flags: str) -> UclientRun:
+def run_uclient_tcp_relay(
+    server: ServerProcess, *flags: str, messages: int = MESSAGES
+) -> UclientRun:
     """uclient -T (RFC 6062 relaying between its own two allocations)."""
     tool = require_tool("turnutils_uclient")
     port = server.tls_port if "-S" in flags else server.tcp_port
@@ -73,7 +83,7 @@ def run_uclient_tcp_relay(server: ServerProcess, *flags: str) -> UclientRun:
         "-w",
         PASSWORD,
         "-n",
-        str(MESSAGES),
+        str(messages),
         "-m",
         str(CLIENTS),
         "-l",
@@ -388,3 +398,146 @@ def test_a_reload_that_denies_a_peer_closes_its_established_peer_connection(
     assert_closed(denied_peer, "the connection to the denied peer")
     assert_closed(denied_pipe, "the data connection of the denied peer")
     echo_through(kept_pipe, kept_peer, b"after the reload")
+
+
+# -- several workers (issue 14) ----------------------------------------------------------
+
+WORKER_RUNS = 10
+TLS_WORKER_RUNS = 3
+# uclient's run time hardly depends on the count; few messages keep the log short.
+WORKER_MESSAGES = 10
+HANDOVER_ATTEMPTS = 16
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["workers=2", "workers=4"])
+def workers_server(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    tls_files: tuple[Path, Path],
+) -> Iterator[ServerProcess]:
+    """A server with several worker processes on UDP, TCP and TLS; its debug log says
+    which data connections went from one worker to another."""
+    overrides = {
+        **tls_config(*tls_files),
+        "workers": request.param,
+        "logging": {"level": "debug"},
+    }
+    config = merge_config(base_config(), overrides)
+    yield from running_server(config, tmp_path_factory.mktemp("pyturn-workers"))
+
+
+def assert_every_message_echoed(run: UclientRun, messages: int) -> None:
+    total = messages * CLIENTS
+    assert run.returncode == 0, run.output
+    assert run.lost == 0, run.output
+    assert (run.sent, run.received) == (total, total), run.output
+
+
+@pytest.mark.parametrize("attempt", range(1, WORKER_RUNS + 1))
+def test_uclient_relays_every_message_whichever_worker_accepts_its_data_connections(
+    workers_server: ServerProcess, attempt: int
+) -> None:
+    """RFC 6062 §5.4 with `workers: 2` and `4`: the worker that accepts a data connection
+    is the kernel's pick, not the one holding the peer connection its ConnectionBind
+    names; it passes the connection to that worker, and every message comes back."""
+    run = run_uclient_tcp_relay(workers_server, messages=WORKER_MESSAGES)
+    assert_every_message_echoed(run, WORKER_MESSAGES)
+
+
+@pytest.mark.parametrize("attempt", range(1, TLS_WORKER_RUNS + 1))
+def test_uclient_over_tls_relays_every_message_whichever_worker_accepts(
+    workers_server: ServerProcess, attempt: int
+) -> None:
+    """The same over TLS (-S): a TLS session cannot move between processes, so the
+    accepting worker keeps it and pipes the plaintext to the owner."""
+    run = run_uclient_tcp_relay(workers_server, "-S", messages=WORKER_MESSAGES)
+    assert_every_message_echoed(run, WORKER_MESSAGES)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+def test_a_data_connection_accepted_by_another_worker_carries_bytes_both_ways(
+    workers_server: ServerProcess,
+    tls_files: tuple[Path, Path],
+    transport: str,
+    clients: list[WireClient],
+    sockets: list[socket.socket],
+) -> None:
+    """RFC 6062 §5.2 and §5.4 with several workers: Connect, then ConnectionBind on new
+    data connections until one lands on a worker other than the one holding the peer
+    connection (the log says which were taken over); each bind succeeds and its pipe
+    carries bytes both ways, whichever worker accepted it."""
+    address = workers_server.address(transport)
+    ca_file = tls_files[0] if transport == "tls" else None
+    control = open_client(transport, address, ca_file=ca_file)
+    clients.append(control)
+    control.allocate_tcp()
+    start = workers_server.log_mark()
+    data_clients: set[str] = set()
+
+    def taken_over() -> bool:
+        return any(
+            fields.get("client") in data_clients and fields.get("transport") == transport
+            for fields in workers_server.events("data connection taken over", since=start)
+        )
+
+    for attempt in range(HANDOVER_ATTEMPTS):
+        listener = tcp_listener(sockets)
+        response = control.connect_peer(listener.getsockname()[:2])
+        assert response.msg_class == MessageClass.SUCCESS, error_text(response)
+        cid = response.get(ConnectionId)
+        assert cid is not None
+        conn = accepted_within(listener, PEER_TIMEOUT)
+        assert conn is not None
+        sockets.append(conn)
+        data = open_client(transport, address, ca_file=ca_file)
+        clients.append(data)
+        data.share_credentials(control)
+        bound = data.connection_bind(cid.value)
+        assert bound.msg_class == MessageClass.SUCCESS, (attempt, error_text(bound))
+        pipe, leftover = data.take_pipe()
+        assert leftover == b""
+        data_clients.add(format_address(pipe.getsockname()[:2]))
+        message = b"\xfbattempt %d " % attempt + bytes(range(256))
+        pipe.sendall(message)
+        conn.sendall(recv_exactly(conn, len(message)))  # the peer echoes
+        assert recv_exactly(pipe, len(message)) == message
+        if taken_over():
+            return
+    # The last lines may still be on their way from the workers' output.
+    deadline = time.monotonic() + 2.0
+    while not taken_over() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert taken_over(), workers_server.log_since(start)
+
+
+def test_a_connection_bind_naming_a_dead_worker_is_400(
+    server_factory: ServerFactory, clients: list[WireClient], sockets: list[socket.socket]
+) -> None:
+    """RFC 6062 §5.4: when the worker that made a CONNECTION-ID dies, its peer
+    connections die with it; a ConnectionBind naming one is answered 400 by whichever
+    worker gets it (sent back to the accepting one while the slot is empty, or the
+    restarted worker, which never heard of it), as one process answers an unknown ID."""
+    server = server_factory({"workers": 2, "logging": {"level": "debug"}})
+    server.wait_for_log(r"ready in \d+ ms: 2 workers", timeout=15)
+    pids = {
+        int(index): int(pid)
+        for index, pid in re.findall(r"worker (\d+) ready \(pid (\d+)\)", server.log_text)
+    }
+    listener = tcp_listener(sockets)
+    control = open_client("tcp", server.tcp_address)
+    clients.append(control)
+    control.allocate_tcp()
+    response = control.connect_peer(listener.getsockname()[:2])
+    assert response.msg_class == MessageClass.SUCCESS, error_text(response)
+    cid = response.get(ConnectionId)
+    assert cid is not None
+    owner = connection_id_worker(cid.value)
+    mark = server.log_mark()
+    os.kill(pids[owner], signal.SIGKILL)
+    server.wait_for_log(rf"worker {owner} \(pid {pids[owner]}\) exited", since=mark)
+
+    data = open_client("tcp", server.tcp_address)
+    clients.append(data)
+    data.share_credentials(control)
+    refused = data.connection_bind(cid.value)
+    assert error_code(refused) == 400, error_text(refused)

@@ -38,7 +38,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from pyturn.config import Config, Listener, config_to_dict
+from pyturn.config import MAX_WORKERS, Config, Listener, config_to_dict
 from pyturn.logs import format_address
 from pyturn.net import batch
 from pyturn.net.control import LINE_LIMIT, Message, read_message, write_message
@@ -62,8 +62,8 @@ _TAKE_MAX = ("pyturn_info", "pyturn_draining", "python_info")
 
 
 def worker_count(config: Config) -> int:
-    """`workers: 0` means one per CPU."""
-    return config.workers or os.cpu_count() or 1
+    """`workers: 0` means one per CPU (up to MAX_WORKERS)."""
+    return config.workers or min(os.cpu_count() or 1, MAX_WORKERS)
 
 
 def worker_config(config: Config, listen: tuple[Listener, ...], count: int) -> Config:

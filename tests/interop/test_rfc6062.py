@@ -24,6 +24,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -406,7 +407,6 @@ WORKER_RUNS = 10
 TLS_WORKER_RUNS = 3
 # uclient's run time hardly depends on the count; few messages keep the log short.
 WORKER_MESSAGES = 10
-HANDOVER_ATTEMPTS = 16
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["workers=2", "workers=4"])
@@ -454,6 +454,12 @@ def test_uclient_over_tls_relays_every_message_whichever_worker_accepts(
     assert_every_message_echoed(run, WORKER_MESSAGES)
 
 
+def worker_pids(server: ServerProcess) -> dict[int, int]:
+    """Each worker slot's process, from the supervisor's debug lines (the latest wins)."""
+    found = re.findall(r"worker (\d+) ready \(pid (\d+)\)", server.log_text)
+    return {int(slot): int(pid) for slot, pid in found}
+
+
 @pytest.mark.parametrize("transport", ["tcp", "tls"])
 def test_a_data_connection_accepted_by_another_worker_carries_bytes_both_ways(
     workers_server: ServerProcess,
@@ -462,52 +468,57 @@ def test_a_data_connection_accepted_by_another_worker_carries_bytes_both_ways(
     clients: list[WireClient],
     sockets: list[socket.socket],
 ) -> None:
-    """RFC 6062 §5.2 and §5.4 with several workers: Connect, then ConnectionBind on new
-    data connections until one lands on a worker other than the one holding the peer
-    connection (the log says which were taken over); each bind succeeds and its pipe
-    carries bytes both ways, whichever worker accepted it."""
+    """RFC 6062 §5.2 and §5.4 with several workers: while the worker that holds the peer
+    connection is stopped (SIGSTOP), another one must accept the data connection; it
+    passes it on (TCP: the socket; TLS: a pipe from the TLS session it keeps), the
+    owner, continued, answers the ConnectionBind, and the pipe carries bytes both ways."""
     address = workers_server.address(transport)
     ca_file = tls_files[0] if transport == "tls" else None
     control = open_client(transport, address, ca_file=ca_file)
     clients.append(control)
     control.allocate_tcp()
-    start = workers_server.log_mark()
-    data_clients: set[str] = set()
+    listener = tcp_listener(sockets)
+    response = control.connect_peer(listener.getsockname()[:2])
+    assert response.msg_class == MessageClass.SUCCESS, error_text(response)
+    cid = response.get(ConnectionId)
+    assert cid is not None
+    conn = accepted_within(listener, PEER_TIMEOUT)
+    assert conn is not None
+    sockets.append(conn)
+    owner = worker_pids(workers_server)[connection_id_worker(cid.value)]
+    mark = workers_server.log_mark()
 
-    def taken_over() -> bool:
-        return any(
-            fields.get("client") in data_clients and fields.get("transport") == transport
-            for fields in workers_server.events("data connection taken over", since=start)
-        )
-
-    for attempt in range(HANDOVER_ATTEMPTS):
-        listener = tcp_listener(sockets)
-        response = control.connect_peer(listener.getsockname()[:2])
-        assert response.msg_class == MessageClass.SUCCESS, error_text(response)
-        cid = response.get(ConnectionId)
-        assert cid is not None
-        conn = accepted_within(listener, PEER_TIMEOUT)
-        assert conn is not None
-        sockets.append(conn)
-        data = open_client(transport, address, ca_file=ca_file)
+    os.kill(owner, signal.SIGSTOP)
+    try:
+        data = open_client(transport, address, ca_file=ca_file, timeout=2 * PEER_TIMEOUT)
         clients.append(data)
         data.share_credentials(control)
-        bound = data.connection_bind(cid.value)
-        assert bound.msg_class == MessageClass.SUCCESS, (attempt, error_text(bound))
-        pipe, leftover = data.take_pipe()
-        assert leftover == b""
-        data_clients.add(format_address(pipe.getsockname()[:2]))
-        message = b"\xfbattempt %d " % attempt + bytes(range(256))
+        client = format_address(data.link.sock.getsockname()[:2])
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(data.connection_bind, cid.value)
+            try:
+                handed = workers_server.wait_for_event(
+                    "data connection handed over", since=mark, client=client
+                )
+            finally:
+                os.kill(owner, signal.SIGCONT)
+            bound = answer.result(timeout=2 * PEER_TIMEOUT)
+    finally:
+        os.kill(owner, signal.SIGCONT)
+    assert bound.msg_class == MessageClass.SUCCESS, error_text(bound)
+    assert handed["transport"] == transport
+    assert int(handed["worker"]) == connection_id_worker(cid.value)
+    taken = workers_server.wait_for_event("data connection taken over", since=mark, client=client)
+    proxied = "yes" if transport == "tls" else "no"  # a TLS session stays where it began
+    assert (taken["transport"], taken["proxied"]) == (transport, proxied)
+
+    pipe, leftover = data.take_pipe()
+    assert leftover == b""
+    for i in range(3):
+        message = b"\xfbround trip %d " % i + bytes(range(256))
         pipe.sendall(message)
         conn.sendall(recv_exactly(conn, len(message)))  # the peer echoes
         assert recv_exactly(pipe, len(message)) == message
-        if taken_over():
-            return
-    # The last lines may still be on their way from the workers' output.
-    deadline = time.monotonic() + 2.0
-    while not taken_over() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert taken_over(), workers_server.log_since(start)
 
 
 def test_a_connection_bind_naming_a_dead_worker_is_400(
@@ -519,10 +530,7 @@ def test_a_connection_bind_naming_a_dead_worker_is_400(
     restarted worker, which never heard of it), as one process answers an unknown ID."""
     server = server_factory({"workers": 2, "logging": {"level": "debug"}})
     server.wait_for_log(r"ready in \d+ ms: 2 workers", timeout=15)
-    pids = {
-        int(index): int(pid)
-        for index, pid in re.findall(r"worker (\d+) ready \(pid (\d+)\)", server.log_text)
-    }
+    pids = worker_pids(server)
     listener = tcp_listener(sockets)
     control = open_client("tcp", server.tcp_address)
     clients.append(control)

@@ -68,7 +68,6 @@ class Allocation:
     relayed_address6: Address | None = None
     permissions: dict[str, float] = field(default_factory=dict)
     channel_peers: dict[int, Address] = field(default_factory=dict)
-    channel_headers: dict[Address, bytes] = field(default_factory=dict)
     channel_expiry: dict[int, float] = field(default_factory=dict)
     # Packets and bytes each way (PACKETS_TO_PEER, ...): the data plane adds to them.
     counters: Counters = field(default_factory=new_counters)
@@ -101,6 +100,16 @@ class Allocation:
     def bytes_to_client(self) -> int:
         return self.counters[BYTES_TO_CLIENT]
 
+    def channel_to(self, peer: Address) -> int | None:
+        """The channel bound to `peer`, if any (a scan: ChannelBind is rare, and a second
+        dictionary per allocation would cost memory for every one held)."""
+        return next((n for n, bound in self.channel_peers.items() if bound == peer), None)
+
+    @property
+    def channel_headers(self) -> dict[Address, bytes]:
+        """Each bound peer's 2-byte ChannelData prefix (for tests and invariants)."""
+        return {peer: n.to_bytes(2, "big") for n, peer in self.channel_peers.items()}
+
     @property
     def is_tcp(self) -> bool:
         return self.peer_connections is not None
@@ -128,7 +137,6 @@ class Allocation:
 
     def bind_channel(self, number: int, peer: Address, now: float) -> None:
         self.channel_peers[number] = peer
-        self.channel_headers[peer] = number.to_bytes(2, "big")
         self.channel_expiry[number] = now + CHANNEL_LIFETIME
         self.table.bind(self.flow, self.relay_for(peer[0]), number, peer, permitted=False)
         self.permit(peer[0], now)
@@ -140,7 +148,6 @@ class Allocation:
 
     def _drop_channel(self, number: int) -> None:
         peer = self.channel_peers.pop(number)
-        self.channel_headers.pop(peer, None)
         self.channel_expiry.pop(number, None)
         self.table.unbind(self.flow, self.relay_for(peer[0]), number, peer)
 

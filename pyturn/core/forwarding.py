@@ -110,7 +110,7 @@ class ForwardingTable:
         self.to_peer_by_ip[(transport, client, server, ip)] = (relay, key, counters)
         self.to_client_by_ip[(key, ip)] = flow
         for peer, number in channels(ip):
-            self.to_client_by_peer[(key, peer)] = (number.to_bytes(2, "big"), flow)
+            self.to_client_by_peer[(key, peer)] = (channel_header(number), flow)
 
     def revoke(self, flow: Flow, relay: RelaySocket, ip: str, channels: ChannelsOf) -> None:
         """The permission for `ip` ended: nothing more to or from it, channels included."""
@@ -135,7 +135,7 @@ class ForwardingTable:
             counters,
         )
         if permitted:
-            self.to_client_by_peer[(key, peer)] = (number.to_bytes(2, "big"), flow)
+            self.to_client_by_peer[(key, peer)] = (channel_header(number), flow)
 
     def unbind(self, flow: Flow, relay: RelaySocket, number: int, peer: Address) -> None:
         transport, client, server, _ = flow
@@ -209,6 +209,18 @@ class ForwardingTable:
         counters[PACKETS_TO_CLIENT] += 1
         counters[BYTES_TO_CLIENT] += len(data)
         return flow, frame
+
+
+# A channel number's 2-byte prefix, one bytes object per number for every entry that
+# uses it (at most 16,384 of them; what an entry holds is what memory each one costs).
+_CHANNEL_HEADERS: dict[int, bytes] = {}
+
+
+def channel_header(number: int) -> bytes:
+    header = _CHANNEL_HEADERS.get(number)
+    if header is None:
+        header = _CHANNEL_HEADERS[number] = number.to_bytes(2, "big")
+    return header
 
 
 # (peer IP) -> the (peer, channel number) pairs bound towards that IP.

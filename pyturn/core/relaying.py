@@ -73,8 +73,8 @@ class RelayingRequests(ServerState):
         bound_peer = allocation.channel_peers.get(number)
         if bound_peer is not None and bound_peer != peer.address:
             raise errors.BadRequest("channel already bound to another peer")
-        bound_header = allocation.channel_headers.get(peer.address)
-        if bound_header is not None and int.from_bytes(bound_header, "big") != number:
+        bound_number = allocation.channel_to(peer.address)
+        if bound_number is not None and bound_number != number:
             raise errors.BadRequest("peer already bound to another channel")
         self._check_peer(allocation, peer)
         if (

@@ -5,16 +5,15 @@ hands them to the workers (see `Supervisor.inherit`). Each UDP listener is N soc
 one port with SO_REUSEPORT, one per worker slot: the kernel hashes a client's addresses
 to one of them, so a client keeps talking to the worker that holds its allocation, and
 since the set of sockets never changes, neither does the hash when a worker dies and
-its slot's socket passes to the worker restarted in its place. Relay ports are split
-into disjoint slices, one per worker. The supervisor starts the workers, restarts one
-that dies, serves /metrics (the sum of the workers' metrics), /live and /ready, and
-turns signals into orders:
+its slot's socket passes to the worker restarted in its place. Relay ports, quotas and
+the per-source budgets are the node's, counted in a shared region the supervisor
+creates (pyturn/net/node_state.py); RFC 6062 data connections reach the worker that
+owns their CONNECTION-ID through the supervisor (pyturn/net/handover.py). The
+supervisor starts the workers, restarts one that dies, serves /metrics (the sum of the
+workers' metrics), /live and /ready, and turns signals into orders:
 
 - SIGHUP: re-read and check the config file, then send it to every worker;
 - SIGTERM/SIGINT: tell the workers to drain; a second one tells them to stop at once.
-
-Quotas are kept by each worker: `quotas.allocations_total` is divided between them,
-`quotas.allocations_per_user` applies per worker.
 """
 
 from __future__ import annotations

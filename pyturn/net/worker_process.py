@@ -1,10 +1,10 @@
 """A worker process's side of the supervisor's control channel (`workers: N`).
 
 The supervisor owns the config file, the signals of the terminal and systemd, /metrics
-and the listening sockets; each worker process gets its config, its share of the relay
-ports, the descriptors it inherits (its listening sockets) and its orders (metrics,
-reload, drain, stop) over one Unix socket, and answers there. The supervisor's side is
-pyturn.net.supervisor.
+and the listening sockets; each worker process gets its config, the descriptors it
+inherits (its listening sockets, its RFC 6062 handover channel, the node state) and its
+orders (metrics, reload, drain, resync, stop) over one Unix socket, and answers there.
+The supervisor's side is pyturn.net.supervisor.
 """
 
 from __future__ import annotations

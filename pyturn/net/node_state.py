@@ -205,6 +205,7 @@ class SharedNodeState(_Region):
         super().__init__(fd, layout, secret)
         self.owner = index + 1
         self.held_here = UserCounts()
+        self._user_keys: dict[str, int] = {}
         self.burst = float(burst)
         self.rate = rate
         self._generation = _COUNTS.unpack_from(self.mm, 0)[0]
@@ -214,7 +215,7 @@ class SharedNodeState(_Region):
         generation = _COUNTS.unpack_from(self.mm, 0)[0]
         if generation != self._generation:
             for user, count in self.held_here.items():
-                self.add_user(self.key(user), count)
+                self.add_user(self._user_keys[user], count)
             self._generation = generation
 
     def sync(self) -> None:
@@ -236,24 +237,35 @@ class SharedNodeState(_Region):
     def total(self) -> int:
         return int(_COUNTS.unpack_from(self.mm, 0)[1])
 
+    def _user_key(self, user: str) -> int:
+        """The key of a user: kept while this worker holds something for it."""
+        key = self._user_keys.get(user)
+        if key is None:
+            key = self._user_keys[user] = self.key(user)
+        return key
+
     def hold(self, user: str, per_user: int, total: int) -> bool:
-        key = self.key(user)
+        key = self._user_key(user)
         self.lock()
         try:
             self._sync()
             offset, count = self.find_user(key)
-            if per_user and count >= per_user:
-                return False
-            if total and _COUNTS.unpack_from(self.mm, 0)[1] >= total:
-                return False
-            self._count_at(offset, count, key, 1)
+            refused = bool(per_user and count >= per_user) or bool(
+                total and _COUNTS.unpack_from(self.mm, 0)[1] >= total
+            )
+            if not refused:
+                self._count_at(offset, count, key, 1)
         finally:
             self.unlock()
+        if refused:
+            if user not in self.held_here:
+                del self._user_keys[user]
+            return False
         self.held_here[user] += 1
         return True
 
     def add(self, user: str) -> None:
-        key = self.key(user)
+        key = self._user_key(user)
         self.lock()
         try:
             self._sync()
@@ -263,7 +275,7 @@ class SharedNodeState(_Region):
         self.held_here[user] += 1
 
     def release(self, user: str) -> None:
-        key = self.key(user)
+        key = self._user_key(user)
         self.lock()
         try:
             self._sync()
@@ -271,6 +283,8 @@ class SharedNodeState(_Region):
         finally:
             self.unlock()
         self.held_here.remove(user)
+        if user not in self.held_here:
+            del self._user_keys[user]
 
     def allow_unsigned(self, ip: str, now: float) -> bool:
         key = self.key(ip)
@@ -302,6 +316,7 @@ class SharedNodeState(_Region):
 
     def compact(self, now: float) -> None:
         self.held_here.compact()
+        self._user_keys = dict(self._user_keys)
 
 
 class SharedPortPool:
@@ -369,13 +384,12 @@ class SharedPortPool:
         at = self._at(port)
         if at is None:
             return
-        region = self.region
-        region.lock()
-        try:
-            if region.mm[at] == self.owner and region.mm[self._reserved + at - self._owners] == 0:
-                region.mm[at] = 0
-        finally:
-            region.unlock()
+        # No lock: only this worker writes the byte of a port it holds and has not
+        # reserved (take and reserve write free bytes, claim reserved ones, and the
+        # supervisor those of a dead worker).
+        mm = self.region.mm
+        if mm[at] == self.owner and mm[self._reserved + at - self._owners] == 0:
+            mm[at] = 0
 
     def _random_free(self, fits: Callable[[int], bool]) -> int | None:
         """A free port (not taken) that `fits`, looked for from a random place."""

@@ -151,3 +151,14 @@ def test_user_counts_match_a_counter_whatever_collides(ops: list[tuple[bool, int
     finally:
         state.close()
         node.close()
+
+
+def test_a_refused_user_leaves_nothing_behind_in_the_worker(node: Node) -> None:
+    a = node.worker(0)
+    assert a.hold("alice", 1, 0)
+    assert not a.hold("alice", 1, 0)
+    assert not a.hold("bob", 0, 1)  # the node holds 1 of a total of 1
+    assert a.held_here == Counter({"alice": 1}) and set(a._user_keys) == {"alice"}
+    a.release("alice")
+    assert not a.held_here and not a._user_keys
+    assert a.held_on_node("alice") == 0 and a.total == 0

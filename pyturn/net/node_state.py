@@ -157,7 +157,10 @@ class _Region:
 
     def forget_worker(self, index: int) -> None:
         """A worker died: free its ports and reservations, and have the user counts
-        rebuilt by the living (see the module docstring). The supervisor's."""
+        rebuilt by the living (see the module docstring). The supervisor's; nothing
+        once it has closed the region (its workers exit after it stopped)."""
+        if self.mm.closed:
+            return
         self.lock()
         try:
             layout, mm = self.layout, self.mm

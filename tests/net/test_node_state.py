@@ -162,3 +162,10 @@ def test_a_refused_user_leaves_nothing_behind_in_the_worker(node: Node) -> None:
     a.release("alice")
     assert not a.held_here and not a._user_keys
     assert a.held_on_node("alice") == 0 and a.total == 0
+
+
+def test_a_worker_exiting_after_the_supervisor_closed_the_region_is_no_error() -> None:
+    """At shutdown the supervisor closes the region while its workers still exit."""
+    region = SupervisorRegion(NodeLayout(50000, 50002), SECRET)
+    region.close()
+    region.forget_worker(0)

@@ -192,8 +192,8 @@ class ForwardingTable:
 
         Nothing without a permission for the peer's IP (a channel outlives its permission
         unless refreshed, and its entry goes with the permission); then ChannelData when
-        a channel is bound to the peer, else a Data indication. route_from_peer in
-        _fastpath.c makes the ChannelData and leaves the rest here.
+        a channel is bound to the peer, else a Data indication. flow_from_peer in
+        _fastpath.c is the same rule, for the datagrams of UDP clients.
         """
         bound = self.to_client_by_peer.get((relay_key, peer))
         if bound is not None:
@@ -204,11 +204,16 @@ class ForwardingTable:
             if found is None:
                 return None
             flow = found
-            frame = data_indication(peer, data, self.random.token(12))
+            frame = self.data_indication(peer, data)
         counters = flow[3]
         counters[PACKETS_TO_CLIENT] += 1
         counters[BYTES_TO_CLIENT] += len(data)
         return flow, frame
+
+    def data_indication(self, peer: Address, data: bytes) -> bytes:
+        """The Data indication carrying `data` from `peer`, with a fresh transaction ID;
+        the native path asks this for the ones it sends."""
+        return data_indication(peer, data, self.random.token(12))
 
 
 # A channel number's 2-byte prefix, one bytes object per number for every entry that

@@ -29,6 +29,8 @@ def serve_relays(
     limit: int,
     reads: int,
     to_client_by_peer: dict[Any, Any],
+    to_client_by_ip: dict[Any, Any],
+    indication: Callable[[tuple[str, int], bytes], bytes],
     udp_listeners: dict[tuple[str, int], int],
     /,
 ) -> list[tuple[_Endpoint, list[Datagram]]]: ...
@@ -36,6 +38,8 @@ def serve_relay(
     sock: _socket.socket | int,
     reads: int,
     to_client_by_peer: dict[Any, Any],
+    to_client_by_ip: dict[Any, Any],
+    indication: Callable[[tuple[str, int], bytes], bytes],
     udp_listeners: dict[tuple[str, int], int],
     deliver: Callable[[list[Datagram]], None],
     /,
@@ -57,7 +61,13 @@ def route_client_datagram(
     /,
 ) -> tuple[int, tuple[str, int], bytes] | None: ...
 def route_peer_datagram(
-    to_client_by_peer: dict[Any, Any], relay_key: int, peer: tuple[str, int], data: bytes, /
+    to_client_by_peer: dict[Any, Any],
+    to_client_by_ip: dict[Any, Any],
+    indication: Callable[[tuple[str, int], bytes], bytes],
+    relay_key: int,
+    peer: tuple[str, int],
+    data: bytes,
+    /,
 ) -> tuple[Any, bytes] | None: ...
 def gso() -> bool: ...
 def forget_addresses() -> None: ...

@@ -1,13 +1,15 @@
 /*
  * pyturn.net._batch: the batched UDP I/O of _udp_batch.c, and the relay fast path.
  *
- * The fast path relays the ChannelData of UDP clients in both directions without
- * running Python. It reads the forwarding table (pyturn/core/forwarding.py) and nothing
- * else: the dictionaries `to_peer_by_channel` and `to_client_by_peer`, whose keys and
- * values are plain tuples read here by position, and the I/O layer's map from a UDP
- * listener's local address to its descriptor. The rules are those of
+ * The fast path relays the ChannelData of UDP clients in both directions, and sends
+ * the Data indications of peers without a channel to them, without a round of the event
+ * loop. It reads the forwarding table (pyturn/core/forwarding.py) and nothing else: the
+ * dictionaries `to_peer_by_channel`, `to_client_by_peer` and `to_client_by_ip`, whose
+ * keys and values are plain tuples read here by position, and the I/O layer's map from
+ * a UDP listener's local address to its descriptor; a Data indication's bytes come from
+ * the table's own function (they need a random transaction ID). The rules are those of
  * ForwardingTable.from_client and ForwardingTable.from_peer, the reference path; what
- * this file does not serve (STUN, Data indications, clients on TCP/TLS) goes back to
+ * this file does not serve (STUN, Send indications, clients on TCP/TLS) goes back to
  * Python, and tests/net/test_forwarding_differential.py holds the two to the same
  * answers. `is_channel_data` (pyturn/wire/channel_data.py) is the classifier below too.
  */
@@ -318,8 +320,63 @@ listener_ready(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /* ---------------------------------------------------------------------------------------
- * Peer -> client: ForwardingTable.from_peer, for ChannelData.
+ * Peer -> client: ForwardingTable.from_peer.
  */
+
+static PyObject *route_from_peer(PyObject *to_client, PyObject *relay_key, PyObject *peer);
+
+/* The flow a Data indication from `peer` goes to (the table's to_client_by_ip), borrowed;
+ * NULL without an exception when there is none (no permission: nothing is relayed). */
+static PyObject *
+indication_flow(PyObject *to_client_by_ip, PyObject *relay_key, PyObject *peer)
+{
+    PyObject *key = PyTuple_Pack(2, relay_key, PyTuple_GET_ITEM(peer, 0));
+    if (key == NULL)
+        return NULL;
+    PyObject *flow = PyDict_GetItemWithError(to_client_by_ip, key);
+    Py_DECREF(key);
+    if (flow == NULL)
+        return NULL;
+    if (item(flow, FLOW_SIZE, 0) == NULL)
+        return NULL;
+    return flow;
+}
+
+/* Where a datagram from `peer` goes: its flow (borrowed) and, through *header, the
+ * channel's 2-byte prefix, or NULL for a Data indication; NULL without an exception when
+ * it goes nowhere. */
+static PyObject *
+flow_from_peer(PyObject *to_client, PyObject *to_client_by_ip, PyObject *relay_key,
+               PyObject *peer, PyObject **header)
+{
+    *header = NULL;
+    PyObject *entry = route_from_peer(to_client, relay_key, peer);
+    if (entry != NULL) {
+        *header = PyTuple_GET_ITEM(entry, TO_CLIENT_HEADER);
+        return PyTuple_GET_ITEM(entry, TO_CLIENT_FLOW);
+    }
+    if (PyErr_Occurred())
+        return NULL;
+    return indication_flow(to_client_by_ip, relay_key, peer);
+}
+
+/* The Data indication for `len` bytes at b from `peer`, made by the table's function
+ * `indication(peer, data)`: a new reference to bytes, or NULL with an exception. */
+static PyObject *
+make_indication(PyObject *indication, PyObject *peer, const unsigned char *b, size_t len)
+{
+    PyObject *data = PyBytes_FromStringAndSize((const char *)b, (Py_ssize_t)len);
+    if (data == NULL)
+        return NULL;
+    PyObject *frame = PyObject_CallFunctionObjArgs(indication, peer, data, NULL);
+    Py_DECREF(data);
+    if (frame != NULL && !PyBytes_Check(frame)) {
+        Py_DECREF(frame);
+        PyErr_SetString(PyExc_TypeError, "a Data indication is bytes");
+        return NULL;
+    }
+    return frame;
+}
 
 /* The (header, flow) entry for a datagram from `peer` on relay `relay_key`, borrowed;
  * NULL without an exception when there is none (Python decides: a Data indication, or
@@ -397,15 +454,19 @@ open_run(struct client_run *run, PyObject *flow, PyObject *listeners)
 }
 
 /* Serve up to `reads` datagrams queued on relay socket fd (whose table key is relay_key):
- * ChannelData to UDP clients goes out here; the rest is appended to *left as (data, peer)
- * for Python (the list is made on first use). 0, or -1 with an exception. */
+ * ChannelData and Data indications to UDP clients go out here; the rest (clients on TCP
+ * or TLS) is appended to *left as (data, peer) for Python (the list is made on first
+ * use). 0, or -1 with an exception. */
 static int
 serve_endpoint(int fd, PyObject *relay_key, Py_ssize_t reads, PyObject *to_client,
-               PyObject *listeners, PyObject **left)
+               PyObject *to_client_by_ip, PyObject *indication, PyObject *listeners,
+               PyObject **left)
 {
     if (ensure_rx_buffers() < 0)
         return -1;
     struct client_run run = {.flow = NULL, .count = 0, .payload_bytes = 0};
+    /* The Data indications made in this call: alive until they have been sent. */
+    PyObject *made = NULL;
     Py_ssize_t done_reads = 0;
     int stale_errors = 0;
     while (done_reads < reads) {
@@ -422,30 +483,52 @@ serve_endpoint(int fd, PyObject *relay_key, Py_ssize_t reads, PyObject *to_clien
             PyObject *peer = address_tuple(&rx_names[i]);
             if (peer == NULL)
                 goto error;
-            PyObject *entry = route_from_peer(to_client, relay_key, peer);
-            Py_DECREF(peer);
+            PyObject *header;
+            PyObject *flow = flow_from_peer(to_client, to_client_by_ip, relay_key, peer, &header);
             int served = 0;
-            if (entry != NULL) {
-                served = open_run(&run, PyTuple_GET_ITEM(entry, TO_CLIENT_FLOW), listeners);
-                if (served < 0)
-                    goto error;
-            } else if (PyErr_Occurred()) {
+            if (flow != NULL)
+                served = open_run(&run, flow, listeners);
+            if (served < 0 || (flow == NULL && PyErr_Occurred())) {
+                Py_DECREF(peer);
                 goto error;
             }
+            if (flow == NULL) {
+                Py_DECREF(peer);
+                continue; /* RFC 8656 §11.3: no permission, no relaying */
+            }
             if (!served) {
+                Py_DECREF(peer);
                 if (*left == NULL && (*left = PyList_New(0)) == NULL)
                     goto error;
                 if (append_datagram(*left, i) < 0)
                     goto error;
                 continue;
             }
-            const char *h = PyBytes_AS_STRING(PyTuple_GET_ITEM(entry, TO_CLIENT_HEADER));
-            b[-4] = (unsigned char)h[0];
-            b[-3] = (unsigned char)h[1];
-            b[-2] = (unsigned char)(len >> 8);
-            b[-1] = (unsigned char)len;
-            run.frames[run.count].iov_base = b - 4;
-            run.frames[run.count].iov_len = len + 4;
+            if (header != NULL) {
+                Py_DECREF(peer);
+                const char *h = PyBytes_AS_STRING(header);
+                b[-4] = (unsigned char)h[0];
+                b[-3] = (unsigned char)h[1];
+                b[-2] = (unsigned char)(len >> 8);
+                b[-1] = (unsigned char)len;
+                run.frames[run.count].iov_base = b - 4;
+                run.frames[run.count].iov_len = len + 4;
+            } else {
+                PyObject *frame = make_indication(indication, peer, b, len);
+                Py_DECREF(peer);
+                if (frame == NULL)
+                    goto error;
+                if (made == NULL && (made = PyList_New(0)) == NULL) {
+                    Py_DECREF(frame);
+                    goto error;
+                }
+                int appended = PyList_Append(made, frame);
+                Py_DECREF(frame); /* the list keeps it */
+                if (appended < 0)
+                    goto error;
+                run.frames[run.count].iov_base = PyBytes_AS_STRING(frame);
+                run.frames[run.count].iov_len = (size_t)PyBytes_GET_SIZE(frame);
+            }
             run.count++;
             run.payload_bytes += (Py_ssize_t)len;
         }
@@ -455,33 +538,38 @@ serve_endpoint(int fd, PyObject *relay_key, Py_ssize_t reads, PyObject *to_clien
             break;
     }
     Py_CLEAR(run.flow);
+    Py_XDECREF(made);
     return 0;
 error:
     flush_run(&run);
     Py_CLEAR(run.flow);
+    Py_XDECREF(made);
     return -1;
 }
 
 #define MAX_EVENTS 256
 
 PyDoc_STRVAR(serve_relays_doc,
-"serve_relays(epoll, endpoints, limit, reads, to_client_by_peer, udp_listeners)\n"
+"serve_relays(epoll, endpoints, limit, reads, to_client_by_peer, to_client_by_ip,\n"
+"             indication, udp_listeners)\n"
 "    -> list[tuple[endpoint, list[tuple[bytes, tuple[str, int]]]]]\n\n"
 "One epoll_wait (no waiting) on the relay sockets' epoll instance for up to limit\n"
 "ready sockets. endpoints maps each registered fd (the socket's table key) to an\n"
-"object of the caller's. Up to reads datagrams of each ready socket are read; the\n"
-"ChannelData of UDP clients (udp_listeners maps a listener's local address to its fd)\n"
-"goes out here, as ForwardingTable.from_peer would make it, counters included. Returns\n"
-"(endpoint, datagrams) for each socket with datagrams left for Python.");
+"object of the caller's. Up to reads datagrams of each ready socket are read; what\n"
+"goes to UDP clients (udp_listeners maps a listener's local address to its fd) goes\n"
+"out here, as ForwardingTable.from_peer would make it, counters included: ChannelData,\n"
+"and Data indications made by indication(peer, data). Returns (endpoint, datagrams)\n"
+"for each socket with datagrams left for Python.");
 
 static PyObject *
 serve_relays(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6 || !PyDict_Check(args[1]) || !PyDict_Check(args[4]) ||
-        !PyDict_Check(args[5])) {
+    if (nargs != 8 || !PyDict_Check(args[1]) || !PyDict_Check(args[4]) ||
+        !PyDict_Check(args[5]) || !PyCallable_Check(args[6]) || !PyDict_Check(args[7])) {
         PyErr_SetString(PyExc_TypeError,
                         "serve_relays(epoll, endpoints: dict, limit, reads, "
-                        "to_client_by_peer: dict, udp_listeners: dict)");
+                        "to_client_by_peer: dict, to_client_by_ip: dict, indication, "
+                        "udp_listeners: dict)");
         return NULL;
     }
     int epfd = PyObject_AsFileDescriptor(args[0]);
@@ -514,7 +602,8 @@ serve_relays(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_INCREF(endpoint);
         PyObject *left = NULL;
-        int rc = serve_endpoint(events[i].data.fd, key, reads, args[4], args[5], &left);
+        int rc = serve_endpoint(events[i].data.fd, key, reads, args[4], args[5], args[6],
+                                args[7], &left);
         Py_DECREF(key);
         if (rc == 0 && left != NULL) {
             PyObject *pair = PyTuple_Pack(2, endpoint, left);
@@ -533,7 +622,8 @@ fail:
 }
 
 PyDoc_STRVAR(serve_relay_doc,
-"serve_relay(sock, reads, to_client_by_peer, udp_listeners, deliver) -> None\n\n"
+"serve_relay(sock, reads, to_client_by_peer, to_client_by_ip, indication,\n"
+"            udp_listeners, deliver) -> None\n\n"
 "The event loop's callback for a relay socket it watches itself (its descriptor is its\n"
 "table key): served as by serve_relays, then deliver(datagrams) with what was left for\n"
 "Python, if anything was.");
@@ -541,10 +631,11 @@ PyDoc_STRVAR(serve_relay_doc,
 static PyObject *
 serve_relay(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5 || !PyDict_Check(args[2]) || !PyDict_Check(args[3])) {
+    if (nargs != 7 || !PyDict_Check(args[2]) || !PyDict_Check(args[3]) ||
+        !PyCallable_Check(args[4]) || !PyDict_Check(args[5])) {
         PyErr_SetString(PyExc_TypeError,
                         "serve_relay(sock, reads, to_client_by_peer: dict, "
-                        "udp_listeners: dict, deliver)");
+                        "to_client_by_ip: dict, indication, udp_listeners: dict, deliver)");
         return NULL;
     }
     int fd = PyObject_AsFileDescriptor(args[0]);
@@ -557,7 +648,7 @@ serve_relay(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (key == NULL)
         return NULL;
     PyObject *left = NULL;
-    int rc = serve_endpoint(fd, key, reads, args[2], args[3], &left);
+    int rc = serve_endpoint(fd, key, reads, args[2], args[3], args[4], args[5], &left);
     Py_DECREF(key);
     if (rc < 0) {
         Py_XDECREF(left);
@@ -565,7 +656,7 @@ serve_relay(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     if (left == NULL)
         Py_RETURN_NONE;
-    PyObject *done = PyObject_CallOneArg(args[4], left);
+    PyObject *done = PyObject_CallOneArg(args[6], left);
     Py_DECREF(left);
     return done;
 }
@@ -617,40 +708,50 @@ route_client_datagram(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 PyDoc_STRVAR(route_peer_datagram_doc,
-"route_peer_datagram(to_client_by_peer, relay_key, peer, data)\n"
-"    -> tuple[flow, bytes] | None\n\n"
-"What serve_relay does with a datagram from `peer`: (flow, ChannelData frame), counted,\n"
-"or None when it is left for Python.");
+"route_peer_datagram(to_client_by_peer, to_client_by_ip, indication, relay_key, peer,\n"
+"                    data) -> tuple[flow, bytes] | None\n\n"
+"What serve_relay does with a datagram from `peer` for a UDP client: (flow, frame),\n"
+"counted, where the frame is ChannelData or the Data indication indication(peer, data)\n"
+"made; None when nothing is relayed.");
 
 static PyObject *
 route_peer_datagram(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4 || !PyDict_Check(args[0]) || !PyBytes_Check(args[3])) {
+    if (nargs != 6 || !PyDict_Check(args[0]) || !PyDict_Check(args[1]) ||
+        !PyCallable_Check(args[2]) || !PyBytes_Check(args[5])) {
         PyErr_SetString(PyExc_TypeError,
-                        "route_peer_datagram(to_client_by_peer: dict, relay_key, peer, "
-                        "data: bytes)");
+                        "route_peer_datagram(to_client_by_peer: dict, to_client_by_ip: dict, "
+                        "indication, relay_key, peer, data: bytes)");
         return NULL;
     }
-    PyObject *entry = route_from_peer(args[0], args[1], args[2]);
-    if (entry == NULL) {
-        if (PyErr_Occurred())
-            return NULL;
-        Py_RETURN_NONE;
-    }
-    Py_ssize_t len = PyBytes_GET_SIZE(args[3]);
+    Py_ssize_t len = PyBytes_GET_SIZE(args[5]);
     if (len > 0xFFFF) {
         PyErr_SetString(PyExc_ValueError, "larger than a UDP datagram");
         return NULL;
     }
-    PyObject *flow = PyTuple_GET_ITEM(entry, TO_CLIENT_FLOW);
-    PyObject *frame = PyBytes_FromStringAndSize(NULL, len + 4);
-    if (frame == NULL)
-        return NULL;
-    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(frame);
-    memcpy(out, PyBytes_AS_STRING(PyTuple_GET_ITEM(entry, TO_CLIENT_HEADER)), 2);
-    out[2] = (unsigned char)(len >> 8);
-    out[3] = (unsigned char)len;
-    memcpy(out + 4, PyBytes_AS_STRING(args[3]), (size_t)len);
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[5]);
+    PyObject *header;
+    PyObject *flow = flow_from_peer(args[0], args[1], args[3], args[4], &header);
+    if (flow == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    PyObject *frame;
+    if (header != NULL) {
+        frame = PyBytes_FromStringAndSize(NULL, len + 4);
+        if (frame == NULL)
+            return NULL;
+        unsigned char *out = (unsigned char *)PyBytes_AS_STRING(frame);
+        memcpy(out, PyBytes_AS_STRING(header), 2);
+        out[2] = (unsigned char)(len >> 8);
+        out[3] = (unsigned char)len;
+        memcpy(out + 4, data, (size_t)len);
+    } else {
+        frame = make_indication(args[2], args[4], data, (size_t)len);
+        if (frame == NULL)
+            return NULL;
+    }
     if (add_counts(PyTuple_GET_ITEM(flow, FLOW_COUNTERS), PACKETS_TO_CLIENT, 1, len) < 0) {
         Py_DECREF(frame);
         return NULL;

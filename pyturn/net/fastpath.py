@@ -1,4 +1,4 @@
-"""The relay fast path: ChannelData of UDP clients relayed in C, both directions.
+"""The relay fast path in C: ChannelData of UDP clients both ways, and Data indications.
 
 The native functions (pyturn/net/_fastpath.c, in the module `pyturn.net._batch`) read
 the forwarding table's dictionaries (pyturn/core/forwarding.py) and the I/O layer's map
@@ -12,9 +12,11 @@ slower.
         the event loop's callback for a UDP client listener
     forward_channel_data(sock, limit, to_peer_by_channel, local) -> (read, left)
         the same read for the rest of a wake-up's budget
-    serve_relay(sock, reads, to_client_by_peer, udp_listeners, deliver)
+    serve_relay(sock, reads, to_client_by_peer, to_client_by_ip, indication,
+                udp_listeners, deliver)
         the event loop's callback for a relay socket it watches itself
-    serve_relays(epoll, endpoints, limit, reads, to_client_by_peer, udp_listeners)
+    serve_relays(epoll, endpoints, limit, reads, to_client_by_peer, to_client_by_ip,
+                 indication, udp_listeners)
         the relay sockets behind one epoll descriptor -> [(endpoint, left)]
 """
 
@@ -59,10 +61,12 @@ def _listener_ready(  # noqa: PLR0917 (add_reader passes its arguments positiona
         handle(received, datagrams)
 
 
-def _serve_relay(
+def _serve_relay(  # noqa: PLR0917 (add_reader passes its arguments positionally)
     sock: _socket.socket,
     reads: int,
     to_client_by_peer: dict[Any, Any],
+    to_client_by_ip: dict[Any, Any],
+    indication: Indication,
     udp_listeners: UdpListeners,
     deliver: Deliver,
 ) -> None:
@@ -81,6 +85,8 @@ def _serve_relays(  # noqa: PLR0917 (the native signature)
     limit: int,
     reads: int,
     to_client_by_peer: dict[Any, Any],
+    to_client_by_ip: dict[Any, Any],
+    indication: Indication,
     udp_listeners: UdpListeners,
 ) -> list[tuple[Any, list[Datagram]]]:
     """Serves nothing itself: every ready socket's datagrams go to Python (an endpoint
@@ -100,6 +106,8 @@ def _serve_relays(  # noqa: PLR0917 (the native signature)
 
 
 Deliver = Callable[[list[Datagram]], None]
+# ForwardingTable.data_indication: a Data indication's bytes for (peer, data).
+Indication = Callable[[Address, bytes], bytes]
 ListenerReady = Callable[
     [
         _socket.socket,
@@ -114,9 +122,21 @@ ListenerReady = Callable[
 ForwardChannelData = Callable[
     [_socket.socket, int, dict[Any, Any], Address], tuple[int, list[Datagram]]
 ]
-ServeRelay = Callable[[_socket.socket, int, dict[Any, Any], UdpListeners, Deliver], None]
+ServeRelay = Callable[
+    [_socket.socket, int, dict[Any, Any], dict[Any, Any], Indication, UdpListeners, Deliver],
+    None,
+]
 ServeRelays = Callable[
-    [select.epoll, dict[int, Any], int, int, dict[Any, Any], UdpListeners],
+    [
+        select.epoll,
+        dict[int, Any],
+        int,
+        int,
+        dict[Any, Any],
+        dict[Any, Any],
+        Indication,
+        UdpListeners,
+    ],
     list[tuple[Any, list[Datagram]]],
 ]
 

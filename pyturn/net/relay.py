@@ -105,6 +105,8 @@ class RelayPoller:
                 endpoint.sock,
                 _READS_PER_WAKEUP,
                 self.table.to_client_by_peer,
+                self.table.to_client_by_ip,
+                self.table.data_indication,
                 self.clients.udp_fds,
                 endpoint.deliver,
             )
@@ -132,6 +134,8 @@ class RelayPoller:
             _SOCKETS_PER_WAKEUP,
             _READS_PER_WAKEUP,
             self.table.to_client_by_peer,
+            self.table.to_client_by_ip,
+            self.table.data_indication,
             self.clients.udp_fds,
         )
         for endpoint, datagrams in left:

@@ -108,11 +108,9 @@ class RelayingRequests(ServerState):
 
         Handles XOR-PEER-ADDRESS (IPv4), DATA and DONT-FRAGMENT; anything else (IPv6,
         FINGERPRINT, unknown attributes, odd lengths) returns `SLOW_PATH` so the full
-        codec decides. The rules are those of `_send_indication`.
+        codec decides. The rules are those of `_send_indication`; the table holds no
+        route for a 5-tuple without a UDP allocation, so that needs no lookup here.
         """
-        allocation = self.allocations.get(five_tuple)
-        if allocation is None or allocation.is_tcp:
-            return None
         end = len(data)
         if end < 20 or data[4:8] != _COOKIE_BYTES or 20 + ((data[2] << 8) | data[3]) != end:
             return SLOW_PATH

@@ -101,10 +101,11 @@ class _Region:
         digest = hashlib.blake2b(name.encode(), digest_size=8, key=self._secret).digest()
         return int.from_bytes(digest, "little") or 1  # 0 marks an empty slot
 
-    def lock(self) -> None:
+    def __enter__(self) -> None:
+        """`with region:` holds the lock (every worker's, and the supervisor's)."""
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
 
-    def unlock(self) -> None:
+    def __exit__(self, *_: object) -> None:
         fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
     # -- the user table (call with the lock held) ------------------------------------------
@@ -161,8 +162,7 @@ class _Region:
         once it has closed the region (its workers exit after it stopped)."""
         if self.mm.closed:
             return
-        self.lock()
-        try:
+        with self:
             layout, mm = self.layout, self.mm
             users = layout.users_at
             mm[users : users + layout.user_slots * _USER.size] = bytes(
@@ -179,8 +179,6 @@ class _Region:
                     mm[at] = 0
                     mm[reserved + at - owners] = 0
                     at = mm.find(owner, at + 1, end)
-        finally:
-            self.unlock()
 
     def close(self) -> None:
         self.mm.close()
@@ -222,19 +220,13 @@ class SharedNodeState(_Region):
             self._generation = generation
 
     def sync(self) -> None:
-        self.lock()
-        try:
+        with self:
             self._sync()
-        finally:
-            self.unlock()
 
     def held_on_node(self, user: str) -> int:
-        self.lock()
-        try:
+        with self:
             self._sync()
             return max(self.find_user(self.key(user))[1], 0)
-        finally:
-            self.unlock()
 
     @property
     def total(self) -> int:
@@ -249,8 +241,7 @@ class SharedNodeState(_Region):
 
     def hold(self, user: str, per_user: int, total: int) -> bool:
         key = self._user_key(user)
-        self.lock()
-        try:
+        with self:
             self._sync()
             offset, count = self.find_user(key)
             refused = bool(per_user and count >= per_user) or bool(
@@ -258,8 +249,6 @@ class SharedNodeState(_Region):
             )
             if not refused:
                 self._count_at(offset, count, key, 1)
-        finally:
-            self.unlock()
         if refused:
             if user not in self.held_here:
                 del self._user_keys[user]
@@ -269,22 +258,16 @@ class SharedNodeState(_Region):
 
     def add(self, user: str) -> None:
         key = self._user_key(user)
-        self.lock()
-        try:
+        with self:
             self._sync()
             self.add_user(key, 1)
-        finally:
-            self.unlock()
         self.held_here[user] += 1
 
     def release(self, user: str) -> None:
         key = self._user_key(user)
-        self.lock()
-        try:
+        with self:
             self._sync()
             self.add_user(key, -1)
-        finally:
-            self.unlock()
         self.held_here.remove(user)
         if user not in self.held_here:
             del self._user_keys[user]
@@ -292,8 +275,7 @@ class SharedNodeState(_Region):
     def allow_unsigned(self, ip: str, now: float) -> bool:
         key = self.key(ip)
         offset = self.layout.budgets_at + (key & (_BUDGET_SLOTS - 1)) * _BUDGET.size
-        self.lock()
-        try:
+        with self:
             found, tokens, last = _BUDGET.unpack_from(self.mm, offset)
             if found != key:
                 tokens = self.burst
@@ -301,8 +283,6 @@ class SharedNodeState(_Region):
                 tokens = min(self.burst, tokens + max(now - last, 0.0) * self.rate)
             allowed: bool = tokens >= 1.0
             _BUDGET.pack_into(self.mm, offset, key, tokens - 1.0 if allowed else tokens, now)
-        finally:
-            self.unlock()
         return allowed
 
     def set_budget(self, burst: int, rate: float) -> None:
@@ -359,14 +339,11 @@ class SharedPortPool:
         # a client that cannot see which ports are taken (RFC 8656 §7.2, RFC 6056).
         start = self.random.below(self._size)
         region = self.region
-        region.lock()
-        try:
+        with region:
             at = self._free_from(start)
             if at < 0:
                 return None
             region.mm[at] = self.owner
-        finally:
-            region.unlock()
         return self.min_port + at - self._owners
 
     def take(self, port: int) -> int | None:
@@ -374,13 +351,10 @@ class SharedPortPool:
         if at is None:
             return None
         region = self.region
-        region.lock()
-        try:
+        with region:
             if region.mm[at] != 0:
                 return None
             region.mm[at] = self.owner
-        finally:
-            region.unlock()
         return port
 
     def put(self, port: int) -> None:
@@ -418,14 +392,11 @@ class SharedPortPool:
         if at is None:
             return False
         region = self.region
-        region.lock()
-        try:
+        with region:
             if region.mm[at] != 0:
                 return False
             region.mm[at] = self.owner
             region.mm[self._reserved + at - self._owners] = 1
-        finally:
-            region.unlock()
         return True
 
     def claim_reserved(self, port: int) -> bool:
@@ -433,15 +404,12 @@ class SharedPortPool:
         if at is None:
             return False
         region = self.region
-        region.lock()
-        try:
+        with region:
             flag = self._reserved + at - self._owners
             if region.mm[flag] != 1:
                 return False
             region.mm[flag] = 0
             region.mm[at] = self.owner
-        finally:
-            region.unlock()
         return True
 
     def unreserve(self, port: int) -> None:
@@ -449,11 +417,8 @@ class SharedPortPool:
         if at is None:
             return
         region = self.region
-        region.lock()
-        try:
+        with region:
             flag = self._reserved + at - self._owners
             if region.mm[flag] == 1 and region.mm[at] == self.owner:
                 region.mm[flag] = 0
                 region.mm[at] = 0
-        finally:
-            region.unlock()

@@ -160,10 +160,10 @@ def sockets() -> Iterator[list[socket.socket]]:
         sock.close()
 
 
-def tcp_listener(sockets: list[socket.socket]) -> socket.socket:
+def tcp_listener(sockets: list[socket.socket], host: str = LOOPBACK) -> socket.socket:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sockets.append(listener)
-    listener.bind((LOOPBACK, 0))
+    listener.bind((host, 0))
     listener.listen(4)
     return listener
 
@@ -373,10 +373,7 @@ def test_a_reload_that_denies_a_peer_closes_its_established_peer_connection(
     control.allocate_tcp()
     pipes: list[tuple[socket.socket, socket.socket]] = []
     for host in (LOOPBACK, "127.0.0.2"):
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sockets.append(listener)
-        listener.bind((host, 0))
-        listener.listen(1)
+        listener = tcp_listener(sockets, host)
         response = control.connect_peer(listener.getsockname()[:2])
         assert response.msg_class == MessageClass.SUCCESS, error_text(response)
         cid = response.get(ConnectionId)

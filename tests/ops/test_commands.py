@@ -14,6 +14,17 @@ from pyturn.cli import cli
 LOOPBACK = "127.0.0.1"
 
 
+def pyturn(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m pyturn ARGS` in a process of its own, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pyturn", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 def test_check_config_quiet_prints_nothing_for_a_good_file(tmp_path: Path) -> None:
     path = tmp_path / "ok.yaml"
     path.write_text("realm: example.org\n")
@@ -40,13 +51,7 @@ def test_serve_on_a_taken_port_fails_with_one_clear_line(tmp_path: Path) -> None
             f"relay: {{address: {LOOPBACK}, min_port: 45100, max_port: 45109}}\n"
             "metrics: {enabled: false}\n"
         )
-        result = subprocess.run(
-            [sys.executable, "-m", "pyturn", "serve", "-c", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        result = pyturn("serve", "-c", str(config))
     assert result.returncode == 1
     assert f"Error: cannot listen on tcp {LOOPBACK}:{port}: Address already in use" in (
         result.stderr
@@ -65,13 +70,7 @@ def test_serve_on_a_taken_metrics_port_names_the_setting(tmp_path: Path) -> None
             f"relay: {{address: {LOOPBACK}, min_port: 45100, max_port: 45109}}\n"
             f"metrics: {{address: {LOOPBACK}, port: {port}}}\n"
         )
-        result = subprocess.run(
-            [sys.executable, "-m", "pyturn", "serve", "-c", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        result = pyturn("serve", "-c", str(config))
     assert result.returncode == 1
     assert "cannot serve metrics on 127.0.0.1:" in result.stderr
     assert "(metrics.address, metrics.port)" in result.stderr
@@ -85,13 +84,7 @@ def test_check_config_warns_when_the_relay_range_is_smaller_than_the_quotas(
     user: one user could take every port. check-config says so and still succeeds."""
     config = tmp_path / "c.yaml"
     config.write_text("relay: {min_port: 49152, max_port: 49172}\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "pyturn", "check-config", "-q", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = pyturn("check-config", "-q", str(config))
     assert result.returncode == 0
     assert result.stderr.strip() == (
         "warning: relay ports 49152-49172 (21): fewer than quotas.allocations_per_user (64),"
@@ -101,11 +94,5 @@ def test_check_config_warns_when_the_relay_range_is_smaller_than_the_quotas(
     config.write_text(
         "relay: {min_port: 49152, max_port: 49172}\nquotas: {allocations_total: 20}\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "pyturn", "check-config", "-q", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = pyturn("check-config", "-q", str(config))
     assert (result.returncode, result.stderr) == (0, "")

@@ -325,16 +325,24 @@ listener_ready(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 static PyObject *route_from_peer(PyObject *to_client, PyObject *relay_key, PyObject *peer);
 
+/* dict[(a, b)], borrowed; NULL without an exception when it is not there. */
+static PyObject *
+get_by_pair(PyObject *dict, PyObject *a, PyObject *b)
+{
+    PyObject *key = PyTuple_Pack(2, a, b);
+    if (key == NULL)
+        return NULL;
+    PyObject *value = PyDict_GetItemWithError(dict, key);
+    Py_DECREF(key);
+    return value;
+}
+
 /* The flow a Data indication from `peer` goes to (the table's to_client_by_ip), borrowed;
  * NULL without an exception when there is none (no permission: nothing is relayed). */
 static PyObject *
 indication_flow(PyObject *to_client_by_ip, PyObject *relay_key, PyObject *peer)
 {
-    PyObject *key = PyTuple_Pack(2, relay_key, PyTuple_GET_ITEM(peer, 0));
-    if (key == NULL)
-        return NULL;
-    PyObject *flow = PyDict_GetItemWithError(to_client_by_ip, key);
-    Py_DECREF(key);
+    PyObject *flow = get_by_pair(to_client_by_ip, relay_key, PyTuple_GET_ITEM(peer, 0));
     if (flow == NULL)
         return NULL;
     if (item(flow, FLOW_SIZE, 0) == NULL)
@@ -379,16 +387,12 @@ make_indication(PyObject *indication, PyObject *peer, const unsigned char *b, si
 }
 
 /* The (header, flow) entry for a datagram from `peer` on relay `relay_key`, borrowed;
- * NULL without an exception when there is none (Python decides: a Data indication, or
- * nothing). */
+ * NULL without an exception when there is none (no channel: a Data indication, or
+ * nothing, see flow_from_peer). */
 static PyObject *
 route_from_peer(PyObject *to_client, PyObject *relay_key, PyObject *peer)
 {
-    PyObject *key = PyTuple_Pack(2, relay_key, peer);
-    if (key == NULL)
-        return NULL;
-    PyObject *entry = PyDict_GetItemWithError(to_client, key);
-    Py_DECREF(key);
+    PyObject *entry = get_by_pair(to_client, relay_key, peer);
     if (entry == NULL)
         return NULL;
     PyObject *header = item(entry, TO_CLIENT_SIZE, TO_CLIENT_HEADER);

@@ -168,6 +168,20 @@ def tcp_listener(sockets: list[socket.socket], host: str = LOOPBACK) -> socket.s
     return listener
 
 
+def connect_to_listener(
+    control: WireClient, listener: socket.socket, sockets: list[socket.socket]
+) -> tuple[int, socket.socket]:
+    """RFC 6062 §5.2 Connect to `listener`: the CONNECTION-ID and the accepted socket."""
+    response = control.connect_peer(listener.getsockname()[:2])
+    assert response.msg_class == MessageClass.SUCCESS, error_text(response)
+    cid = response.get(ConnectionId)
+    assert cid is not None
+    conn = accepted_within(listener, PEER_TIMEOUT)
+    assert conn is not None
+    sockets.append(conn)
+    return cid.value, conn
+
+
 def accepted_within(listener: socket.socket, timeout: float) -> socket.socket | None:
     listener.settimeout(timeout)
     try:
@@ -373,15 +387,8 @@ def test_a_reload_that_denies_a_peer_closes_its_established_peer_connection(
     control.allocate_tcp()
     pipes: list[tuple[socket.socket, socket.socket]] = []
     for host in (LOOPBACK, "127.0.0.2"):
-        listener = tcp_listener(sockets, host)
-        response = control.connect_peer(listener.getsockname()[:2])
-        assert response.msg_class == MessageClass.SUCCESS, error_text(response)
-        cid = response.get(ConnectionId)
-        assert cid is not None
-        peer = accepted_within(listener, PEER_TIMEOUT)
-        assert peer is not None
-        sockets.append(peer)
-        pipe, leftover = data_connection(server, control, cid.value, clients)
+        connection_id, peer = connect_to_listener(control, tcp_listener(sockets, host), sockets)
+        pipe, leftover = data_connection(server, control, connection_id, clients)
         assert leftover == b""
         echo_through(pipe, peer, b"before the reload")
         pipes.append((pipe, peer))
@@ -474,15 +481,8 @@ def test_a_data_connection_accepted_by_another_worker_carries_bytes_both_ways(
     control = open_client(transport, address, ca_file=ca_file)
     clients.append(control)
     control.allocate_tcp()
-    listener = tcp_listener(sockets)
-    response = control.connect_peer(listener.getsockname()[:2])
-    assert response.msg_class == MessageClass.SUCCESS, error_text(response)
-    cid = response.get(ConnectionId)
-    assert cid is not None
-    conn = accepted_within(listener, PEER_TIMEOUT)
-    assert conn is not None
-    sockets.append(conn)
-    owner = worker_pids(workers_server)[connection_id_worker(cid.value)]
+    connection_id, conn = connect_to_listener(control, tcp_listener(sockets), sockets)
+    owner = worker_pids(workers_server)[connection_id_worker(connection_id)]
     mark = workers_server.log_mark()
 
     os.kill(owner, signal.SIGSTOP)
@@ -492,7 +492,7 @@ def test_a_data_connection_accepted_by_another_worker_carries_bytes_both_ways(
         data.share_credentials(control)
         client = format_address(data.link.sock.getsockname()[:2])
         with ThreadPoolExecutor(1) as pool:
-            answer = pool.submit(data.connection_bind, cid.value)
+            answer = pool.submit(data.connection_bind, connection_id)
             try:
                 handed = workers_server.wait_for_event(
                     "data connection handed over", since=mark, client=client
@@ -504,7 +504,7 @@ def test_a_data_connection_accepted_by_another_worker_carries_bytes_both_ways(
         os.kill(owner, signal.SIGCONT)
     assert bound.msg_class == MessageClass.SUCCESS, error_text(bound)
     assert handed["transport"] == transport
-    assert int(handed["worker"]) == connection_id_worker(cid.value)
+    assert int(handed["worker"]) == connection_id_worker(connection_id)
     taken = workers_server.wait_for_event("data connection taken over", since=mark, client=client)
     proxied = "yes" if transport == "tls" else "no"  # a TLS session stays where it began
     assert (taken["transport"], taken["proxied"]) == (transport, proxied)

@@ -31,6 +31,7 @@ __all__ = [
     "REDACTED",
     "AllocationsConfig",
     "AuthConfig",
+    "BandwidthConfig",
     "Config",
     "ConfigError",
     "Listener",
@@ -45,6 +46,7 @@ __all__ = [
     "default_config",
     "load_config",
     "parse_config",
+    "parse_rate",
     "split_host_port",
 ]
 
@@ -82,6 +84,9 @@ class _Rule:
     # Secret values are never echoed in errors and are redacted by config_to_dict.
     secret: bool = False
     non_empty: bool = False
+    # Reads the raw YAML value itself (for values with units); raises ValueError saying
+    # what is expected.
+    parse: Callable[[object], Any] | None = None
 
 
 _NO_RULE = _Rule()
@@ -127,6 +132,45 @@ def _shorter_than(limit: int) -> Callable[[str], str | None]:
         return f"must be shorter than {limit} characters" if len(text) >= limit else None
 
     return check
+
+
+_RATE = re.compile(
+    r"\s*(?P<number>[0-9]+(?:\.[0-9]+)?)\s*(?P<prefix>[kKMG]i?)?(?P<unit>bit/s|bps|b/s|B/s)\s*"
+)
+_RATE_PREFIXES = {
+    None: 1,
+    "k": 1000,
+    "K": 1000,
+    "M": 1000**2,
+    "G": 1000**3,
+    "Ki": 1024,
+    "Mi": 1024**2,
+    "Gi": 1024**3,
+}
+
+
+# 8 Tbit/s: far past any link, and small enough for the limits' 64-bit arithmetic.
+_MAX_RATE = 10**12
+
+
+def parse_rate(value: object) -> int:
+    """A bandwidth in bytes per second (coturn's unit): an integer, or a string with a
+    unit such as "2 Mbit/s", "500 kB/s" or "1 Gbps" (bits: bit/s, bps, b/s; bytes: B/s;
+    k, M, G are powers of 1000, Ki, Mi, Gi of 1024). 0 or null: no limit."""
+    if value is None:
+        return 0
+    rate = -1
+    if isinstance(value, int) and not isinstance(value, bool):
+        rate = value
+    elif isinstance(value, str) and (match := _RATE.fullmatch(value)):
+        bits = match["unit"] != "B/s"
+        rate = round(float(match["number"]) * _RATE_PREFIXES[match["prefix"]] / (8 if bits else 1))
+    if 0 <= rate <= _MAX_RATE:
+        return rate
+    raise ValueError(
+        'must be a rate: bytes per second (an integer >= 0), or a string such as "2 Mbit/s"'
+        ' or "500 kB/s"'
+    )
 
 
 _HOST_PORT = re.compile(r"\[(?P<v6>[^\]]+)\]:(?P<port6>[0-9]+)|(?P<v4>[^:\[\]]+):(?P<port4>[0-9]+)")
@@ -248,6 +292,15 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BandwidthConfig:
+    # Bytes per second each way (see parse_rate), 0: unlimited. per_allocation is one
+    # allocation's, per_user all of a user's allocations on the node, total the node's.
+    per_allocation: int = field(default=0, metadata=_rule(parse=parse_rate))
+    per_user: int = field(default=0, metadata=_rule(parse=parse_rate))
+    total: int = field(default=0, metadata=_rule(parse=parse_rate))
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     enabled: bool = True
     address: str = field(default="127.0.0.1", metadata=_rule(check=_ip()))
@@ -277,6 +330,7 @@ class Config:
     allocations: AllocationsConfig = field(default_factory=AllocationsConfig)
     quotas: QuotasConfig = field(default_factory=QuotasConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    bandwidth: BandwidthConfig = field(default_factory=BandwidthConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     software: str | None = field(default=None, metadata=_rule(check=_shorter_than(128)))
@@ -456,6 +510,11 @@ def _scalar(value: object, hint: type[Any], rule: _Rule, path: str) -> object:
 
 
 def _convert(value: object, hint: Any, rule: _Rule, path: str) -> object:
+    if rule.parse is not None:
+        try:
+            return rule.parse(value)
+        except ValueError as exc:
+            raise _fail(path, str(exc), value, rule) from None
     origin = get_origin(hint)
     if origin is UnionType:  # only `X | None` is used in the schema
         (inner,) = (arg for arg in get_args(hint) if arg is not NoneType)

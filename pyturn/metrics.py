@@ -36,6 +36,8 @@ from prometheus_client.registry import Collector
 from pyturn import __version__
 from pyturn.core.allocation import Allocation, FiveTuple
 from pyturn.core.auth import AuthFailure
+from pyturn.core.bandwidth import DROPPED, REASONS, TO_CLIENT, TO_PEER
+from pyturn.core.forwarding import ForwardingTable
 from pyturn.core.server import (
     AllocationCreated,
     AllocationDeleted,
@@ -58,6 +60,12 @@ _METHOD_NAMES = {int(m): m.name.lower() for m in Method}
 DELETE_REASONS = ("expired", "refresh", "connection_closed", "shutdown")
 TRANSPORTS = ("udp", "tcp", "tls")
 DIRECTIONS = ("client_to_peer", "peer_to_client")
+# The drop counters of an allocation (bandwidth.DROPPED on), as metric labels.
+_DROPS = tuple(
+    (DROPPED + 3 * direction + reason - 1, DIRECTIONS[direction], name)
+    for direction in (TO_PEER, TO_CLIENT)
+    for reason, name in REASONS.items()
+)
 _FAMILY_NAMES = {FAMILY_IPV4: "ipv4", FAMILY_IPV6: "ipv6"}
 
 
@@ -101,6 +109,8 @@ class Stats:
         self.config_reloads: Counter[str] = Counter()
         # Relayed traffic of allocations already deleted, by client transport.
         self.closed_traffic: dict[str, Traffic] = {}
+        # Bytes they dropped over bandwidth limits, by position in the counters.
+        self.closed_dropped: Counter[int] = Counter()
         self.lifetime_buckets = [0] * len(LIFETIME_BUCKETS)
         self.lifetime_count = 0
         self.lifetime_sum = 0.0
@@ -149,6 +159,8 @@ class Stats:
         totals.bytes_to_peer += a.bytes_to_peer
         totals.packets_to_client += a.packets_to_client
         totals.bytes_to_client += a.bytes_to_client
+        for index, _, _ in _DROPS:
+            self.closed_dropped[index] += a.counters[index]
         lifetime = max(event.now - a.created_at, 0.0)
         index = bisect.bisect_left(LIFETIME_BUCKETS, lifetime)
         if index < len(self.lifetime_buckets):
@@ -168,6 +180,9 @@ class ServerView(Protocol):
 
     @property
     def relay_ips(self) -> Mapping[int, str]: ...
+
+    @property
+    def table(self) -> ForwardingTable: ...
 
 
 class TurnCollector(Collector):
@@ -196,7 +211,11 @@ class TurnCollector(Collector):
         open_by_transport: Counter[str] = Counter()
         permissions = channels = 0
         live: dict[str, Traffic] = {t: Traffic() for t in TRANSPORTS}
+        dropped = stats.closed_dropped.copy()
         for allocation in server.allocations.values():
+            counters = allocation.counters
+            for index, _, _ in _DROPS:
+                dropped[index] += counters[index]
             transport = allocation.five_tuple[0]
             open_by_transport[transport] += 1
             permissions += len(allocation.permissions)
@@ -334,6 +353,25 @@ class TurnCollector(Collector):
             )
         yield packets
         yield octets
+
+        # -- bandwidth limits ----------------------------------------------------------
+        drops = CounterMetricFamily(
+            "pyturn_bandwidth_dropped_bytes",
+            "Application data bytes dropped over a bandwidth limit, by direction and the "
+            "limit (per_allocation, per_user, total). TCP and TLS are slowed, not dropped.",
+            labels=["direction", "reason"],
+        )
+        for index, direction, reason in _DROPS:
+            drops.add_metric([direction, reason], dropped[index])
+        yield drops
+        limits = GaugeMetricFamily(
+            "pyturn_bandwidth_limit_bytes_per_second",
+            "The configured bandwidth limits, each way, by scope (0: unlimited).",
+            labels=["scope"],
+        )
+        for scope, rate in zip(REASONS.values(), server.table.rates, strict=True):
+            limits.add_metric([scope], rate)
+        yield limits
 
 
 def _bucket_label(bound: float) -> str:

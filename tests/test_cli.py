@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from pyturn import __version__
@@ -54,6 +55,37 @@ def test_check_config_names_the_bad_key_and_file_and_fails(tmp_path: Path) -> No
     assert result.exit_code == 1
     assert "relay.min_port" in result.output
     assert "bad.yaml" in result.output
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("per_allocation", "-1"),
+        ("per_user", "fast"),
+        ("total", '"2 parsecs"'),
+        ("per_allocation", '"2 Mbit"'),
+        ("total", "1.5"),
+    ],
+)
+def test_check_config_refuses_a_bad_bandwidth_naming_the_key(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"bandwidth: {{{key}: {value}}}\n")
+    result = CliRunner().invoke(cli, ["check-config", str(path)])
+    assert result.exit_code == 1
+    assert f"bandwidth.{key}" in result.output
+    assert "bad.yaml" in result.output
+    assert "Mbit/s" in result.output  # says what would do
+
+
+def test_check_config_shows_a_bandwidth_with_units_in_bytes_per_second(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text('bandwidth: {per_allocation: "2 Mbit/s", per_user: "500 kB/s", total: 0}\n')
+    result = CliRunner().invoke(cli, ["check-config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "per_allocation: 250000" in result.output
+    assert "per_user: 500000" in result.output
 
 
 def test_serve_refuses_an_invalid_config_naming_the_key(tmp_path: Path) -> None:

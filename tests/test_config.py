@@ -13,6 +13,7 @@ from pyturn.config import (
     REDACTED,
     AllocationsConfig,
     AuthConfig,
+    BandwidthConfig,
     Config,
     ConfigError,
     LimitsConfig,
@@ -95,6 +96,7 @@ def fully_customised() -> Config:
             connections_per_source=8,
             first_message_timeout=2.0,
         ),
+        bandwidth=BandwidthConfig(per_allocation=250_000, per_user=1_000_000, total=10**8),
         metrics=MetricsConfig(enabled=False, address="::1", port=9100),
         logging=LoggingConfig(level="debug", format="json"),
         software="pyturn 0.1",
@@ -693,3 +695,36 @@ def test_split_host_port_accepts_ip_literals(text: str, expected: tuple[str, int
 def test_split_host_port_rejects_everything_else(text: str) -> None:
     with pytest.raises(ValueError, match=r"."):
         split_host_port(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (0, 0),
+        (None, 0),
+        (125_000, 125_000),
+        ("2 Mbit/s", 250_000),
+        ("2Mbit/s", 250_000),
+        ("500 kB/s", 500_000),
+        ("1 Gbps", 125_000_000),
+        ("64 kb/s", 8_000),
+        ("1.5 MB/s", 1_500_000),
+        ("10 KiB/s", 10_240),
+        ("1 MiB/s", 1_048_576),
+        ("800 bit/s", 100),
+    ],
+)
+def test_bandwidth_rates_read_in_bytes_per_second(text: object, expected: int) -> None:
+    config = parse_config({"bandwidth": {"per_allocation": text, "total": text}})
+    assert config.bandwidth.per_allocation == expected
+    assert config.bandwidth.total == expected
+
+
+@pytest.mark.parametrize(
+    "value", [-1, "fast", "2 parsecs", "2 Mbit", "Mbit/s", 1.5, True, "-2 Mbit/s", 10**13, [1]]
+)
+def test_bad_bandwidth_rates_are_refused_naming_the_key(value: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"bandwidth": {"per_user": value}})
+    assert caught.value.path == "bandwidth.per_user"
+    assert "must be a rate" in str(caught.value)

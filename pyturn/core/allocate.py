@@ -8,7 +8,7 @@ and the allocation itself, whose methods write the forwarding table from then on
 from __future__ import annotations
 
 from pyturn.config import split_host_port
-from pyturn.core import errors
+from pyturn.core import bandwidth, errors
 from pyturn.core.actions import (
     AllocationCreated,
     AllocationRefreshed,
@@ -19,6 +19,7 @@ from pyturn.core.allocation import (
     Allocation,
 )
 from pyturn.core.auth import Candidate
+from pyturn.core.bandwidth import TOTAL_RATE
 from pyturn.core.forwarding import FiveTuple, RelaySocket
 from pyturn.core.state import ServerState
 from pyturn.wire.attributes import (
@@ -127,6 +128,11 @@ class AllocateRequests(ServerState):
         # steps below give the place back if they refuse.
         quotas = self.config.quotas
         user = candidate.quota_user
+        if self.table.rates[TOTAL_RATE] and bandwidth.at_capacity(
+            self.table.buckets, int(now * 1e9)
+        ):
+            # Measured use, not promised rates: what running calls actually send.
+            raise errors.InsufficientCapacity("bandwidth at capacity (bandwidth.total)")
         if not self.node.hold(user, quotas.allocations_per_user, quotas.allocations_total):
             self._out.append(QuotaRejected(client, candidate.username))
             raise errors.AllocationQuotaReached
@@ -165,6 +171,7 @@ class AllocateRequests(ServerState):
             relayed_address6=relayed6,
             peer_connections={} if tcp else None,
         )
+        allocation.counters[bandwidth.USER_BUCKET] = self.node.user_bucket(user)
         self.allocations[five_tuple] = allocation
         self._schedule(allocation)
         self._out.append(AllocationCreated(allocation))

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pyturn.core.bandwidth import Counters
 from pyturn.core.forwarding import (
     BYTES_TO_CLIENT,
     BYTES_TO_PEER,
     PACKETS_TO_CLIENT,
     PACKETS_TO_PEER,
-    Counters,
     FiveTuple,
     Flow,
     ForwardingTable,

@@ -20,14 +20,29 @@ A `relay_key` is the I/O layer's number for a relay socket (its file descriptor)
 unique among the sockets open in the process; a `flow` is `(transport, client, server,
 counters)`, the client's 5-tuple and the allocation's counters. Presence is the
 permission: expiry deletes entries, so no reader looks at a clock.
+
+The bandwidth limits (pyturn/core/bandwidth.py) are checked here too, after the route:
+the counters array holds the allocation's buckets, and the table the rates and the
+node's buckets. Readers pass the time in ns (`time.monotonic_ns()`'s clock), which only
+the limits read.
 """
 
 from __future__ import annotations
 
 import array
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeAlias
+from typing import NamedTuple, Protocol
 
+from pyturn.core import bandwidth
+from pyturn.core.bandwidth import (
+    COUNTERS_SIZE,
+    TO_CLIENT,
+    TO_PEER,
+    Admit,
+    Counters,
+    Rates,
+    Words,
+)
 from pyturn.core.randomness import RandomSource
 from pyturn.wire.attributes import MAGIC_COOKIE, Address, xor_address_value
 from pyturn.wire.message import Method, message_type
@@ -35,7 +50,8 @@ from pyturn.wire.message import Method, message_type
 # (transport, client address, server address): the 5-tuple that names an allocation.
 FiveTuple = tuple[str, Address, Address]
 
-# Indices into an allocation's counters (an array of four unsigned 64-bit integers).
+# Indices into an allocation's counters (an array of unsigned 64-bit integers; after
+# these four come its bandwidth buckets and drop counts, see bandwidth.py).
 PACKETS_TO_PEER, BYTES_TO_PEER, PACKETS_TO_CLIENT, BYTES_TO_CLIENT = range(4)
 
 
@@ -63,10 +79,6 @@ class SendToPeer(NamedTuple):
     data: bytes
 
 
-if TYPE_CHECKING:
-    Counters: TypeAlias = array.array[int]  # array("Q"): see PACKETS_TO_PEER and the rest
-else:
-    Counters = array.array
 Flow = tuple[str, Address, Address, Counters]
 ToPeerByChannel = tuple[RelaySocket, int, Address, Counters]
 ToPeerByIp = tuple[RelaySocket, int, Counters]
@@ -74,7 +86,7 @@ ToClientByPeer = tuple[bytes, Flow]
 
 
 def new_counters() -> Counters:
-    return array.array("Q", bytes(32))
+    return array.array("Q", bytes(8 * COUNTERS_SIZE))
 
 
 class ForwardingTable:
@@ -86,7 +98,11 @@ class ForwardingTable:
     """
 
     __slots__ = (
+        "admit",
+        "buckets",
+        "limited",
         "random",
+        "rates",
         "to_client_by_ip",
         "to_client_by_peer",
         "to_peer_by_channel",
@@ -100,6 +116,25 @@ class ForwardingTable:
         self.to_peer_by_ip: dict[tuple[str, Address, Address, str], ToPeerByIp] = {}
         self.to_client_by_peer: dict[tuple[int, Address], ToClientByPeer] = {}
         self.to_client_by_ip: dict[tuple[int, str], Flow] = {}
+        # Bandwidth: the limits in force, the node's buckets (the NodeState's, once the
+        # server has one) and the rule, which the I/O layer may swap for the native one.
+        self.rates: Rates = bandwidth.new_rates()
+        self.buckets: Words = bandwidth.new_buckets(1)
+        self.admit: Admit = bandwidth.admit
+        self.limited = False
+
+    def set_rates(self, per_allocation: int, per_user: int, total: int) -> None:
+        """New limits (bytes/s, 0: none), in force at once for every allocation."""
+        self.rates[:] = bandwidth.new_rates(per_allocation, per_user, total)
+        self.limited = any(self.rates)
+
+    def _admitted(self, counters: Counters, direction: int, size: int, now: int) -> bool:
+        """Charge the buckets for `size` bytes, or count them dropped."""
+        reason = self.admit(counters, self.rates, self.buckets, direction, size, now)
+        if reason:
+            bandwidth.count_drop(counters, self.buckets, direction, reason, size=size, now=now)
+            return False
+        return True
 
     # -- written by the core (pyturn.core.allocation) -----------------------------------
 
@@ -157,12 +192,13 @@ class ForwardingTable:
 
     # -- read by the data plane: the reference path -------------------------------------
 
-    def from_client(self, data: bytes, five_tuple: FiveTuple) -> SendToPeer | None:
+    def from_client(self, data: bytes, five_tuple: FiveTuple, now: int) -> SendToPeer | None:
         """RFC 8656 §12.5: relay ChannelData on a bound channel, silently drop the rest.
 
         `data` is ChannelData (`is_channel_data`). The channel number is only ever looked
         up, so reserved numbers simply miss; padding after the data is allowed, a length
-        past the datagram is not. route_from_client in _fastpath.c is the same rule.
+        past the datagram is not; over a bandwidth limit the payload is dropped.
+        route_from_client in _fastpath.c is the same rule.
         """
         if len(data) < 4:
             return None
@@ -173,39 +209,72 @@ class ForwardingTable:
         if end > len(data):
             return None
         relay, _, peer, counters = route
+        if self.limited and not self._admitted(counters, TO_PEER, end - 4, now):
+            return None
         counters[PACKETS_TO_PEER] += 1
         counters[BYTES_TO_PEER] += end - 4
         return SendToPeer(relay, peer, data[4:end])
 
-    def send_to(self, five_tuple: FiveTuple, peer: Address, payload: bytes) -> SendToPeer | None:
-        """RFC 8656 §11.2: a Send indication's payload goes out only with a permission."""
+    def stream_wait(self, data: bytes, five_tuple: FiveTuple, now: int) -> int:
+        """For a client on a stream, before `from_client`: how long (ns) to wait before
+        the ChannelData `data` is within the limits; 0 when it is (or has no route). A
+        stream is not dropped from but waited for: its reader stops meanwhile."""
+        if not self.limited or len(data) < 4:
+            return 0
+        route = self.to_peer_by_channel.get((*five_tuple, (data[0] << 8) | data[1]))
+        if route is None:
+            return 0
+        return self.stream_charge(route[3], TO_PEER, 0, now)
+
+    def stream_charge(self, counters: Counters, direction: int, size: int, now: int) -> int:
+        """For bytes on a stream (RFC 6062 connections too): 0 when `size` bytes are
+        within the limits, charged; else how long (ns) to wait before asking again."""
+        if not self.admit(counters, self.rates, self.buckets, direction, size, now):
+            return 0
+        return max(bandwidth.wait(counters, self.rates, self.buckets, direction, now), 1)
+
+    def send_to(
+        self, five_tuple: FiveTuple, peer: Address, payload: bytes, now: int
+    ) -> SendToPeer | None:
+        """RFC 8656 §11.2: a Send indication's payload goes out only with a permission
+        (and within the bandwidth limits)."""
         route = self.to_peer_by_ip.get((*five_tuple, peer[0]))
         if route is None:
             return None
         relay, _, counters = route
+        if self.limited and not self._admitted(counters, TO_PEER, len(payload), now):
+            return None
         counters[PACKETS_TO_PEER] += 1
         counters[BYTES_TO_PEER] += len(payload)
         return SendToPeer(relay, peer, payload)
 
-    def from_peer(self, relay_key: int, peer: Address, data: bytes) -> tuple[Flow, bytes] | None:
+    def from_peer(
+        self, relay_key: int, peer: Address, data: bytes, now: int
+    ) -> tuple[Flow, bytes] | None:
         """RFC 8656 §11.3/§12.6: what to send whom for a datagram from `peer`, or None.
 
         Nothing without a permission for the peer's IP (a channel outlives its permission
-        unless refreshed, and its entry goes with the permission); then ChannelData when
-        a channel is bound to the peer, else a Data indication. flow_from_peer in
-        _fastpath.c is the same rule, for the datagrams of UDP clients.
+        unless refreshed, and its entry goes with the permission), nor over a bandwidth
+        limit; then ChannelData when a channel is bound to the peer, else a Data
+        indication. flow_from_peer in _fastpath.c is the same rule, for the datagrams
+        of UDP clients.
         """
         bound = self.to_client_by_peer.get((relay_key, peer))
         if bound is not None:
             header, flow = bound
+            counters = flow[3]
+            if self.limited and not self._admitted(counters, TO_CLIENT, len(data), now):
+                return None
             frame = header + len(data).to_bytes(2, "big") + data
         else:
             found = self.to_client_by_ip.get((relay_key, peer[0]))
             if found is None:
                 return None
             flow = found
+            counters = flow[3]
+            if self.limited and not self._admitted(counters, TO_CLIENT, len(data), now):
+                return None
             frame = self.data_indication(peer, data)
-        counters = flow[3]
         counters[PACKETS_TO_CLIENT] += 1
         counters[BYTES_TO_CLIENT] += len(data)
         return flow, frame

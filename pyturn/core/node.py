@@ -16,8 +16,10 @@ semantics, including EVEN-PORT reservations that any worker can redeem.
 from __future__ import annotations
 
 import array
+from collections.abc import Callable
 from typing import Protocol
 
+from pyturn.core import bandwidth
 from pyturn.core.limits import SourceBudget
 from pyturn.core.quotas import UserCounts
 from pyturn.core.randomness import RandomSource
@@ -66,6 +68,15 @@ class NodeState(Protocol):
 
     # This process's own holdings per user (what it would give back if it stopped).
     held_here: UserCounts
+    # The node's bandwidth buckets (pyturn/core/bandwidth.py): bucket 0 is the total,
+    # and each user holding something has one of its own while it does.
+    buckets: bandwidth.Words
+    # Told (user, bucket) when a user this process holds for got another bucket (after
+    # a worker died, see pyturn/net/node_state.py), so its allocations follow.
+    on_rebucket: Callable[[str, int], None] | None
+
+    def user_bucket(self, user: str) -> int:
+        """The bandwidth bucket of a user this process holds something for (0: none)."""
 
     def hold(self, user: str, per_user: int, total: int) -> bool:
         """Count one more allocation (or reserved port) for `user` if that stays within
@@ -188,10 +199,16 @@ class LocalPortPool:
 class LocalNodeState:
     """The node is this one process: counts in dictionaries."""
 
-    def __init__(self, burst: int = 32, rate: float = 8.0) -> None:
+    def __init__(self, burst: int = 32, rate: float = 8.0, *, users: int = 2 * 16384) -> None:
+        """`users`: the most users that can hold something at once (at most one per relay
+        port of each family), each with a bandwidth bucket."""
         self.held_here = UserCounts()
         self.total = 0
         self.unsigned_budget = SourceBudget(burst, rate)
+        self.buckets = bandwidth.new_buckets(1 + users)
+        self._buckets: dict[str, int] = {}
+        self._free_buckets = list(range(users, 0, -1))
+        self.on_rebucket: Callable[[str, int], None] | None = None
 
     def hold(self, user: str, per_user: int, total: int) -> bool:
         if (per_user and self.held_here[user] >= per_user) or (total and self.total >= total):
@@ -200,12 +217,21 @@ class LocalNodeState:
         return True
 
     def add(self, user: str) -> None:
+        if user not in self.held_here and self._free_buckets:
+            bucket = self._buckets[user] = self._free_buckets.pop()
+            start = bucket * bandwidth.BUCKET_WORDS
+            self.buckets[start : start + bandwidth.BUCKET_WORDS] = bandwidth.new_buckets(1)
         self.held_here[user] += 1
         self.total += 1
 
     def release(self, user: str) -> None:
         self.held_here.remove(user)
         self.total -= 1
+        if user not in self.held_here and user in self._buckets:
+            self._free_buckets.append(self._buckets.pop(user))
+
+    def user_bucket(self, user: str) -> int:
+        return self._buckets.get(user, 0)
 
     def allow_unsigned(self, ip: str, now: float) -> bool:
         return self.unsigned_budget.allow(ip, now)
@@ -222,3 +248,4 @@ class LocalNodeState:
     def compact(self, now: float) -> None:
         self.held_here.compact()
         self.unsigned_budget.prune(now)
+        self._buckets = dict(self._buckets)

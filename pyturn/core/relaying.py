@@ -91,7 +91,9 @@ class RelayingRequests(ServerState):
         self._schedule(allocation)
         return []
 
-    def _send_indication(self, msg: Message, five_tuple: FiveTuple) -> SendToPeer | None:
+    def _send_indication(
+        self, msg: Message, five_tuple: FiveTuple, now: float
+    ) -> SendToPeer | None:
         allocation = self.allocations.get(five_tuple)
         if allocation is None or allocation.is_tcp:
             return None
@@ -99,10 +101,10 @@ class RelayingRequests(ServerState):
         data = msg.get(Data)
         if peer is None or data is None:
             return None
-        return self.table.send_to(five_tuple, peer.address, data.value)
+        return self.table.send_to(five_tuple, peer.address, data.value, int(now * 1e9))
 
     def _route_send_indication(
-        self, data: bytes, five_tuple: FiveTuple
+        self, data: bytes, five_tuple: FiveTuple, now: float
     ) -> SendToPeer | object | None:
         """RFC 8656 §11.2 for the common shape of a Send indication, without a decode.
 
@@ -141,4 +143,4 @@ class RelayingRequests(ServerState):
             pos = value_end + (-size % 4)
         if peer is None or payload is None:
             return None
-        return self.table.send_to(five_tuple, peer, payload)
+        return self.table.send_to(five_tuple, peer, payload, int(now * 1e9))

@@ -47,6 +47,7 @@ from pyturn.core.allocation import (
     RelayBinder,
 )
 from pyturn.core.auth import SUPPORTED_ALGORITHMS, Authenticator, AuthFailure, Candidate
+from pyturn.core.bandwidth import USER_BUCKET
 from pyturn.core.forwarding import FiveTuple, ForwardingTable, SendToPeer
 from pyturn.core.node import LocalNodeState, NodeState, PortPool
 from pyturn.core.policy import PeerPolicy
@@ -148,7 +149,10 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
         self.draining = False
         # Allocations and reserved ports per user and in all, source budgets and relay
         # ports: counted for the node, whatever the number of workers.
-        self.node: NodeState = node if node is not None else LocalNodeState()
+        ports = config.relay.max_port - config.relay.min_port + 1
+        self.node: NodeState = node if node is not None else LocalNodeState(users=2 * ports)
+        self.table.buckets = self.node.buckets
+        self.node.on_rebucket = self._rebucket
         self._timers: list[tuple[float, int, Allocation]] = []
         self._seq = itertools.count()
         # What the request being handled returns: handlers append their actions and
@@ -179,6 +183,12 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
         # Allocations deleted since the last `compact`, for the I/O layer to decide when.
         self.ended_since_compact = 0
 
+    def _rebucket(self, user: str, bucket: int) -> None:
+        """The node gave `user` another bandwidth bucket: its allocations follow."""
+        for allocation in self.allocations.values():
+            if allocation.quota_user == user:
+                allocation.counters[USER_BUCKET] = bucket
+
     @property
     def pools(self) -> dict[int, PortPool]:
         """Free relay ports by address family (for metrics)."""
@@ -203,6 +213,8 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
             nonce_secret=self._nonce_secret,
         )
         self.policy = PeerPolicy(config.peers.allow, config.peers.deny)
+        rates = config.bandwidth
+        self.table.set_rates(rates.per_allocation, rates.per_user, rates.total)
         limits = config.limits
         self.node.set_budget(limits.unauthenticated_burst, limits.unauthenticated_rate)
         # A tightened policy applies at once: nothing may be sent to a peer it now denies.
@@ -239,10 +251,10 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
             if answer is not None:
                 return answer
         elif is_channel_data(data):
-            send = self.table.from_client(data, five_tuple)
+            send = self.table.from_client(data, five_tuple, int(now * 1e9))
             return [send] if send is not None else []
         elif kind == _SEND_INDICATION_TYPE:
-            fast = self._route_send_indication(data, five_tuple)
+            fast = self._route_send_indication(data, five_tuple, now)
             if fast is not SLOW_PATH:
                 return [fast] if isinstance(fast, SendToPeer) else []
         if not is_stun(data):
@@ -261,7 +273,7 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
             if reply is not None:
                 out.append(reply)
         elif msg.msg_class == MessageClass.INDICATION and msg.method == Method.SEND:
-            send = self._send_indication(msg, five_tuple)
+            send = self._send_indication(msg, five_tuple, now)
             if send is not None:
                 out.append(send)
         self._out = []

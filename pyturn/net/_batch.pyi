@@ -1,6 +1,7 @@
 # Types of the optional C module pyturn.net._batch, built from _udp_batch.c and
 # _fastpath.c (see pyturn/net/batch.py and pyturn/net/fastpath.py).
 import _socket
+import array
 import select
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -58,6 +59,7 @@ def route_client_datagram(
     local: tuple[str, int],
     client: tuple[str, int],
     data: bytes,
+    now: int,
     /,
 ) -> tuple[int, tuple[str, int], bytes] | None: ...
 def route_peer_datagram(
@@ -67,7 +69,18 @@ def route_peer_datagram(
     relay_key: int,
     peer: tuple[str, int],
     data: bytes,
+    now: int,
     /,
 ) -> tuple[Any, bytes] | None: ...
+def set_bandwidth(rates: array.array[int], buckets: memoryview, /) -> None: ...
+def admit(
+    counters: array.array[int],
+    rates: array.array[int],
+    buckets: memoryview,
+    direction: int,
+    size: int,
+    now: int,
+    /,
+) -> int: ...
 def gso() -> bool: ...
 def forget_addresses() -> None: ...

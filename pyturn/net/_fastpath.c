@@ -12,8 +12,14 @@
  * this file does not serve (STUN, Send indications, clients on TCP/TLS) goes back to
  * Python, and tests/net/test_forwarding_differential.py holds the two to the same
  * answers. `is_channel_data` (pyturn/wire/channel_data.py) is the classifier below too.
+ *
+ * The bandwidth limits are pyturn/core/bandwidth.py's `admit`, below as bandwidth_admit:
+ * the rates and the node's buckets are handed over once with set_bandwidth (the node's
+ * may be shared with other workers, so they are read and charged atomically).
  */
 #include "_udp_batch.h"
+
+#include <time.h>
 
 /* The top two bits of a ChannelData message are 01 (RFC 8656 §12.4). */
 #define IS_CHANNEL_DATA(b, len) ((len) >= 1 && (b)[0] >= 0x40 && (b)[0] <= 0x7F)
@@ -22,29 +28,228 @@
 enum { TO_PEER_RELAY_KEY = 1, TO_PEER_PEER = 2, TO_PEER_COUNTERS = 3, TO_PEER_SIZE = 4 };
 enum { TO_CLIENT_HEADER = 0, TO_CLIENT_FLOW = 1, TO_CLIENT_SIZE = 2 };
 enum { FLOW_TRANSPORT = 0, FLOW_CLIENT = 1, FLOW_SERVER = 2, FLOW_COUNTERS = 3, FLOW_SIZE = 4 };
-/* The counters: an array("Q") of packets and bytes to the peer, then to the client. */
-enum { PACKETS_TO_PEER = 0, PACKETS_TO_CLIENT = 2 };
+/* The counters: an array("Q") of packets and bytes to the peer, then to the client,
+ * then the allocation's bandwidth words (pyturn/core/bandwidth.py). */
+enum { PACKETS_TO_PEER = 0, PACKETS_TO_CLIENT = 2, COUNTERS_SIZE = 14 };
+typedef unsigned long long u64;
 
 static PyObject *s_udp;
+
+/* An allocation's counters, through a view the caller releases: 0, or -1 with an
+ * exception. */
+static int
+counters_view(PyObject *counters, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(counters, view, PyBUF_WRITABLE | PyBUF_FORMAT) < 0)
+        return -1;
+    if (view->len < COUNTERS_SIZE * 8 || view->itemsize != 8 || view->format == NULL ||
+        strcmp(view->format, "Q") != 0) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_TypeError, "counters are an array('Q') of fourteen");
+        return -1;
+    }
+    return 0;
+}
 
 /* counters[index] += packets, counters[index + 1] += bytes: 0, or -1 with an exception. */
 static int
 add_counts(PyObject *counters, int index, Py_ssize_t packets, Py_ssize_t bytes)
 {
     Py_buffer view;
-    if (PyObject_GetBuffer(counters, &view, PyBUF_WRITABLE | PyBUF_FORMAT) < 0)
+    if (counters_view(counters, &view) < 0)
         return -1;
-    if (view.len < 4 * 8 || view.itemsize != 8 || view.format == NULL ||
-        strcmp(view.format, "Q") != 0) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_TypeError, "counters are an array('Q') of four");
-        return -1;
-    }
-    unsigned long long *c = view.buf;
-    c[index] += (unsigned long long)packets;
-    c[index + 1] += (unsigned long long)bytes;
+    u64 *c = view.buf;
+    c[index] += (u64)packets;
+    c[index + 1] += (u64)bytes;
     PyBuffer_Release(&view);
     return 0;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Bandwidth: bandwidth.py's admit, count_drop and layout.
+ */
+
+#define BURST_NS 200000000ULL
+#define NS_PER_SECOND 1000000000ULL
+enum { TO_PEER = 0, TO_CLIENT = 1 };
+enum { ADMITTED = 0, PER_ALLOCATION = 1, PER_USER = 2, TOTAL = 3 };
+enum { TAT = 4, USER_BUCKET = 6, DROPPED = 8, BUCKET_WORDS = 4, LAST_DROP = 2 };
+
+static u64
+monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (u64)ts.tv_sec * NS_PER_SECOND + (u64)ts.tv_nsec;
+}
+
+static u64
+charged(u64 tat, u64 now, size_t size, u64 rate)
+{
+    return (tat > now ? tat : now) + (u64)size * NS_PER_SECOND / rate;
+}
+
+/* A node bucket may be another worker's at the same moment: compare and swap. */
+static void
+charge_shared(u64 *word, u64 now, size_t size, u64 rate)
+{
+    u64 old = __atomic_load_n(word, __ATOMIC_RELAXED);
+    while (!__atomic_compare_exchange_n(word, &old, charged(old, now, size, rate), 1,
+                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        ;
+}
+
+/* bandwidth.admit on raw words: `nwords` node words at `buckets`. */
+static int
+bandwidth_admit(u64 *c, const u64 *rates, u64 *buckets, Py_ssize_t nwords, int direction,
+                size_t size, u64 now)
+{
+    u64 per_allocation = rates[0], per_user = rates[1], total = rates[2];
+    u64 tolerance = now + BURST_NS;
+    if (per_allocation && c[TAT + direction] > tolerance)
+        return PER_ALLOCATION;
+    u64 user = c[USER_BUCKET] * BUCKET_WORDS + (u64)direction;
+    int has_user = per_user && c[USER_BUCKET] != 0 && user < (u64)nwords;
+    if (has_user && __atomic_load_n(&buckets[user], __ATOMIC_RELAXED) > tolerance)
+        return PER_USER;
+    int has_total = total && nwords > direction;
+    if (has_total && __atomic_load_n(&buckets[direction], __ATOMIC_RELAXED) > tolerance)
+        return TOTAL;
+    if (per_allocation)
+        c[TAT + direction] = charged(c[TAT + direction], now, size, per_allocation);
+    if (has_user)
+        charge_shared(&buckets[user], now, size, per_user);
+    if (has_total)
+        charge_shared(&buckets[direction], now, size, total);
+    return ADMITTED;
+}
+
+static void
+bandwidth_count_drop(u64 *c, u64 *buckets, Py_ssize_t nwords, int direction, int reason,
+                     size_t size, u64 now)
+{
+    c[DROPPED + 3 * direction + reason - 1] += (u64)size;
+    if (reason == TOTAL && nwords > LAST_DROP)
+        __atomic_store_n(&buckets[LAST_DROP], now, __ATOMIC_RELAXED);
+}
+
+/* The table's rates and node buckets, held from set_bandwidth on. */
+static Py_buffer bw_rates, bw_buckets;
+static int bw_set;
+
+/* Whether any limit is set: the fast path's one test when none is. */
+static int
+bandwidth_limited(void)
+{
+    if (!bw_set)
+        return 0;
+    const u64 *r = bw_rates.buf;
+    return (r[0] | r[1] | r[2]) != 0;
+}
+
+/* The limits for `size` bytes of the allocation with `counters` going `direction`:
+ * 1 when they pass (charged), 0 when dropped (counted), -1 with an exception. */
+static int
+within_limits(PyObject *counters, int direction, size_t size, u64 now)
+{
+    if (!bandwidth_limited())
+        return 1;
+    Py_buffer view;
+    if (counters_view(counters, &view) < 0)
+        return -1;
+    u64 *buckets = bw_buckets.buf;
+    Py_ssize_t nwords = bw_buckets.len / 8;
+    int reason = bandwidth_admit(view.buf, bw_rates.buf, buckets, nwords, direction, size, now);
+    if (reason != ADMITTED)
+        bandwidth_count_drop(view.buf, buckets, nwords, direction, reason, size, now);
+    PyBuffer_Release(&view);
+    return reason == ADMITTED;
+}
+
+/* A writable buffer of 64-bit words (at least `min` of them): 0, or -1 with an exception. */
+static int
+words_view(PyObject *obj, Py_buffer *view, Py_ssize_t min, const char *what)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    if (view->len < min * 8 || view->len % 8 != 0 || ((uintptr_t)view->buf & 7) != 0) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_TypeError, "%s: a buffer of at least %zd aligned 64-bit words",
+                     what, min);
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(set_bandwidth_doc,
+"set_bandwidth(rates, buckets) -> None\n\n"
+"The bandwidth limits the fast path applies from now on: rates, the table's three\n"
+"words (per_allocation, per_user, total bytes/s), and buckets, the node's bucket words\n"
+"(pyturn/core/bandwidth.py). Both are read in place, so writes to them apply at once.");
+
+static PyObject *
+set_bandwidth(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "set_bandwidth(rates, buckets)");
+        return NULL;
+    }
+    Py_buffer rates, buckets;
+    if (words_view(args[0], &rates, 3, "rates") < 0)
+        return NULL;
+    if (words_view(args[1], &buckets, BUCKET_WORDS, "buckets") < 0) {
+        PyBuffer_Release(&rates);
+        return NULL;
+    }
+    if (bw_set) {
+        PyBuffer_Release(&bw_rates);
+        PyBuffer_Release(&bw_buckets);
+    }
+    bw_rates = rates;
+    bw_buckets = buckets;
+    bw_set = 1;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(admit_doc,
+"admit(counters, rates, buckets, direction, size, now) -> int\n\n"
+"pyturn.core.bandwidth.admit, with the node's buckets read and charged atomically.");
+
+static PyObject *
+admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "admit(counters, rates, buckets, direction, size, now)");
+        return NULL;
+    }
+    long direction = PyLong_AsLong(args[3]);
+    Py_ssize_t size = PyLong_AsSsize_t(args[4]);
+    u64 now = PyLong_AsUnsignedLongLong(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    if ((direction != TO_PEER && direction != TO_CLIENT) || size < 0) {
+        PyErr_SetString(PyExc_ValueError, "a direction is 0 or 1, a size is not negative");
+        return NULL;
+    }
+    Py_buffer counters, rates, buckets;
+    if (counters_view(args[0], &counters) < 0)
+        return NULL;
+    if (words_view(args[1], &rates, 3, "rates") < 0) {
+        PyBuffer_Release(&counters);
+        return NULL;
+    }
+    if (words_view(args[2], &buckets, 0, "buckets") < 0) {
+        PyBuffer_Release(&counters);
+        PyBuffer_Release(&rates);
+        return NULL;
+    }
+    int reason = bandwidth_admit(counters.buf, rates.buf, buckets.buf, buckets.len / 8,
+                                 (int)direction, (size_t)size, now);
+    PyBuffer_Release(&counters);
+    PyBuffer_Release(&rates);
+    PyBuffer_Release(&buckets);
+    return PyLong_FromLong(reason);
 }
 
 /* An item of a table tuple of `size` items, borrowed; NULL with TypeError otherwise. */
@@ -90,12 +295,12 @@ struct forward {
 static struct forward forwards[BATCH];
 
 /* Route one ChannelData datagram (b, len) from UDP client `client` of the listener bound
- * to `local`: 1 when its payload is described in *f and counted, 0 when it has no route
- * (no such channel, a length past the datagram: the reference path drops it), -1 on an
- * error. */
+ * to `local` at `now`: 1 when its payload is described in *f and counted, 2 when it is
+ * over a bandwidth limit (dropped here, and counted), 0 when it has no route (no such
+ * channel, a length past the datagram: the reference path drops it), -1 on an error. */
 static int
 route_from_client(const unsigned char *b, size_t len, PyObject *client, PyObject *to_peer,
-                  PyObject *local, struct forward *f)
+                  PyObject *local, u64 now, struct forward *f)
 {
     if (len < 4)
         return 0;
@@ -121,8 +326,11 @@ route_from_client(const unsigned char *b, size_t len, PyObject *client, PyObject
         return -1;
     if (parse_address(PyTuple_GET_ITEM(route, TO_PEER_PEER), &f->name, &f->namelen) < 0)
         return -1;
-    if (add_counts(PyTuple_GET_ITEM(route, TO_PEER_COUNTERS), PACKETS_TO_PEER, 1,
-                   (Py_ssize_t)(end - 4)) < 0)
+    PyObject *counters = PyTuple_GET_ITEM(route, TO_PEER_COUNTERS);
+    int within = within_limits(counters, TO_PEER, end - 4, now);
+    if (within <= 0)
+        return within < 0 ? -1 : 2;
+    if (add_counts(counters, PACKETS_TO_PEER, 1, (Py_ssize_t)(end - 4)) < 0)
         return -1;
     f->payload.iov_base = (void *)(b + 4);
     f->payload.iov_len = end - 4;
@@ -203,6 +411,7 @@ forward(int fd, Py_ssize_t limit, PyObject *to_peer, PyObject *local,
         }
         received += n;
         int queued = 0;
+        u64 now = monotonic_ns();
         for (int i = 0; i < n; i++) {
             if (rx_msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
                 continue;
@@ -213,14 +422,15 @@ forward(int fd, Py_ssize_t limit, PyObject *to_peer, PyObject *local,
                 PyObject *client = address_tuple(&rx_names[i]);
                 if (client == NULL)
                     goto fail;
-                int routed = route_from_client(b, len, client, to_peer, local, &forwards[queued]);
+                int routed =
+                    route_from_client(b, len, client, to_peer, local, now, &forwards[queued]);
                 Py_DECREF(client);
                 if (routed < 0)
                     goto fail;
-                if (routed) {
+                if (routed == 1)
                     queued++;
+                if (routed)
                     continue;
-                }
                 /* No route: the reference path drops it; it is Python's to drop. */
             }
             if (!waits && defer(&rx_names[i]) < 0)
@@ -479,6 +689,7 @@ serve_endpoint(int fd, PyObject *relay_key, Py_ssize_t reads, PyObject *to_clien
         if (n < 0)
             break; /* empty, or an error the next wake-up meets again */
         done_reads += n;
+        u64 now = monotonic_ns();
         for (int i = 0; i < n; i++) {
             if (rx_msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
                 continue;
@@ -505,6 +716,13 @@ serve_endpoint(int fd, PyObject *relay_key, Py_ssize_t reads, PyObject *to_clien
                 if (*left == NULL && (*left = PyList_New(0)) == NULL)
                     goto error;
                 if (append_datagram(*left, i) < 0)
+                    goto error;
+                continue;
+            }
+            int within = within_limits(PyTuple_GET_ITEM(flow, FLOW_COUNTERS), TO_CLIENT, len, now);
+            if (within <= 0) {
+                Py_DECREF(peer);
+                if (within < 0)
                     goto error;
                 continue;
             }
@@ -671,29 +889,33 @@ serve_relay(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  */
 
 PyDoc_STRVAR(route_client_datagram_doc,
-"route_client_datagram(to_peer_by_channel, local, client, data)\n"
+"route_client_datagram(to_peer_by_channel, local, client, data, now)\n"
 "    -> tuple[int, tuple[str, int], bytes] | None\n\n"
-"What forward_channel_data does with ChannelData data from UDP client `client`:\n"
-"(relay key, peer, payload), counted, or None when it has no route (left for Python).");
+"What forward_channel_data does with ChannelData data from UDP client `client` at\n"
+"`now` (ns): (relay key, peer, payload), counted, or None when it has no route (left\n"
+"for Python) or is over a bandwidth limit (dropped, counted).");
 
 static PyObject *
 route_client_datagram(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4 || !PyDict_Check(args[0]) || !PyBytes_Check(args[3])) {
+    if (nargs != 5 || !PyDict_Check(args[0]) || !PyBytes_Check(args[3])) {
         PyErr_SetString(PyExc_TypeError,
                         "route_client_datagram(to_peer_by_channel: dict, local, client, "
-                        "data: bytes)");
+                        "data: bytes, now: int)");
         return NULL;
     }
+    u64 now = PyLong_AsUnsignedLongLong(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
     const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(args[3]);
     size_t len = (size_t)PyBytes_GET_SIZE(args[3]);
     if (!IS_CHANNEL_DATA(b, len))
         Py_RETURN_NONE;
     struct forward f;
-    int routed = route_from_client(b, len, args[2], args[0], args[1], &f);
+    int routed = route_from_client(b, len, args[2], args[0], args[1], now, &f);
     if (routed < 0)
         return NULL;
-    if (!routed)
+    if (routed != 1)
         Py_RETURN_NONE;
     struct sockaddr_storage *name = &f.name;
     char host[INET6_ADDRSTRLEN];
@@ -713,21 +935,25 @@ route_client_datagram(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 PyDoc_STRVAR(route_peer_datagram_doc,
 "route_peer_datagram(to_client_by_peer, to_client_by_ip, indication, relay_key, peer,\n"
-"                    data) -> tuple[flow, bytes] | None\n\n"
-"What serve_relay does with a datagram from `peer` for a UDP client: (flow, frame),\n"
-"counted, where the frame is ChannelData or the Data indication indication(peer, data)\n"
-"made; None when nothing is relayed.");
+"                    data, now) -> tuple[flow, bytes] | None\n\n"
+"What serve_relay does with a datagram from `peer` for a UDP client at `now` (ns):\n"
+"(flow, frame), counted, where the frame is ChannelData or the Data indication\n"
+"indication(peer, data) made; None when nothing is relayed (no permission, or over a\n"
+"bandwidth limit: dropped, counted).");
 
 static PyObject *
 route_peer_datagram(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6 || !PyDict_Check(args[0]) || !PyDict_Check(args[1]) ||
+    if (nargs != 7 || !PyDict_Check(args[0]) || !PyDict_Check(args[1]) ||
         !PyCallable_Check(args[2]) || !PyBytes_Check(args[5])) {
         PyErr_SetString(PyExc_TypeError,
                         "route_peer_datagram(to_client_by_peer: dict, to_client_by_ip: dict, "
-                        "indication, relay_key, peer, data: bytes)");
+                        "indication, relay_key, peer, data: bytes, now: int)");
         return NULL;
     }
+    u64 now = PyLong_AsUnsignedLongLong(args[6]);
+    if (PyErr_Occurred())
+        return NULL;
     Py_ssize_t len = PyBytes_GET_SIZE(args[5]);
     if (len > 0xFFFF) {
         PyErr_SetString(PyExc_ValueError, "larger than a UDP datagram");
@@ -738,6 +964,12 @@ route_peer_datagram(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *flow = flow_from_peer(args[0], args[1], args[3], args[4], &header);
     if (flow == NULL) {
         if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    int within = within_limits(PyTuple_GET_ITEM(flow, FLOW_COUNTERS), TO_CLIENT, (size_t)len, now);
+    if (within <= 0) {
+        if (within < 0)
             return NULL;
         Py_RETURN_NONE;
     }
@@ -771,6 +1003,9 @@ static PyMethodDef fastpath_methods[] = {
     {"serve_relays", (PyCFunction)(void (*)(void))serve_relays, METH_FASTCALL,
      serve_relays_doc},
     {"serve_relay", (PyCFunction)(void (*)(void))serve_relay, METH_FASTCALL, serve_relay_doc},
+    {"set_bandwidth", (PyCFunction)(void (*)(void))set_bandwidth, METH_FASTCALL,
+     set_bandwidth_doc},
+    {"admit", (PyCFunction)(void (*)(void))admit, METH_FASTCALL, admit_doc},
     {"route_client_datagram", (PyCFunction)(void (*)(void))route_client_datagram,
      METH_FASTCALL, route_client_datagram_doc},
     {"route_peer_datagram", (PyCFunction)(void (*)(void))route_peer_datagram, METH_FASTCALL,

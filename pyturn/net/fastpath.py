@@ -18,6 +18,9 @@ slower.
     serve_relays(epoll, endpoints, limit, reads, to_client_by_peer, to_client_by_ip,
                  indication, udp_listeners)
         the relay sockets behind one epoll descriptor -> [(endpoint, left)]
+
+`use_table(table)` hands the native path the table's bandwidth limits and node buckets,
+and gives the table the native `admit` (atomic on buckets other workers share).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import select
 from collections.abc import Callable
 from typing import Any
 
+from pyturn.core.forwarding import ForwardingTable
 from pyturn.net import batch
 from pyturn.net.batch import recv_batch
 from pyturn.wire.attributes import Address
@@ -139,6 +143,14 @@ ServeRelays = Callable[
     ],
     list[tuple[Any, list[Datagram]]],
 ]
+
+
+def use_table(table: ForwardingTable) -> None:
+    """Once the table has its node buckets (the server's), before relaying starts."""
+    if batch.NATIVE:
+        _batch.set_bandwidth(table.rates, table.buckets)
+        table.admit = _batch.admit
+
 
 listener_ready: ListenerReady = _listener_ready
 forward_channel_data: ForwardChannelData = _forward_channel_data

@@ -9,17 +9,23 @@ Layout, all little-endian, sized from the relay port range (`NodeLayout`):
 
 - header: generation (u64), allocations and reservations held on the node (u64);
 - users: an open-addressing table (linear probing, backward-shift deletion) of
-  (key u64, count u32) per user holding something, at most half full: the users
-  holding something never outnumber the ports of both families;
+  (key u64, count u32, bandwidth bucket u32) per user holding something, at most half
+  full: the users holding something never outnumber the ports of both families;
 - budgets: (key u64, tokens f64, last f64) per source IP, direct-mapped: a collision
   forgets the older source's bucket, as the in-process budget forgets its oldest;
 - per address family, one byte per relay port: 0 if free, else 1 + the index of the
-  worker that holds it; then one byte per port, 1 while it is reserved for a token.
+  worker that holds it; then one byte per port, 1 while it is reserved for a token;
+- bandwidth buckets (pyturn/core/bandwidth.py), as many as user slots: bucket 0 is the
+  node's total, each user holding something has one of the others (the number in its
+  entry, which moves with it), and one byte per bucket says which are taken. The
+  native fast path reads and charges them atomically, without the lock.
 
 Keys are keyed BLAKE2b hashes (the workers' shared secret), so clients cannot aim at a
 slot. When a worker dies its ports are freed, and the user counts are rebuilt: the
 supervisor clears them and bumps the generation, and each worker, seeing a new
-generation under the lock, adds back what it holds before doing anything else.
+generation under the lock, adds back what it holds before doing anything else. Users
+get their buckets anew then, and the worker repoints its allocations (`on_rebucket`);
+until every worker has, two users may share a bucket for a moment.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyturn.config import MAX_WORKERS
+from pyturn.core.bandwidth import BUCKET_WORDS, Words
 from pyturn.core.node import PortPool
 from pyturn.core.quotas import UserCounts
 from pyturn.core.randomness import RandomSource
@@ -40,7 +47,8 @@ from pyturn.wire.attributes import FAMILY_IPV4, FAMILY_IPV6
 
 _HEADER_SIZE = 64
 _COUNTS = struct.Struct("<QQ")  # generation, total held
-_USER = struct.Struct("<QI4x")
+_USER = struct.Struct("<QII")  # key, count, bandwidth bucket
+_BUCKET_SIZE = 8 * BUCKET_WORDS
 _BUDGET = struct.Struct("<Qdd")
 _BUDGET_SLOTS = 1 << 16  # as many sources as the in-process budget keeps
 
@@ -77,8 +85,18 @@ class NodeLayout:
         return self.owners_at(family) + self.ports
 
     @property
+    def buckets_at(self) -> int:
+        # Page-aligned, so the 64-bit words the fast path updates atomically are aligned.
+        end = self.owners_at(FAMILY_IPV6) + 2 * self.ports
+        return -(-end // mmap.PAGESIZE) * mmap.PAGESIZE
+
+    @property
+    def buckets_used_at(self) -> int:
+        return self.buckets_at + self.user_slots * _BUCKET_SIZE
+
+    @property
     def size(self) -> int:
-        return self.owners_at(FAMILY_IPV6) + 2 * self.ports
+        return self.buckets_used_at + self.user_slots
 
 
 def create_region(layout: NodeLayout) -> int:
@@ -96,6 +114,8 @@ class _Region:
         self.layout = layout
         self.mm = mmap.mmap(fd, layout.size)
         self._secret = hashlib.blake2b(secret, digest_size=32).digest()
+        start = layout.buckets_at
+        self.buckets: Words = memoryview(self.mm)[start : layout.buckets_used_at].cast("Q")
 
     def key(self, name: str) -> int:
         digest = hashlib.blake2b(name.encode(), digest_size=8, key=self._secret).digest()
@@ -116,7 +136,7 @@ class _Region:
         i = key & mask
         for _ in range(mask + 1):
             offset = base + i * _USER.size
-            found, count = _USER.unpack_from(mm, offset)
+            found, count, _ = _USER.unpack_from(mm, offset)
             if found == key:
                 return offset, count
             if found == 0:
@@ -125,19 +145,39 @@ class _Region:
         # Cannot happen: the table is sized for twice the users that can hold a port.
         raise RuntimeError("node state: the user table is full")
 
-    def add_user(self, key: int, delta: int) -> None:
-        self._count_at(*self.find_user(key), key, delta)
+    def add_user(self, key: int, delta: int) -> int:
+        """Add `delta` to a user's count: its bandwidth bucket (0 once it holds nothing)."""
+        return self._count_at(*self.find_user(key), key, delta)
 
-    def _count_at(self, offset: int, count: int, key: int, delta: int) -> None:
-        """Add `delta` to the slot `find_user` gave for `key`, and to the node's total."""
+    def _count_at(self, offset: int, count: int, key: int, delta: int) -> int:
+        """Add `delta` to the slot `find_user` gave for `key`, and to the node's total:
+        the user's bandwidth bucket (a new one for a new user), 0 once it holds nothing."""
+        bucket = 0
         if count > 0 or delta > 0:
+            bucket = _USER.unpack_from(self.mm, offset)[2] if count > 0 else self._take_bucket()
             count = max(count, 0) + delta
             if count > 0:
-                _USER.pack_into(self.mm, offset, key, count)
+                _USER.pack_into(self.mm, offset, key, count, bucket)
             else:
                 self._delete_user(offset)
+                self.mm[self.layout.buckets_used_at + bucket] = 0
+                bucket = 0
         generation, total = _COUNTS.unpack_from(self.mm, 0)
         _COUNTS.pack_into(self.mm, 0, generation, max(total + delta, 0))
+        return bucket
+
+    def _take_bucket(self) -> int:
+        """A free bandwidth bucket, emptied, now taken (never 0: the node's)."""
+        mm, used = self.mm, self.layout.buckets_used_at
+        at = mm.find(b"\0", used + 1, used + self.layout.user_slots)
+        if at < 0:  # cannot happen: there are as many buckets as user slots
+            raise RuntimeError("node state: no bandwidth bucket left")
+        mm[at] = 1
+        bucket = at - used
+        self.buckets[bucket * BUCKET_WORDS : (bucket + 1) * BUCKET_WORDS] = memoryview(
+            bytes(_BUCKET_SIZE)
+        ).cast("Q")
+        return bucket
 
     def _delete_user(self, offset: int) -> None:
         """Empty a slot, moving later entries of its probe run back (no tombstones)."""
@@ -146,15 +186,15 @@ class _Region:
         i = hole
         while True:
             i = (i + 1) % slots
-            key, count = _USER.unpack_from(mm, base + i * _USER.size)
+            key, count, bucket = _USER.unpack_from(mm, base + i * _USER.size)
             if key == 0:
                 break
             home = key % slots
             # The entry at i may fill the hole unless its home lies in (hole, i].
             if (hole < i and not hole < home <= i) or (hole > i and not (home <= i or home > hole)):
-                _USER.pack_into(mm, base + hole * _USER.size, key, count)
+                _USER.pack_into(mm, base + hole * _USER.size, key, count, bucket)
                 hole = i
-        _USER.pack_into(mm, base + hole * _USER.size, 0, 0)
+        _USER.pack_into(mm, base + hole * _USER.size, 0, 0, 0)
 
     def forget_worker(self, index: int) -> None:
         """A worker died: free its ports and reservations, and have the user counts
@@ -168,6 +208,8 @@ class _Region:
             mm[users : users + layout.user_slots * _USER.size] = bytes(
                 layout.user_slots * _USER.size
             )
+            used = layout.buckets_used_at
+            mm[used : used + layout.user_slots] = bytes(layout.user_slots)
             generation, _ = _COUNTS.unpack_from(mm, 0)
             _COUNTS.pack_into(mm, 0, generation + 1, 0)
             owner = bytes([index + 1])
@@ -181,6 +223,7 @@ class _Region:
                     at = mm.find(owner, at + 1, end)
 
     def close(self) -> None:
+        self.buckets.release()
         self.mm.close()
 
 
@@ -207,6 +250,9 @@ class SharedNodeState(_Region):
         self.owner = index + 1
         self.held_here = UserCounts()
         self._user_keys: dict[str, int] = {}
+        # The bandwidth bucket of each user this worker holds something for.
+        self._buckets: dict[str, int] = {}
+        self.on_rebucket: Callable[[str, int], None] | None = None
         self.burst = float(burst)
         self.rate = rate
         self._generation = _COUNTS.unpack_from(self.mm, 0)[0]
@@ -216,8 +262,15 @@ class SharedNodeState(_Region):
         generation = _COUNTS.unpack_from(self.mm, 0)[0]
         if generation != self._generation:
             for user, count in self.held_here.items():
-                self.add_user(self._user_keys[user], count)
+                bucket = self.add_user(self._user_keys[user], count)
+                if bucket != self._buckets.get(user):
+                    self._buckets[user] = bucket
+                    if self.on_rebucket is not None:
+                        self.on_rebucket(user, bucket)
             self._generation = generation
+
+    def user_bucket(self, user: str) -> int:
+        return self._buckets.get(user, 0)
 
     def sync(self) -> None:
         with self:
@@ -241,6 +294,7 @@ class SharedNodeState(_Region):
 
     def hold(self, user: str, per_user: int, total: int) -> bool:
         key = self._user_key(user)
+        bucket = 0
         with self:
             self._sync()
             offset, count = self.find_user(key)
@@ -248,20 +302,22 @@ class SharedNodeState(_Region):
                 total and _COUNTS.unpack_from(self.mm, 0)[1] >= total
             )
             if not refused:
-                self._count_at(offset, count, key, 1)
+                bucket = self._count_at(offset, count, key, 1)
         if refused:
             if user not in self.held_here:
                 del self._user_keys[user]
             return False
         self.held_here[user] += 1
+        self._buckets[user] = bucket
         return True
 
     def add(self, user: str) -> None:
         key = self._user_key(user)
         with self:
             self._sync()
-            self.add_user(key, 1)
+            bucket = self.add_user(key, 1)
         self.held_here[user] += 1
+        self._buckets[user] = bucket
 
     def release(self, user: str) -> None:
         key = self._user_key(user)
@@ -271,6 +327,7 @@ class SharedNodeState(_Region):
         self.held_here.remove(user)
         if user not in self.held_here:
             del self._user_keys[user]
+            del self._buckets[user]
 
     def allow_unsigned(self, ip: str, now: float) -> bool:
         key = self.key(ip)
@@ -300,6 +357,7 @@ class SharedNodeState(_Region):
     def compact(self, now: float) -> None:
         self.held_here.compact()
         self._user_keys = dict(self._user_keys)
+        self._buckets = dict(self._buckets)
 
 
 class SharedPortPool:

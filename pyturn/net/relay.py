@@ -19,6 +19,7 @@ import errno
 import logging
 import select
 import socket
+import time
 
 from pyturn.core.forwarding import Flow, ForwardingTable
 from pyturn.net.clients import Clients
@@ -186,8 +187,9 @@ class RelayEndpoint:
         key = self.key
         flow: Flow | None = None
         frames: list[bytes] = []
+        now = time.monotonic_ns()
         for data, peer in datagrams:
-            routed = from_peer(key, peer, data)
+            routed = from_peer(key, peer, data, now)
             if routed is None:
                 continue
             if routed[0] is not flow:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from pyturn.core.allocation import Allocation
 from pyturn.core.auth import AuthFailure
+from pyturn.core.bandwidth import TO_CLIENT, TO_PEER, dropped
 from pyturn.core.server import (
     AllocationCreated,
     AllocationDeleted,
@@ -44,11 +45,15 @@ def _session(allocation: Allocation) -> dict[str, FieldValue]:
 
 
 def _traffic(allocation: Allocation) -> dict[str, FieldValue]:
+    counters = allocation.counters
     return {
         "bytes_to_peer": allocation.bytes_to_peer,
         "packets_to_peer": allocation.packets_to_peer,
         "bytes_to_client": allocation.bytes_to_client,
         "packets_to_client": allocation.packets_to_client,
+        # Over the bandwidth limits, whichever refused them (pyturn/core/bandwidth.py).
+        "dropped_to_peer": dropped(counters, TO_PEER),
+        "dropped_to_client": dropped(counters, TO_CLIENT),
     }
 
 

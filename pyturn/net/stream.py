@@ -12,6 +12,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import cast
 
@@ -105,6 +106,8 @@ class StreamConnection(asyncio.Protocol):
         self.hand_over = hand_over
         self._given_five_tuple = five_tuple
         self._initial = initial
+        # Over a bandwidth limit: the frames read but not yet relayed, while reading stops.
+        self._held: list[bytes] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
@@ -141,10 +144,16 @@ class StreamConnection(asyncio.Protocol):
             return
         framer = self.framer
         framer.feed(data)
+        if self._held is not None:
+            return  # what a paused transport still delivers waits with the rest
         if self.hand_over is not None and self._handed_over():
             return
+        self._read_frames()
+
+    def _read_frames(self) -> None:
+        framer = self.framer
         try:
-            while self.pipe is None and (frames := framer.frames()):
+            while self.pipe is None and self._held is None and (frames := framer.frames()):
                 self._handle_frames(frames)
         except DecodeError:
             self.close()
@@ -183,10 +192,18 @@ class StreamConnection(asyncio.Protocol):
         five_tuple = self.five_tuple
         assert five_tuple is not None
         server = self.server
-        from_client = server.table.from_client
-        for frame in frames:
+        table = server.table
+        from_client = table.from_client
+        now = time.monotonic_ns()
+        for i, frame in enumerate(frames):
             if is_channel_data(frame):
-                send = from_client(frame, five_tuple)
+                # Over a bandwidth limit a stream is not dropped from: it waits, and
+                # stops reading meanwhile (TCP then slows the client down).
+                wait = table.stream_wait(frame, five_tuple, now) if table.limited else 0
+                if wait:
+                    self._hold(frames[i:], wait)
+                    return
+                send = from_client(frame, five_tuple, now)
                 if send is not None:
                     send.relay.sendto(send.data, send.peer)
                 continue
@@ -198,6 +215,23 @@ class StreamConnection(asyncio.Protocol):
                         self._join(action.connection)
                         break
         self._rearm_idle_timer()
+
+    def _hold(self, frames: list[bytes], wait_ns: int) -> None:
+        self._held = frames
+        if self.transport is not None:
+            self.transport.pause_reading()
+        asyncio.get_running_loop().call_later(wait_ns / 1e9, self._release_held)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, None
+        transport = self.transport
+        if held is None or transport is None or transport.is_closing() or self.pipe is not None:
+            return
+        self._handle_frames(held)
+        if self._held is None:
+            self._read_frames()
+        if self._held is None and self.transport is not None:
+            self.transport.resume_reading()
 
     def _rearm_idle_timer(self) -> None:
         """A connection lives on its allocation (or as a data pipe); one that has neither

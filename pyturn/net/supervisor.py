@@ -57,7 +57,7 @@ RESTART_DELAY = 1.0
 # Samples that are one process's value rather than a share of the whole.
 # Each worker sees the node's free relay ports: the sum would count them N times.
 _TAKE_MIN = ("process_start_time_seconds", "pyturn_relay_ports_available")
-_TAKE_MAX = ("pyturn_info", "pyturn_draining", "python_info")
+_TAKE_MAX = ("pyturn_info", "pyturn_draining", "python_info", "pyturn_bandwidth_limit")
 
 
 def worker_count(config: Config) -> int:

@@ -12,10 +12,12 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable, Coroutine
 from typing import cast
 
 from pyturn.core.allocation import Allocation, PeerConnection
+from pyturn.core.bandwidth import TO_CLIENT, TO_PEER
 from pyturn.core.forwarding import PACKETS_TO_CLIENT, PACKETS_TO_PEER
 from pyturn.core.server import Action, TurnServer
 from pyturn.net.sockets import accept_ready, bound_socket
@@ -55,6 +57,8 @@ class PipeEnd(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.partner: PipeEnd | None = None
         self.pending = bytearray()
+        # Bytes over a bandwidth limit, waiting while reading is paused (None: none).
+        self.held: bytearray | None = None
         self.on_lost: Callable[[], None] | None = on_lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -65,10 +69,32 @@ class PipeEnd(asyncio.Protocol):
         allocation = self.allocation
         if allocation is not None:
             counters = allocation.counters
+            table = allocation.table
+            if self.held is not None:
+                self.held += data  # what a paused transport still delivers waits too
+                return
+            if table.limited:
+                direction = TO_CLIENT if self.from_peer else TO_PEER
+                wait = table.stream_charge(counters, direction, len(data), time.monotonic_ns())
+                if wait:
+                    # Over a bandwidth limit: hold these bytes and stop reading a while.
+                    self.held = bytearray(data)
+                    if self.transport is not None:
+                        self.transport.pause_reading()
+                    asyncio.get_running_loop().call_later(wait / 1e9, self._release_held)
+                    return
             packets = PACKETS_TO_CLIENT if self.from_peer else PACKETS_TO_PEER
             counters[packets] += 1
             counters[packets + 1] += len(data)  # the bytes follow the packets
         self.forward(data)
+
+    def _release_held(self) -> None:
+        held, self.held = self.held, None
+        if held is None or self.transport is None or self.transport.is_closing():
+            return
+        self.data_received(bytes(held))
+        if self.held is None and self.transport is not None:
+            self.transport.resume_reading()
 
     def forward(self, data: bytes) -> None:
         partner = self.partner

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable
 
 from pyturn.core.forwarding import FiveTuple, RelaySocket, SendToPeer
@@ -132,12 +133,13 @@ class UdpListener:
         try:
             while True:
                 now = self.clock() if datagrams else 0.0  # only STUN needs the time
+                now_ns = time.monotonic_ns()  # the bandwidth limits' clock
                 for data, client in datagrams:
                     five_tuple: FiveTuple = ("udp", client, local)
                     send: SendToPeer | Action | None
                     # Fast path: ChannelData skips the STUN machinery.
                     if is_channel_data(data):
-                        send = from_client(data, five_tuple)
+                        send = from_client(data, five_tuple, now_ns)
                         if send is None:
                             continue
                     else:

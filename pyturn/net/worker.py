@@ -60,7 +60,7 @@ from pyturn.core.server import (
 )
 from pyturn.logs import configure_logging, format_address, log_event
 from pyturn.metrics import Stats, TurnCollector, make_registry, render
-from pyturn.net import batch
+from pyturn.net import batch, fastpath
 from pyturn.net.addresses import default_relay_ipv4, default_relay_ipv6
 from pyturn.net.clients import Clients
 from pyturn.net.errors import StartupError
@@ -159,6 +159,7 @@ class Worker:
             worker_index=worker_index,
             node=node,
         )
+        fastpath.use_table(table)
         # With several workers: where RFC 6062 data connections go to their owner.
         self.handover: Handover | None = None
         self.tcp_relay = TcpRelay(self.server, self.now, self._deliver_tcp)

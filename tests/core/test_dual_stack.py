@@ -31,7 +31,7 @@ def test_a_dual_stack_allocation_permits_and_relays_to_peers_of_both_families(
     sends = [a for a in client.send_indication(V4_PEER, b"four") if isinstance(a, SendToPeer)]
     assert [(s.relay, s.peer) for s in sends] == [(allocation.relay, V4_PEER)]
     assert client.channel_bind(0x4001, V6_PEER).code == 0
-    route = server.table.from_client(b"\x40\x01\x00\x02hi", client.five_tuple)
+    route = server.table.from_client(b"\x40\x01\x00\x02hi", client.five_tuple, 0)
     assert route is not None and route.relay is allocation.relay6
 
 

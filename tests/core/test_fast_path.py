@@ -30,7 +30,7 @@ def _slow(server: TurnServer, client: TurnTestClient, data: bytes) -> list[SendT
     """What the full codec decides, bypassing the fast path."""
     from pyturn.wire.message import decode
 
-    send = server._send_indication(decode(data), client.five_tuple)
+    send = server._send_indication(decode(data), client.five_tuple, 0.0)
     return [send] if send is not None else []
 
 

@@ -160,10 +160,10 @@ def test_route_channel_data_is_the_fast_path_of_receive(
     """RFC 8656 §12.6: `route_channel_data` relays exactly what `receive` would."""
     assert client.channel_bind(0x4001, PEER).code == 0
     frame = b"\x40\x01\x00\x02hi\x00\x00"
-    assert server.table.from_client(frame, client.five_tuple) == SendToPeer(
+    assert server.table.from_client(frame, client.five_tuple, 0) == SendToPeer(
         allocation.relay, PEER, b"hi"
     )
-    assert server.table.from_client(b"\x40\x02\x00\x00", client.five_tuple) is None
+    assert server.table.from_client(b"\x40\x02\x00\x00", client.five_tuple, 0) is None
 
 
 # -- peer -> client: frame_for_client ------------------------------------------------------

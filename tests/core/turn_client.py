@@ -426,5 +426,5 @@ def frame_for_client(allocation: Allocation, peer: Address, data: bytes) -> byte
     """What the data plane sends the client of `allocation` for a datagram from `peer`
     to the relay of the peer's family (`ForwardingTable.from_peer`), or None."""
     relay = allocation.relay_for(peer[0])
-    routed = allocation.table.from_peer(relay.key, peer, data)
+    routed = allocation.table.from_peer(relay.key, peer, data, 0)
     return None if routed is None else routed[1]

@@ -5,11 +5,14 @@ Hypothesis writes a table through its only writer (`ForwardingTable.permit`, `re
 `from_peer` (Python) and to `_batch.route_client_datagram` / `route_peer_datagram`
 (the C functions that `forward_channel_data` and `serve_relay[s]` route with). No
 server, no sockets: same table, same bytes, same answer, same counters (RFC 8656 §11,
-§12.5-§12.7).
+§12.5-§12.7). The bandwidth limits too: hypothesis picks the rates, which user bucket
+each allocation has and how time passes, and each datagram is offered to both paths from
+the same state (counters and node buckets), which must then be the same again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -17,6 +20,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pyturn.core import bandwidth
+from pyturn.core.bandwidth import USER_BUCKET
 from pyturn.core.forwarding import Flow, ForwardingTable, new_counters
 from pyturn.wire.attributes import Address
 from pyturn.wire.channel_data import channel_header, is_channel_data
@@ -34,6 +39,19 @@ CLIENTS: list[Address] = [("203.0.113.7", 40001), ("203.0.113.7", 40002), ("2001
 PEER_IPS = ["198.51.100.1", "198.51.100.2", "2001:db8:1::1"]
 PEERS: list[Address] = [(ip, port) for ip in PEER_IPS for port in (9000, 9001)]
 CHANNELS = [0x4000, 0x4001, 0x4FFF, 0x7FFF]
+# Bytes per second: none, tight enough that 40-byte datagrams run over, or loose.
+RATES = [0, 0, 50, 400, 10**6]
+# Between two datagrams: nothing, a little, about a burst, a long quiet spell.
+STEPS = [0, 1_000, 1_000_000, 150_000_000, 2_000_000_000]
+USER_BUCKETS = 3
+
+
+@pytest.fixture(autouse=True)
+def _no_limits_after() -> Iterator[None]:
+    """The native path keeps the last rates it was given: leave it unlimited."""
+    yield
+    if _batch is not None:
+        _batch.set_bandwidth(bandwidth.new_rates(), bandwidth.new_buckets(1))
 
 
 class FixedRandom:
@@ -95,10 +113,20 @@ Op = tuple[str, int, int, Address]
 FiveTuples = list[tuple[str, Address, Address]]
 
 
-def build(five_tuples: FiveTuples, ops: list[Op]) -> World:
+limits = st.tuples(st.sampled_from(RATES), st.sampled_from(RATES), st.sampled_from(RATES))
+Limits = tuple[int, int, int]
+
+
+def build(five_tuples: FiveTuples, ops: list[Op], rates: Limits = (0, 0, 0)) -> World:
     world = World()
+    table = world.table
+    table.set_rates(*rates)
+    table.buckets = bandwidth.new_buckets(1 + USER_BUCKETS)
+    assert _batch is not None
+    _batch.set_bandwidth(table.rates, table.buckets)
     for index, (transport, client, local) in enumerate(five_tuples):
         flow: Flow = (transport, client, local, new_counters())
+        flow[3][USER_BUCKET] = index % USER_BUCKETS  # 0: a user without a bucket
         world.flows.append((flow, Relay(100 + 2 * index), Relay(101 + 2 * index)))
         world.bound[index] = {}
     for op, which, number, peer in ops:
@@ -137,25 +165,32 @@ def channel_data(numbers: st.SearchStrategy[int]) -> st.SearchStrategy[bytes]:
     )
 
 
-def _counts(world: World) -> list[tuple[int, ...]]:
-    return [tuple(flow[3]) for flow, _, _ in world.flows]
+State = tuple[list[tuple[int, ...]], tuple[int, ...]]
 
 
-def _delta(before: list[tuple[int, ...]], after: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-    return [
-        tuple(y - x for x, y in zip(b, a, strict=True)) for b, a in zip(before, after, strict=True)
-    ]
+def _state(world: World) -> State:
+    """Every allocation's counters (buckets and drops included), and the node's buckets."""
+    return [tuple(flow[3]) for flow, _, _ in world.flows], tuple(world.table.buckets)
+
+
+def _restore(world: World, state: State) -> None:
+    for (flow, _, _), counters in zip(world.flows, state[0], strict=True):
+        flow[3][:] = new_counters()
+        for i, value in enumerate(counters):
+            flow[3][i] = value
+    for i, value in enumerate(state[1]):
+        world.table.buckets[i] = value
 
 
 @settings(max_examples=300, deadline=None)
-@given(flows, operations, st.data())
+@given(flows, operations, limits, st.data())
 def test_client_to_peer_routes_agree(
-    five_tuples: FiveTuples, ops: list[Op], data: st.DataObject
+    five_tuples: FiveTuples, ops: list[Op], rates: Limits, data: st.DataObject
 ) -> None:
     """RFC 8656 §12.5: both paths relay ChannelData on a bound channel of the client's
-    allocation, drop the rest, and count what they relay the same way."""
+    allocation, drop the rest (over a limit too), and count and charge alike."""
     assert _batch is not None
-    world = build(five_tuples, ops)
+    world = build(five_tuples, ops, rates)
     table = world.table
     # Half aimed at the table's channels, half anything a client might send.
     bound = [(k[1], k[2], k[3]) for k in table.to_peer_by_channel]
@@ -170,33 +205,38 @@ def test_client_to_peer_routes_agree(
             st.just((t[0], t[1])), st.one_of(channel_data(st.just(t[2])), st.binary(max_size=8))
         )
     )
-    datagrams = data.draw(st.lists(frames, max_size=8))
-    for (client, local), datagram in datagrams:
+    datagrams = data.draw(st.lists(st.tuples(frames, st.sampled_from(STEPS)), max_size=12))
+    now = 10**12
+    for ((client, local), datagram), step in datagrams:
+        now += step
         if not is_channel_data(datagram):
             continue  # never offered to either: STUN goes to the core
-        before = _counts(world)
-        reference = table.from_client(datagram, ("udp", client, local))
-        after_python = _counts(world)
-        native = _batch.route_client_datagram(table.to_peer_by_channel, local, client, datagram)
-        after_native = _counts(world)
+        before = _state(world)
+        reference = table.from_client(datagram, ("udp", client, local), now)
+        after_python = _state(world)
+        _restore(world, before)
+        native = _batch.route_client_datagram(
+            table.to_peer_by_channel, local, client, datagram, now
+        )
         if reference is None:
             assert native is None
         else:
             assert native == (reference.relay.key, reference.peer, reference.data)
-        # The C path counted exactly what the Python path counted.
-        assert _delta(after_python, after_native) == _delta(before, after_python)
+        # The C path counted and charged exactly what the Python path did.
+        assert _state(world) == after_python
 
 
 @settings(max_examples=300, deadline=None)
-@given(flows, operations, st.data())
+@given(flows, operations, limits, st.data())
 def test_peer_to_client_routes_agree(
-    five_tuples: FiveTuples, ops: list[Op], data: st.DataObject
+    five_tuples: FiveTuples, ops: list[Op], rates: Limits, data: st.DataObject
 ) -> None:
     """RFC 8656 §11.3/§12.6: with a permission for the peer's IP, both make the same frame
     for the same client (ChannelData with a channel to the peer, else a Data
-    indication), counted alike; without one, neither relays anything."""
+    indication), counted and charged alike; without one, or over a limit, neither
+    relays anything."""
     assert _batch is not None
-    world = build(five_tuples, ops)
+    world = build(five_tuples, ops, rates)
     table = world.table
     # Half aimed at the table's routes back, half at any relay from any peer.
     routes = list(table.to_client_by_peer) + [
@@ -205,11 +245,16 @@ def test_peer_to_client_routes_agree(
     relay_keys = [relay.key for _, *relays in world.flows for relay in relays]
     anyone = st.tuples(st.sampled_from([*relay_keys, 999]), st.sampled_from(PEERS))
     aimed = st.one_of(st.sampled_from(routes), anyone) if routes else anyone
-    datagrams = data.draw(st.lists(st.tuples(aimed, st.binary(max_size=40)), max_size=8))
-    for (relay_key, peer), datagram in datagrams:
-        before = _counts(world)
-        reference = table.from_peer(relay_key, peer, datagram)
-        after_python = _counts(world)
+    datagrams = data.draw(
+        st.lists(st.tuples(aimed, st.binary(max_size=40), st.sampled_from(STEPS)), max_size=12)
+    )
+    now = 10**12
+    for (relay_key, peer), datagram, step in datagrams:
+        now += step
+        before = _state(world)
+        reference = table.from_peer(relay_key, peer, datagram, now)
+        after_python = _state(world)
+        _restore(world, before)
         native = _batch.route_peer_datagram(
             table.to_client_by_peer,
             table.to_client_by_ip,
@@ -217,16 +262,61 @@ def test_peer_to_client_routes_agree(
             relay_key,
             peer,
             datagram,
+            now,
         )
-        after_native = _counts(world)
+        assert _state(world) == after_python
         if native is None:
             assert reference is None
-            assert after_native == after_python
             continue
         assert reference is not None
         assert native[0] is reference[0]  # the very flow: same client, same counters
         assert native[1] == reference[1]
-        assert _delta(after_python, after_native) == _delta(before, after_python)
+
+
+# Up to 2**62 ns (146 years of a monotonic clock): the arithmetic has room to spare.
+words = st.integers(0, 2**62)
+times = st.sampled_from([0, 10**9, 10**12, 2**62])
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.one_of(st.sampled_from([0, 10**12]), words), min_size=14, max_size=14),
+    st.tuples(
+        st.sampled_from([0, 1, 7, 10**6, 10**12]),
+        st.sampled_from([0, 1, 10**6]),
+        st.sampled_from([0, 3, 10**9]),
+    ),
+    st.lists(st.one_of(st.sampled_from([0, 10**12]), words), min_size=8, max_size=8),
+    st.integers(0, 1),
+    st.integers(0, 70_000),
+    times,
+    st.integers(0, 2),
+)
+def test_the_native_admit_is_the_reference_admit(  # noqa: PLR0917
+    counters: list[int],
+    rates: Limits,
+    buckets: list[int],
+    direction: int,
+    size: int,
+    now: int,
+    user: int,
+) -> None:
+    """bandwidth.admit and _batch.admit, from any state: the same answer and charges."""
+    assert _batch is not None
+    counters[USER_BUCKET] = user
+    states = []
+    answers = []
+    for rule in (bandwidth.admit, _batch.admit):
+        mine = new_counters()
+        for i, value in enumerate(counters):
+            mine[i] = value
+        node = bandwidth.new_buckets(2)
+        for i, value in enumerate(buckets):
+            node[i] = value
+        answers.append(rule(mine, bandwidth.new_rates(*rates), node, direction, size, now))
+        states.append((tuple(mine), tuple(node)))
+    assert answers[0] == answers[1]
+    assert states[0] == states[1]
 
 
 def test_a_revoked_permission_stops_channel_data_from_the_peer_in_both_paths() -> None:
@@ -249,6 +339,7 @@ def test_a_revoked_permission_stops_channel_data_from_the_peer_in_both_paths() -
             relay.key,
             peer,
             b"hi",
+            0,
         )
 
     frame = b"\x40\x00\x00\x02hi"
@@ -256,9 +347,11 @@ def test_a_revoked_permission_stops_channel_data_from_the_peer_in_both_paths() -
     assert from_peer() == (flow, frame)
     table.revoke(flow, relay, peer[0], channels)
     assert from_peer() is None
-    assert table.from_peer(relay.key, peer, b"hi") is None
+    assert table.from_peer(relay.key, peer, b"hi", 0) is None
     # The client may still send on the channel: its binding lives 600 s.
-    to_peer = _batch.route_client_datagram(table.to_peer_by_channel, LOCALS[0], CLIENTS[0], frame)
+    to_peer = _batch.route_client_datagram(
+        table.to_peer_by_channel, LOCALS[0], CLIENTS[0], frame, 0
+    )
     assert to_peer == (relay.key, peer, b"hi")
     table.permit(flow, relay, peer[0], channels)
     assert from_peer() == (flow, frame)

@@ -92,7 +92,10 @@ def test_text_log_lines_have_one_line_per_session_event(start_server: StartServe
     assert "lifetime=1200 duration=" in refreshed
     deleted = server.wait_for_log(r"allocation deleted (.*)")[1]
     assert "reason=refresh duration=" in deleted
-    assert "bytes_to_peer=0 packets_to_peer=0 bytes_to_client=0 packets_to_client=0" in deleted
+    assert (
+        "bytes_to_peer=0 packets_to_peer=0 bytes_to_client=0 packets_to_client=0"
+        " dropped_to_peer=0 dropped_to_client=0"
+    ) in deleted
     # The first, unauthenticated Allocate is the normal challenge: not logged at INFO.
     assert "reason=no_credentials" not in server.log_text
 

@@ -50,6 +50,7 @@ class FakeServer:
     allocations: dict[FiveTuple, Allocation] = field(default_factory=dict)
     pools: dict[int, list[int]] = field(default_factory=lambda: {FAMILY_IPV4: [1, 2, 3]})
     relay_ips: dict[int, str] = field(default_factory=lambda: {FAMILY_IPV4: "192.0.2.1"})
+    table: ForwardingTable = field(default_factory=lambda: ForwardingTable(SystemRandom()))
 
 
 def allocation(transport: str, port: int, created_at: float = 0.0) -> Allocation:

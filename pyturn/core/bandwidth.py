@@ -1,0 +1,152 @@
+"""Bandwidth limits: per allocation, per user and for the node, each way on its own.
+
+Each limit is a rate in bytes per second (0: none) and a bucket, kept as GCRA does: the
+bucket is one number, the time at which it would be empty again (its "theoretical
+arrival time", TAT). `size` bytes pass at time `now` when the TAT is at most
+`now + BURST_NS`, and then move it by `size / rate` seconds from `max(TAT, now)`: over
+any stretch of time no more than `rate` bytes per second pass, plus one burst of 200 ms
+worth. A bucket is one 64-bit word, so a check is integer arithmetic and no timer runs.
+
+Where the buckets live:
+
+- an allocation's two (one per direction) in its counters array, beside its traffic
+  counters (pyturn/core/forwarding.py), with the bytes dropped for each reason;
+- the node's in `buckets`, an array of 64-bit words: bucket 0 is the node's total and
+  bucket i > 0 a user's, BUCKET_WORDS words each. With several workers it is a slice of
+  the shared node region (pyturn/net/node_state.py), so a user and the node are limited
+  across every worker; `NodeState` says which bucket a user has.
+
+The rates are three words (`Rates`): the config's per_allocation, per_user and total.
+A reload writes them, so a new limit holds at once for running allocations too.
+
+`admit` below is the rule; pyturn/net/_fastpath.c has the same rule for the native
+path, with atomic updates of the node's words (a Python update of a shared word can
+race another worker's, so the I/O layer hands the table the native `admit` when it has
+one), and tests/net/test_forwarding_differential.py holds the two to the same answers.
+"""
+
+from __future__ import annotations
+
+import array
+import mmap
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeAlias
+
+if TYPE_CHECKING:
+    Counters: TypeAlias = array.array[int]  # array("Q"): see forwarding.PACKETS_TO_PEER
+    Rates: TypeAlias = array.array[int]
+else:
+    Counters = Rates = array.array
+# The node's bucket words: a memoryview cast to "Q" (of shared memory, with workers).
+Words = memoryview
+
+# How much a bucket lets through at once after a quiet spell.
+BURST_NS = 200_000_000
+NS_PER_SECOND = 1_000_000_000
+
+# Directions: a bucket and a drop counter each.
+TO_PEER, TO_CLIENT = 0, 1
+# What `admit` answers: 0 when the bytes pass, else which limit refused them.
+ADMITTED, PER_ALLOCATION, PER_USER, TOTAL = range(4)
+REASONS = {PER_ALLOCATION: "per_allocation", PER_USER: "per_user", TOTAL: "total"}
+DIRECTIONS = {TO_PEER: "to_peer", TO_CLIENT: "to_client"}
+
+# An allocation's words in its counters array, after the four traffic counters:
+# its buckets (by direction), its user's bucket number (0: none), then the bytes
+# dropped, by direction and reason: DROPPED + 3 * direction + reason - 1.
+TAT = 4
+USER_BUCKET = 6
+DROPPED = 8
+COUNTERS_SIZE = 14
+
+# A node bucket's words: its TAT each way, and when the total last dropped something
+# (ns; what tells an Allocate the node is at capacity). The fourth word is spare.
+BUCKET_WORDS = 4
+LAST_DROP = 2
+
+
+# The rates' words.
+PER_ALLOCATION_RATE, PER_USER_RATE, TOTAL_RATE = range(3)
+
+
+def new_rates(per_allocation: int = 0, per_user: int = 0, total: int = 0) -> Rates:
+    return array.array("Q", (per_allocation, per_user, total))
+
+
+def new_buckets(count: int) -> Words:
+    """`count` node buckets, empty (bucket 0 is the total's), in anonymous memory: the
+    pages of buckets never used are never touched, so cost nothing."""
+    return memoryview(mmap.mmap(-1, 8 * BUCKET_WORDS * count)).cast("Q")
+
+
+def admit(  # noqa: PLR0917 (the native admit's signature)
+    counters: Counters, rates: Rates, buckets: Words, direction: int, size: int, now: int
+) -> int:
+    """Whether `size` bytes of the allocation with `counters` may go `direction` at `now`
+    (ns): ADMITTED, and every bucket of a set limit is charged; else the first limit that
+    refuses them (PER_ALLOCATION, PER_USER, TOTAL), and nothing is charged. Drops are
+    the caller's to count (`count_drop`): a stream waits instead."""
+    per_allocation, per_user, total = rates
+    tolerance = now + BURST_NS
+    if per_allocation and counters[TAT + direction] > tolerance:
+        return PER_ALLOCATION
+    user = counters[USER_BUCKET] * BUCKET_WORDS + direction
+    has_user = per_user and direction < user < len(buckets)
+    if has_user and buckets[user] > tolerance:
+        return PER_USER
+    if total and buckets[direction] > tolerance:
+        return TOTAL
+    if per_allocation:
+        counters[TAT + direction] = _charged(counters[TAT + direction], now, size, per_allocation)
+    if has_user:
+        buckets[user] = _charged(buckets[user], now, size, per_user)
+    if total:
+        buckets[direction] = _charged(buckets[direction], now, size, total)
+    return ADMITTED
+
+
+def _charged(tat: int, now: int, size: int, rate: int) -> int:
+    return max(tat, now) + size * NS_PER_SECOND // rate
+
+
+def count_drop(
+    counters: Counters, buckets: Words, direction: int, reason: int, *, size: int, now: int
+) -> None:
+    """`size` bytes were dropped for `reason`: counted on the allocation, and a drop for
+    the total stamped on the node (see `at_capacity`)."""
+    counters[DROPPED + 3 * direction + reason - 1] += size
+    if reason == TOTAL:
+        buckets[LAST_DROP] = now
+
+
+def wait(counters: Counters, rates: Rates, buckets: Words, direction: int, now: int) -> int:
+    """How long (ns) until `admit` lets bytes through again: what a stream waits before
+    it reads on."""
+    per_allocation, per_user, total = rates
+    tats = []
+    if per_allocation:
+        tats.append(counters[TAT + direction])
+    user = counters[USER_BUCKET] * BUCKET_WORDS + direction
+    if per_user and direction < user < len(buckets):
+        tats.append(buckets[user])
+    if total:
+        tats.append(buckets[direction])
+    return max([0, *(tat - now - BURST_NS for tat in tats)])
+
+
+def at_capacity(buckets: Words, now: int, window: int = 2 * NS_PER_SECOND) -> bool:
+    """Whether the node's total limit dropped something in the last `window` ns: measured
+    use, not the sum of what running allocations could use, so idle allocations do not
+    keep new ones out."""
+    last = buckets[LAST_DROP]
+    return last != 0 and now - last < window
+
+
+def dropped(counters: Counters, direction: int) -> int:
+    """Bytes dropped one way, for any limit."""
+    start = DROPPED + 3 * direction
+    return sum(counters[start : start + 3])
+
+
+# admit's signature, for the native one the I/O layer may install.
+Admit = Callable[[Counters, Rates, Words, int, int, int], int]

@@ -284,7 +284,16 @@ class Server:
 PYTURN_WORKERS = 1
 
 
-def write_pyturn_config(path: Path, port: int, relay: tuple[int, int]) -> None:
+# Limits far above what the benchmark offers (about 100 Mbit/s at most): every packet is
+# checked against all three and none is dropped, so the figure is the cost of checking.
+BANDWIDTH_LIMITS = (
+    'bandwidth: {per_allocation: "10 Gbit/s", per_user: "20 Gbit/s", total: "40 Gbit/s"}\n'
+)
+
+
+def write_pyturn_config(
+    path: Path, port: int, relay: tuple[int, int], *, limits: bool = False
+) -> None:
     path.write_text(
         f"""# written by bench/run.py
 realm: {REALM}
@@ -299,6 +308,7 @@ metrics: {{enabled: false}}
 shutdown_timeout: 0
 workers: {PYTURN_WORKERS}
 """
+        + (BANDWIDTH_LIMITS if limits else "")
     )
 
 
@@ -306,9 +316,9 @@ _LISTENING = re.compile(rb"listening on udp 127\.0\.0\.1:(\d+)")
 _READY = re.compile(rb"ready in (\d+(?:\.\d+)?) ms")
 
 
-def start_pyturn(machine: Machine, workdir: Path, port: int = 0) -> Server:
+def start_pyturn(machine: Machine, workdir: Path, port: int = 0, *, limits: bool = False) -> Server:
     config = workdir / "pyturn.yaml"
-    write_pyturn_config(config, port, machine.relay_range)
+    write_pyturn_config(config, port, machine.relay_range, limits=limits)
     log_path = workdir / "pyturn.log"
     with log_path.open("wb") as log:
         argv = machine.pin(SERVER_CORE, [str(machine.pyturn), "serve", "-c", str(config)])
@@ -412,6 +422,8 @@ def start_stub(machine: Machine, workdir: Path) -> Server:
 def start_server(machine: Machine, kind: str, workdir: Path) -> Server:
     if kind == "pyturn":
         return start_pyturn(machine, workdir)
+    if kind == LIMITED:
+        return start_pyturn(machine, workdir, limits=True)
     if kind == "coturn":
         return start_coturn(machine, workdir)
     return start_stub(machine, workdir)
@@ -500,6 +512,12 @@ class Experiment:
     stub: bool = True  # also run against the stub (generator ceiling)
     fresh_start: bool = False  # the experiment starts the server itself
     scatters: bool = False  # its figures scatter run to run: profile.rtt_repeats runs
+    # Which servers it compares, when not pyturn and coturn.
+    kinds: tuple[str, ...] | None = None
+
+
+# pyturn with bandwidth limits set well above the load (BANDWIDTH_LIMITS).
+LIMITED = "pyturn-limited"
 
 
 def _common(result: Any) -> Metrics:
@@ -703,6 +721,21 @@ def startup_run(machine: Machine, kind: str) -> Metrics:
 EXPERIMENTS = [
     Experiment("channel100", "ChannelData, 100 B", relay_experiment("channel", 100)),
     Experiment("channel1000", "ChannelData, 1000 B", relay_experiment("channel", 1000)),
+    # The same two with bandwidth limits set, against pyturn without: what checking costs.
+    Experiment(
+        "channel100limits",
+        "ChannelData, 100 B",
+        relay_experiment("channel", 100),
+        stub=False,
+        kinds=("pyturn", LIMITED),
+    ),
+    Experiment(
+        "channel1000limits",
+        "ChannelData, 1000 B",
+        relay_experiment("channel", 1000),
+        stub=False,
+        kinds=("pyturn", LIMITED),
+    ),
     Experiment("send100", "Send/Data, 100 B", relay_experiment("send", 100)),
     Experiment("send1000", "Send/Data, 1000 B", relay_experiment("send", 1000)),
     Experiment("alloc", "Allocate", alloc_run),
@@ -808,8 +841,9 @@ def run_all(machine: Machine, profile: Profile, only: set[str] | None) -> Result
         else:
             repeats = profile.repeats
         plan: list[str] = []
+        kinds = list(experiment.kinds or servers)
         for rep in range(repeats):  # ABBA: alternate, and swap who goes first
-            plan += servers if rep % 2 == 0 else servers[::-1]
+            plan += kinds if rep % 2 == 0 else kinds[::-1]
         if experiment.stub:
             plan.append("stub")
         for i, kind in enumerate(plan, 1):
@@ -1000,6 +1034,45 @@ def table(results: Results) -> tuple[str, list[dict[str, Any]]]:
     return "\n".join(lines), figures
 
 
+# At most this much more CPU per packet with limits set well above the load (issue 16).
+LIMITS_TARGET = 1.10
+
+
+def limits_lines(results: Results) -> tuple[list[str], list[dict[str, Any]]]:
+    """pyturn with bandwidth limits set against pyturn without, in the same run."""
+    lines, figures = [], []
+    for name, title in (("channel100limits", "100 B"), ("channel1000limits", "1000 B")):
+        plain = results.median(name, "pyturn", "cpu_us")
+        limited = results.median(name, LIMITED, "cpu_us")
+        plain_pps = results.pick(name, "pyturn", "pps", "max")
+        limited_pps = results.pick(name, LIMITED, "pps", "max")
+        if plain is None or limited is None:
+            continue
+        ratio = limited / plain
+        met = ratio <= LIMITS_TARGET
+        lines.append(
+            f"  ChannelData {title:<7} CPU per packet {plain:.2f} us unlimited, "
+            f"{limited:.2f} us limited = {ratio:.2f}x (target <={LIMITS_TARGET:.2f}x: "
+            f"{'yes' if met else 'NO'}); best rates {plain_pps or 0:,.0f} and "
+            f"{limited_pps or 0:,.0f} pkt/s"
+        )
+        figures.append(
+            {
+                "figure": f"ChannelData {title} CPU per packet, bandwidth limits set",
+                "unit": "us",
+                "experiment": name,
+                "metric": "cpu_us",
+                "aggregate": "median",
+                "pyturn": plain,
+                "pyturn_limited": limited,
+                "ratio": ratio,
+                "target": f"<={LIMITS_TARGET:.2f}x",
+                "met": met,
+            }
+        )
+    return lines, figures
+
+
 def headroom_lines(results: Results) -> list[str]:
     """Whether the generator could have limited a figure.
 
@@ -1085,6 +1158,11 @@ def report(
         f"? the best run of pyturn or coturn had other processes on a core (>= {NOISY:.0%}): "
         "the rate is not a verdict; the CPU row below it is steadier."
     )
+    limits, limit_figures = limits_lines(results)
+    if limits:
+        print("Bandwidth limits set far above the load (pyturn against itself, same run):")
+        print("\n".join(limits))
+        figures += limit_figures
     heads = headroom_lines(results)
     if heads:
         print("Generator headroom (idle while driving a server, or the server's core saturated):")

@@ -165,7 +165,13 @@ def check_config(config_path: Path, quiet: bool) -> None:
     help="ICE server URL(s) to include, e.g. turn:turn.example.org:3478.",
 )
 def credentials(secret: str, user: str | None, ttl: int, urls: tuple[str, ...]) -> None:
-    """Print TURN REST API credentials as JSON for RTCPeerConnection's iceServers."""
+    """Print TURN REST API credentials as JSON for RTCPeerConnection's iceServers.
+
+    Allocation quotas and the bandwidth.per_user limit count every credential made with
+    the same --user as that one user, however many are handed out; without --user each
+    credential is a user of its own, held only by bandwidth.per_allocation and
+    bandwidth.total.
+    """
     username = rest_username(int(time.time()) + ttl, user)
     entry = {
         "urls": list(urls),

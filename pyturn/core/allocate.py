@@ -129,7 +129,7 @@ class AllocateRequests(ServerState):
         quotas = self.config.quotas
         user = candidate.quota_user
         if self.table.rates[TOTAL_RATE] and bandwidth.at_capacity(
-            self.table.buckets, int(now * 1e9)
+            self.table.buckets, self.table.ns(now)
         ):
             # Measured use, not promised rates: what running calls actually send.
             raise errors.InsufficientCapacity("bandwidth at capacity (bandwidth.total)")

@@ -9,12 +9,23 @@ worth. A bucket is one 64-bit word, so a check is integer arithmetic and no time
 
 Where the buckets live:
 
-- an allocation's two (one per direction) in its counters array, beside its traffic
-  counters (pyturn/core/forwarding.py), with the bytes dropped for each reason;
-- the node's in `buckets`, an array of 64-bit words: bucket 0 is the node's total and
-  bucket i > 0 a user's, BUCKET_WORDS words each. With several workers it is a slice of
-  the shared node region (pyturn/net/node_state.py), so a user and the node are limited
-  across every worker; `NodeState` says which bucket a user has.
+- an allocation's (one per direction, and one per direction for its fair share of the
+  total, below) in its counters array, beside its traffic counters
+  (pyturn/core/forwarding.py), with the bytes dropped for each reason;
+- the node's in `buckets`, an array of 64-bit words, BUCKET_WORDS per bucket: bucket 0
+  is the node's total, bucket 1 counts the allocations sending (below), and bucket
+  i >= FIRST_USER_BUCKET is a user's. With several workers it is a slice of the shared
+  node region (pyturn/net/node_state.py), so a user and the node are limited across
+  every worker; `NodeState` says which bucket a user has.
+
+The total is shared fairly. A bucket alone lets through whichever packet comes first
+once it has room, and senders with a steady beat can then win every time: two calls
+at the same rate were seen to split the total 90/10. So each allocation also has a
+fair-share bucket at `total / n`, n the allocations that sent in the previous second
+(counted in bucket 1, per one-second window); an allocation over its fair share may use
+only the first half of the total's burst, and leaves the rest to those within theirs.
+Light senders keep what they send, heavy ones share what is left about equally, and
+nothing of the total is left unused while someone wants it.
 
 The rates are three words (`Rates`): the config's per_allocation, per_user and total.
 A reload writes them, so a new limit holds at once for running allocations too.
@@ -52,17 +63,27 @@ REASONS = {PER_ALLOCATION: "per_allocation", PER_USER: "per_user", TOTAL: "total
 DIRECTIONS = {TO_PEER: "to_peer", TO_CLIENT: "to_client"}
 
 # An allocation's words in its counters array, after the four traffic counters:
-# its buckets (by direction), its user's bucket number (0: none), then the bytes
-# dropped, by direction and reason: DROPPED + 3 * direction + reason - 1.
+# its buckets (by direction), its user's bucket number (0: none), the last window it
+# was counted as sending in, the bytes dropped, by direction and reason (DROPPED + 3 *
+# direction + reason - 1), and its fair-share buckets (by direction).
 TAT = 4
 USER_BUCKET = 6
+SEEN_WINDOW = 7
 DROPPED = 8
-COUNTERS_SIZE = 14
+FAIR_TAT = 14
+COUNTERS_SIZE = 16
 
 # A node bucket's words: its TAT each way, and when the total last dropped something
 # (ns; what tells an Allocate the node is at capacity). The fourth word is spare.
 BUCKET_WORDS = 4
 LAST_DROP = 2
+# Bucket 1: the allocations sending, per one-second window, in two words (even and
+# odd windows), each (window << 24) | count.
+SENDING = BUCKET_WORDS
+WINDOW_NS = NS_PER_SECOND
+_COUNT_BITS = 24
+_COUNT_MASK = (1 << _COUNT_BITS) - 1
+FIRST_USER_BUCKET = 2
 
 
 # The rates' words.
@@ -73,9 +94,9 @@ def new_rates(per_allocation: int = 0, per_user: int = 0, total: int = 0) -> Rat
     return array.array("Q", (per_allocation, per_user, total))
 
 
-def new_buckets(count: int) -> Words:
-    """`count` node buckets, empty (bucket 0 is the total's), in anonymous memory: the
-    pages of buckets never used are never touched, so cost nothing."""
+def new_buckets(count: int = FIRST_USER_BUCKET) -> Words:
+    """`count` node buckets, empty (the node's two first, then users'), in anonymous
+    memory: the pages of buckets never used are never touched, so cost nothing."""
     return memoryview(mmap.mmap(-1, 8 * BUCKET_WORDS * count)).cast("Q")
 
 
@@ -94,15 +115,35 @@ def admit(  # noqa: PLR0917 (the native admit's signature)
     has_user = per_user and direction < user < len(buckets)
     if has_user and buckets[user] > tolerance:
         return PER_USER
-    if total and buckets[direction] > tolerance:
-        return TOTAL
+    fair = 0
+    has_total = total and len(buckets) >= SENDING + 2
+    if has_total:
+        fair = max(total // sending(counters, buckets, now), 1)
+        within_fair = counters[FAIR_TAT + direction] <= tolerance
+        if buckets[direction] > (tolerance if within_fair else now + BURST_NS // 2):
+            return TOTAL
     if per_allocation:
         counters[TAT + direction] = _charged(counters[TAT + direction], now, size, per_allocation)
     if has_user:
         buckets[user] = _charged(buckets[user], now, size, per_user)
-    if total:
+    if has_total:
         buckets[direction] = _charged(buckets[direction], now, size, total)
+        counters[FAIR_TAT + direction] = _charged(counters[FAIR_TAT + direction], now, size, fair)
     return ADMITTED
+
+
+def sending(counters: Counters, buckets: Words, now: int) -> int:
+    """How many allocations sent in the window before `now`'s (at least 1), once this
+    one is counted in `now`'s."""
+    window = now // WINDOW_NS
+    if counters[SEEN_WINDOW] != window:
+        counters[SEEN_WINDOW] = window
+        word = SENDING + (window & 1)
+        old = buckets[word]
+        count = (old & _COUNT_MASK) + 1 if old >> _COUNT_BITS == window else 1
+        buckets[word] = (window << _COUNT_BITS) | count
+    before = buckets[SENDING + ((window - 1) & 1)]
+    return max(before & _COUNT_MASK if before >> _COUNT_BITS == window - 1 else 0, 1)
 
 
 def _charged(tat: int, now: int, size: int, rate: int) -> int:
@@ -129,7 +170,7 @@ def wait(counters: Counters, rates: Rates, buckets: Words, direction: int, now: 
     user = counters[USER_BUCKET] * BUCKET_WORDS + direction
     if per_user and direction < user < len(buckets):
         tats.append(buckets[user])
-    if total:
+    if total and len(buckets) >= SENDING + 2:
         tats.append(buckets[direction])
     return max([0, *(tat - now - BURST_NS for tat in tats)])
 

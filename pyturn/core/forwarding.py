@@ -23,8 +23,9 @@ permission: expiry deletes entries, so no reader looks at a clock.
 
 The bandwidth limits (pyturn/core/bandwidth.py) are checked here too, after the route:
 the counters array holds the allocation's buckets, and the table the rates and the
-node's buckets. Readers pass the time in ns (`time.monotonic_ns()`'s clock), which only
-the limits read.
+node's buckets. Readers pass the time in ns on the monotonic clock (the native path's
+CLOCK_MONOTONIC, `time.monotonic_ns()`), which only the limits read; the core turns its
+own clock values into that one with `ns`.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class ForwardingTable:
     __slots__ = (
         "admit",
         "buckets",
+        "clock_offset",
         "limited",
         "random",
         "rates",
@@ -119,9 +121,16 @@ class ForwardingTable:
         # Bandwidth: the limits in force, the node's buckets (the NodeState's, once the
         # server has one) and the rule, which the I/O layer may swap for the native one.
         self.rates: Rates = bandwidth.new_rates()
-        self.buckets: Words = bandwidth.new_buckets(1)
+        self.buckets: Words = bandwidth.new_buckets()
         self.admit: Admit = bandwidth.admit
         self.limited = False
+        # The core's clock minus the monotonic clock, in ns (the I/O layer's to set: its
+        # core clock runs in Unix seconds, for REST expiry stamps).
+        self.clock_offset = 0
+
+    def ns(self, now: float) -> int:
+        """A core clock value as the limits' time: ns on the monotonic clock."""
+        return int(now * 1e9) - self.clock_offset
 
     def set_rates(self, per_allocation: int, per_user: int, total: int) -> None:
         """New limits (bytes/s, 0: none), in force at once for every allocation."""
@@ -224,14 +233,26 @@ class ForwardingTable:
         route = self.to_peer_by_channel.get((*five_tuple, (data[0] << 8) | data[1]))
         if route is None:
             return 0
-        return self.stream_charge(route[3], TO_PEER, 0, now)
-
-    def stream_charge(self, counters: Counters, direction: int, size: int, now: int) -> int:
-        """For bytes on a stream (RFC 6062 connections too): 0 when `size` bytes are
-        within the limits, charged; else how long (ns) to wait before asking again."""
-        if not self.admit(counters, self.rates, self.buckets, direction, size, now):
+        counters = route[3]
+        if not self.admit(counters, self.rates, self.buckets, TO_PEER, 0, now):
             return 0
-        return max(bandwidth.wait(counters, self.rates, self.buckets, direction, now), 1)
+        return max(bandwidth.wait(counters, self.rates, self.buckets, TO_PEER, now), 1)
+
+    def stream_take(
+        self, counters: Counters, direction: int, size: int, now: int
+    ) -> tuple[int, int]:
+        """For `size` bytes read from a relayed TCP connection (RFC 6062): how many may go
+        now (charged), and how long (ns) to wait before asking for the rest (0: none is
+        left). Charged 50 ms worth at a time, so a large read cannot overdraw a bucket."""
+        step = max(1024, min(rate for rate in self.rates if rate) // 20)
+        taken = 0
+        while taken < size:
+            piece = min(step, size - taken)
+            if self.admit(counters, self.rates, self.buckets, direction, piece, now):
+                wait = bandwidth.wait(counters, self.rates, self.buckets, direction, now)
+                return taken, max(wait, 1)
+            taken += piece
+        return taken, 0
 
     def send_to(
         self, five_tuple: FiveTuple, peer: Address, payload: bytes, now: int

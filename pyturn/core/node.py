@@ -205,9 +205,10 @@ class LocalNodeState:
         self.held_here = UserCounts()
         self.total = 0
         self.unsigned_budget = SourceBudget(burst, rate)
-        self.buckets = bandwidth.new_buckets(1 + users)
+        first = bandwidth.FIRST_USER_BUCKET
+        self.buckets = bandwidth.new_buckets(first + users)
         self._buckets: dict[str, int] = {}
-        self._free_buckets = list(range(users, 0, -1))
+        self._free_buckets = list(range(first + users - 1, first - 1, -1))
         self.on_rebucket: Callable[[str, int], None] | None = None
 
     def hold(self, user: str, per_user: int, total: int) -> bool:

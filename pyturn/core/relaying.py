@@ -101,7 +101,7 @@ class RelayingRequests(ServerState):
         data = msg.get(Data)
         if peer is None or data is None:
             return None
-        return self.table.send_to(five_tuple, peer.address, data.value, int(now * 1e9))
+        return self.table.send_to(five_tuple, peer.address, data.value, self.table.ns(now))
 
     def _route_send_indication(
         self, data: bytes, five_tuple: FiveTuple, now: float
@@ -143,4 +143,4 @@ class RelayingRequests(ServerState):
             pos = value_end + (-size % 4)
         if peer is None or payload is None:
             return None
-        return self.table.send_to(five_tuple, peer, payload, int(now * 1e9))
+        return self.table.send_to(five_tuple, peer, payload, self.table.ns(now))

@@ -251,7 +251,7 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
             if answer is not None:
                 return answer
         elif is_channel_data(data):
-            send = self.table.from_client(data, five_tuple, int(now * 1e9))
+            send = self.table.from_client(data, five_tuple, self.table.ns(now))
             return [send] if send is not None else []
         elif kind == _SEND_INDICATION_TYPE:
             fast = self._route_send_indication(data, five_tuple, now)

@@ -30,7 +30,7 @@ enum { TO_CLIENT_HEADER = 0, TO_CLIENT_FLOW = 1, TO_CLIENT_SIZE = 2 };
 enum { FLOW_TRANSPORT = 0, FLOW_CLIENT = 1, FLOW_SERVER = 2, FLOW_COUNTERS = 3, FLOW_SIZE = 4 };
 /* The counters: an array("Q") of packets and bytes to the peer, then to the client,
  * then the allocation's bandwidth words (pyturn/core/bandwidth.py). */
-enum { PACKETS_TO_PEER = 0, PACKETS_TO_CLIENT = 2, COUNTERS_SIZE = 14 };
+enum { PACKETS_TO_PEER = 0, PACKETS_TO_CLIENT = 2, COUNTERS_SIZE = 16 };
 typedef unsigned long long u64;
 
 static PyObject *s_udp;
@@ -45,7 +45,7 @@ counters_view(PyObject *counters, Py_buffer *view)
     if (view->len < COUNTERS_SIZE * 8 || view->itemsize != 8 || view->format == NULL ||
         strcmp(view->format, "Q") != 0) {
         PyBuffer_Release(view);
-        PyErr_SetString(PyExc_TypeError, "counters are an array('Q') of fourteen");
+        PyErr_SetString(PyExc_TypeError, "counters are an array('Q') of sixteen");
         return -1;
     }
     return 0;
@@ -73,7 +73,10 @@ add_counts(PyObject *counters, int index, Py_ssize_t packets, Py_ssize_t bytes)
 #define NS_PER_SECOND 1000000000ULL
 enum { TO_PEER = 0, TO_CLIENT = 1 };
 enum { ADMITTED = 0, PER_ALLOCATION = 1, PER_USER = 2, TOTAL = 3 };
-enum { TAT = 4, USER_BUCKET = 6, DROPPED = 8, BUCKET_WORDS = 4, LAST_DROP = 2 };
+enum { TAT = 4, USER_BUCKET = 6, SEEN_WINDOW = 7, DROPPED = 8, FAIR_TAT = 14 };
+enum { BUCKET_WORDS = 4, LAST_DROP = 2, SENDING = 4, COUNT_BITS = 24 };
+#define WINDOW_NS NS_PER_SECOND
+#define COUNT_MASK ((1ULL << COUNT_BITS) - 1)
 
 static u64
 monotonic_ns(void)
@@ -99,6 +102,26 @@ charge_shared(u64 *word, u64 now, size_t size, u64 rate)
         ;
 }
 
+/* bandwidth.sending: the allocations that sent in the window before now's (at least 1),
+ * once this one (counters c) is counted in now's. The node's words need SENDING + 2. */
+static u64
+sending(u64 *c, u64 *buckets, u64 now)
+{
+    u64 window = now / WINDOW_NS;
+    if (c[SEEN_WINDOW] != window) {
+        c[SEEN_WINDOW] = window;
+        u64 *word = &buckets[SENDING + (window & 1)];
+        u64 old = __atomic_load_n(word, __ATOMIC_RELAXED), count;
+        do {
+            count = (old >> COUNT_BITS) == window ? (old & COUNT_MASK) + 1 : 1;
+        } while (!__atomic_compare_exchange_n(word, &old, (window << COUNT_BITS) | count, 1,
+                                              __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    }
+    u64 before = __atomic_load_n(&buckets[SENDING + ((window - 1) & 1)], __ATOMIC_RELAXED);
+    u64 n = (before >> COUNT_BITS) == window - 1 ? before & COUNT_MASK : 0;
+    return n ? n : 1;
+}
+
 /* bandwidth.admit on raw words: `nwords` node words at `buckets`. */
 static int
 bandwidth_admit(u64 *c, const u64 *rates, u64 *buckets, Py_ssize_t nwords, int direction,
@@ -112,15 +135,25 @@ bandwidth_admit(u64 *c, const u64 *rates, u64 *buckets, Py_ssize_t nwords, int d
     int has_user = per_user && c[USER_BUCKET] != 0 && user < (u64)nwords;
     if (has_user && __atomic_load_n(&buckets[user], __ATOMIC_RELAXED) > tolerance)
         return PER_USER;
-    int has_total = total && nwords > direction;
-    if (has_total && __atomic_load_n(&buckets[direction], __ATOMIC_RELAXED) > tolerance)
-        return TOTAL;
+    int has_total = total && nwords >= SENDING + 2;
+    u64 fair = 0;
+    if (has_total) {
+        fair = total / sending(c, buckets, now);
+        if (fair == 0)
+            fair = 1;
+        /* Over its fair share, an allocation gets only the first half of the burst. */
+        u64 limit = c[FAIR_TAT + direction] <= tolerance ? tolerance : now + BURST_NS / 2;
+        if (__atomic_load_n(&buckets[direction], __ATOMIC_RELAXED) > limit)
+            return TOTAL;
+    }
     if (per_allocation)
         c[TAT + direction] = charged(c[TAT + direction], now, size, per_allocation);
     if (has_user)
         charge_shared(&buckets[user], now, size, per_user);
-    if (has_total)
+    if (has_total) {
         charge_shared(&buckets[direction], now, size, total);
+        c[FAIR_TAT + direction] = charged(c[FAIR_TAT + direction], now, size, fair);
+    }
     return ADMITTED;
 }
 
@@ -197,7 +230,7 @@ set_bandwidth(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_buffer rates, buckets;
     if (words_view(args[0], &rates, 3, "rates") < 0)
         return NULL;
-    if (words_view(args[1], &buckets, BUCKET_WORDS, "buckets") < 0) {
+    if (words_view(args[1], &buckets, 2 * BUCKET_WORDS, "buckets") < 0) {
         PyBuffer_Release(&rates);
         return NULL;
     }

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyturn.config import MAX_WORKERS
-from pyturn.core.bandwidth import BUCKET_WORDS, Words
+from pyturn.core.bandwidth import BUCKET_WORDS, FIRST_USER_BUCKET, Words
 from pyturn.core.node import PortPool
 from pyturn.core.quotas import UserCounts
 from pyturn.core.randomness import RandomSource
@@ -167,9 +167,9 @@ class _Region:
         return bucket
 
     def _take_bucket(self) -> int:
-        """A free bandwidth bucket, emptied, now taken (never 0: the node's)."""
+        """A free bandwidth bucket, emptied, now taken (never one of the node's own)."""
         mm, used = self.mm, self.layout.buckets_used_at
-        at = mm.find(b"\0", used + 1, used + self.layout.user_slots)
+        at = mm.find(b"\0", used + FIRST_USER_BUCKET, used + self.layout.user_slots)
         if at < 0:  # cannot happen: there are as many buckets as user slots
             raise RuntimeError("node state: no bandwidth bucket left")
         mm[at] = 1
@@ -280,6 +280,13 @@ class SharedNodeState(_Region):
         with self:
             self._sync()
             return max(self.find_user(self.key(user))[1], 0)
+
+    def bucket_on_node(self, user: str) -> int:
+        """The bandwidth bucket the node's table gives `user` (0: it holds nothing)."""
+        with self:
+            self._sync()
+            offset, count = self.find_user(self.key(user))
+            return _USER.unpack_from(self.mm, offset)[2] if count > 0 else 0
 
     @property
     def total(self) -> int:

@@ -75,14 +75,16 @@ class PipeEnd(asyncio.Protocol):
                 return
             if table.limited:
                 direction = TO_CLIENT if self.from_peer else TO_PEER
-                wait = table.stream_charge(counters, direction, len(data), time.monotonic_ns())
+                taken, wait = table.stream_take(counters, direction, len(data), time.monotonic_ns())
                 if wait:
-                    # Over a bandwidth limit: hold these bytes and stop reading a while.
-                    self.held = bytearray(data)
+                    # Over a bandwidth limit: what is left waits, and reading stops a while.
+                    self.held = bytearray(data[taken:])
                     if self.transport is not None:
                         self.transport.pause_reading()
                     asyncio.get_running_loop().call_later(wait / 1e9, self._release_held)
-                    return
+                    data = data[:taken]
+                    if not data:
+                        return
             packets = PACKETS_TO_CLIENT if self.from_peer else PACKETS_TO_PEER
             counters[packets] += 1
             counters[packets + 1] += len(data)  # the bytes follow the packets

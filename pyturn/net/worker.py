@@ -160,6 +160,7 @@ class Worker:
             node=node,
         )
         fastpath.use_table(table)
+        table.clock_offset = round((self._wall_at_start - self._loop_at_start) * 1e9)
         # With several workers: where RFC 6062 data connections go to their owner.
         self.handover: Handover | None = None
         self.tcp_relay = TcpRelay(self.server, self.now, self._deliver_tcp)

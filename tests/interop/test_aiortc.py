@@ -32,9 +32,9 @@ STEP_TIMEOUT = 15.0
 MESSAGES = 100
 
 
-def run(coro: Awaitable[T]) -> T:
+def run(coro: Awaitable[T], timeout: float = SCENARIO_TIMEOUT) -> T:
     async def bounded() -> T:
-        return await asyncio.wait_for(coro, SCENARIO_TIMEOUT)
+        return await asyncio.wait_for(coro, timeout)
 
     return asyncio.run(bounded())
 
@@ -68,11 +68,11 @@ async def receive_all(
 
 
 async def data_channel_through_relays(
-    url: str, messages: int = MESSAGES, step_timeout: float = STEP_TIMEOUT
+    url: str, messages: int = MESSAGES, step_timeout: float = STEP_TIMEOUT, size: int = 0
 ) -> None:
     """Two aiortc peers with relay-only ICE through the TURN server at `url` open a data
-    channel and carry `messages` messages each way; candidates and the nominated pairs
-    must all be relays."""
+    channel and carry `messages` messages each way (padded to `size` characters);
+    candidates and the nominated pairs must all be relays."""
     config = RTCConfiguration(
         iceServers=[RTCIceServer(urls=url, username=USER, credential=PASSWORD)],
         iceTransportPolicy=RTCIceTransportPolicy.RELAY,
@@ -104,13 +104,13 @@ async def data_channel_through_relays(
         await caller.setRemoteDescription(answer)
 
         await asyncio.wait_for(opened.wait(), step_timeout)
-        forward = [f"caller->callee {i}" for i in range(messages)]
+        forward = [f"caller->callee {i}".ljust(size, ".") for i in range(messages)]
         for message in forward:
             channel.send(message)
         assert await receive_all(at_callee, messages, step_timeout) == forward
 
         remote = await asyncio.wait_for(callee_channel, step_timeout)
-        backward = [f"callee->caller {i}" for i in range(messages)]
+        backward = [f"callee->caller {i}".ljust(size, ".") for i in range(messages)]
         for message in backward:
             remote.send(message)
         assert await receive_all(at_caller, messages, step_timeout) == backward

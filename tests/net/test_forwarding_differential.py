@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyturn.core import bandwidth
-from pyturn.core.bandwidth import USER_BUCKET
+from pyturn.core.bandwidth import FIRST_USER_BUCKET, USER_BUCKET
 from pyturn.core.forwarding import Flow, ForwardingTable, new_counters
 from pyturn.wire.attributes import Address
 from pyturn.wire.channel_data import channel_header, is_channel_data
@@ -43,7 +43,7 @@ CHANNELS = [0x4000, 0x4001, 0x4FFF, 0x7FFF]
 RATES = [0, 0, 50, 400, 10**6]
 # Between two datagrams: nothing, a little, about a burst, a long quiet spell.
 STEPS = [0, 1_000, 1_000_000, 150_000_000, 2_000_000_000]
-USER_BUCKETS = 3
+USER_BUCKETS = 2
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +51,7 @@ def _no_limits_after() -> Iterator[None]:
     """The native path keeps the last rates it was given: leave it unlimited."""
     yield
     if _batch is not None:
-        _batch.set_bandwidth(bandwidth.new_rates(), bandwidth.new_buckets(1))
+        _batch.set_bandwidth(bandwidth.new_rates(), bandwidth.new_buckets())
 
 
 class FixedRandom:
@@ -121,12 +121,13 @@ def build(five_tuples: FiveTuples, ops: list[Op], rates: Limits = (0, 0, 0)) -> 
     world = World()
     table = world.table
     table.set_rates(*rates)
-    table.buckets = bandwidth.new_buckets(1 + USER_BUCKETS)
+    table.buckets = bandwidth.new_buckets(FIRST_USER_BUCKET + USER_BUCKETS)
     assert _batch is not None
     _batch.set_bandwidth(table.rates, table.buckets)
     for index, (transport, client, local) in enumerate(five_tuples):
         flow: Flow = (transport, client, local, new_counters())
-        flow[3][USER_BUCKET] = index % USER_BUCKETS  # 0: a user without a bucket
+        # 0: a user without a bucket; users share the others.
+        flow[3][USER_BUCKET] = [0, FIRST_USER_BUCKET, FIRST_USER_BUCKET + 1][index % 3]
         world.flows.append((flow, Relay(100 + 2 * index), Relay(101 + 2 * index)))
         world.bound[index] = {}
     for op, which, number, peer in ops:
@@ -275,22 +276,24 @@ def test_peer_to_client_routes_agree(
 
 # Up to 2**62 ns (146 years of a monotonic clock): the arithmetic has room to spare.
 words = st.integers(0, 2**62)
-times = st.sampled_from([0, 10**9, 10**12, 2**62])
+times = st.sampled_from([0, 10**9, 10**12, 10**12 + 5 * 10**8, 2**62])
+# Times, window numbers and counts of allocations sending that the rule compares.
+SPECIAL_WORDS = [0, 10**12, 1000, (999 << 24) | 2, (1000 << 24) | 3, (1000 << 24) | (2**24 - 1)]
 
 
 @settings(max_examples=500, deadline=None)
 @given(
-    st.lists(st.one_of(st.sampled_from([0, 10**12]), words), min_size=14, max_size=14),
+    st.lists(st.one_of(st.sampled_from(SPECIAL_WORDS), words), min_size=16, max_size=16),
     st.tuples(
         st.sampled_from([0, 1, 7, 10**6, 10**12]),
         st.sampled_from([0, 1, 10**6]),
         st.sampled_from([0, 3, 10**9]),
     ),
-    st.lists(st.one_of(st.sampled_from([0, 10**12]), words), min_size=8, max_size=8),
+    st.lists(st.one_of(st.sampled_from(SPECIAL_WORDS), words), min_size=12, max_size=12),
     st.integers(0, 1),
     st.integers(0, 70_000),
     times,
-    st.integers(0, 2),
+    st.sampled_from([0, FIRST_USER_BUCKET, FIRST_USER_BUCKET + 1]),  # the last: none
 )
 def test_the_native_admit_is_the_reference_admit(  # noqa: PLR0917
     counters: list[int],
@@ -310,7 +313,7 @@ def test_the_native_admit_is_the_reference_admit(  # noqa: PLR0917
         mine = new_counters()
         for i, value in enumerate(counters):
             mine[i] = value
-        node = bandwidth.new_buckets(2)
+        node = bandwidth.new_buckets(FIRST_USER_BUCKET + 1)
         for i, value in enumerate(buckets):
             node[i] = value
         answers.append(rule(mine, bandwidth.new_rates(*rates), node, direction, size, now))

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pyturn.core.bandwidth import BUCKET_WORDS
 from pyturn.core.randomness import SystemRandom
 from pyturn.net.node_state import NodeLayout, SharedNodeState, SupervisorRegion
 from pyturn.wire.attributes import FAMILY_IPV4, FAMILY_IPV6
@@ -146,8 +147,16 @@ def test_user_counts_match_a_counter_whatever_collides(ops: list[tuple[bool, int
                 state.release(user)
                 model[user] -= 1
             assert state.total == model.total()
+        buckets = {}
         for number in range(41):
-            assert state.held_on_node(f"u{number}") == model[f"u{number}"]
+            user = f"u{number}"
+            assert state.held_on_node(user) == model[user]
+            # A user's bucket moves with its entry, and no two users share one.
+            assert state.bucket_on_node(user) == state.user_bucket(user)
+            if model[user]:
+                buckets[user] = state.user_bucket(user)
+        assert 0 not in buckets.values()
+        assert len(set(buckets.values())) == len(buckets)
     finally:
         state.close()
         node.close()
@@ -169,3 +178,38 @@ def test_a_worker_exiting_after_the_supervisor_closed_the_region_is_no_error() -
     region = SupervisorRegion(NodeLayout(50000, 50002), SECRET)
     region.close()
     region.forget_worker(0)
+
+
+def test_a_users_bandwidth_bucket_is_the_nodes_across_workers(node: Node) -> None:
+    a, b = node.worker(0), node.worker(1)
+    assert a.hold("alice", 0, 0) and b.hold("alice", 0, 0) and b.hold("bob", 0, 0)
+    alice, bob = a.user_bucket("alice"), b.user_bucket("bob")
+    assert b.user_bucket("alice") == alice != bob
+    assert 0 not in (alice, bob)
+    # The words are the same memory in both workers (and in the native path's view).
+    a.buckets[alice * BUCKET_WORDS] = 12345
+    assert b.buckets[alice * BUCKET_WORDS] == 12345
+    a.release("alice")
+    assert a.user_bucket("alice") == 0 and b.bucket_on_node("alice") == alice
+    b.release("alice")
+    assert b.bucket_on_node("alice") == 0
+    assert a.hold("carol", 0, 0)
+    carol = a.user_bucket("carol")
+    assert carol == alice  # free again, and emptied for its new user
+    assert list(a.buckets[carol * BUCKET_WORDS : (carol + 1) * BUCKET_WORDS]) == [0] * 4
+
+
+def test_after_a_death_the_living_get_buckets_again_and_say_so(node: Node) -> None:
+    a, b = node.worker(0), node.worker(1)
+    assert b.hold("bob", 0, 0)  # the first bucket goes to a user only b holds
+    assert a.hold("alice", 0, 0) and b.hold("alice", 0, 0)
+    before = a.user_bucket("alice")
+    moved: list[tuple[str, int]] = []
+    a.on_rebucket = lambda user, bucket: moved.append((user, bucket))
+    node.region.forget_worker(1)
+    a.sync()
+    after = a.user_bucket("alice")
+    assert a.bucket_on_node("alice") == after != 0
+    assert a.bucket_on_node("bob") == 0
+    assert moved == ([] if after == before else [("alice", after)])
+    assert after != before  # bob's bucket was freed, and is the first free one

@@ -211,3 +211,44 @@ def test_live_and_ready_answer_200_once_every_listener_is_bound(
     assert server.get("/ready") == (200, "ready\n")
     assert server.get("/nothing")[0] == 404
     assert server.get("/metrics?name=x")[0] == 200
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bandwidth_drops_and_limits_are_exported(start_server: StartServer, workers: int) -> None:
+    """Datagrams over `bandwidth.per_allocation` are counted as dropped, by direction and
+    reason, live and after the allocation ends; the limits are gauges (the node's, not a
+    sum over workers)."""
+    server = start_server({"workers": workers, "bandwidth": {"per_allocation": "80 kbit/s"}})
+    if workers > 1:
+        server.wait_for_log(rf"ready in \d+ ms: {workers} workers", timeout=15)
+    peer = Peer()
+    client = server.client("udp")
+    try:
+        client.allocate()
+        client.create_permission(peer.address)
+        client.channel_bind(0x4001, peer.address)
+        # 30 kB at once: 200 ms of 10 kB/s passes (2000 bytes) and one more datagram.
+        for _ in range(30):
+            client.send_channel_data(0x4001, b"d" * 1000)
+        peer.recv()
+        samples = server.scrape()
+        dropped = "pyturn_bandwidth_dropped_bytes_total"
+
+        def counted() -> float:
+            return value(
+                server.scrape(), dropped, direction="client_to_peer", reason="per_allocation"
+            )
+
+        wait_until(lambda: counted() >= 25_000)
+        assert 25_000 <= counted() <= 28_000
+        assert value(samples, dropped, direction="peer_to_client", reason="per_allocation") == 0
+        assert value(samples, dropped, direction="client_to_peer", reason="total") == 0
+        limit = "pyturn_bandwidth_limit_bytes_per_second"
+        assert value(samples, limit, scope="per_allocation") == 10_000
+        assert value(samples, limit, scope="total") == 0
+        client.refresh(0)
+        wait_until(lambda: value(server.scrape(), "pyturn_allocations", transport="udp") == 0)
+        assert 25_000 <= counted() <= 28_000  # kept after the allocation ended
+    finally:
+        client.close()
+        peer.close()

@@ -360,6 +360,15 @@ def config_warnings(config: Config) -> list[str]:
             " so one user can take every port; lower it, set quotas.allocations_total "
             "or widen the range"
         )
+    rates = config.bandwidth
+    scopes = [("per_allocation", rates.per_allocation), ("per_user", rates.per_user)]
+    for wider, limit in (("per_user", rates.per_user), ("total", rates.total)):
+        for narrower, rate in scopes:
+            if narrower != wider and limit and rate > limit:
+                warnings.append(
+                    f"bandwidth.{narrower} ({rate} B/s) is above bandwidth.{wider} "
+                    f"({limit} B/s): it can never be reached"
+                )
     return warnings
 
 

@@ -26,6 +26,7 @@ from pyturn.config import (
     TlsConfig,
     UserEntry,
     config_to_dict,
+    config_warnings,
     default_config,
     load_config,
     parse_config,
@@ -728,3 +729,17 @@ def test_bad_bandwidth_rates_are_refused_naming_the_key(value: object) -> None:
         parse_config({"bandwidth": {"per_user": value}})
     assert caught.value.path == "bandwidth.per_user"
     assert "must be a rate" in str(caught.value)
+
+
+def test_a_narrower_bandwidth_limit_above_a_wider_one_is_warned_about() -> None:
+    config = parse_config(
+        {"bandwidth": {"per_allocation": "4 Mbit/s", "per_user": "2 Mbit/s", "total": "3 Mbit/s"}}
+    )
+    assert config_warnings(config) == [
+        "bandwidth.per_allocation (500000 B/s) is above bandwidth.per_user (250000 B/s):"
+        " it can never be reached",
+        "bandwidth.per_allocation (500000 B/s) is above bandwidth.total (375000 B/s):"
+        " it can never be reached",
+    ]
+    fine = parse_config({"bandwidth": {"per_allocation": "2 Mbit/s", "total": "1 Gbit/s"}})
+    assert config_warnings(fine) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from tests.interop.server_process import (
     running_server,
     tls_config,
 )
+from tests.interop.turn_wire_client import WireClient
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +60,21 @@ def tls_server(
     """One server for the session listening on UDP, TCP and TLS (peers 127/8 allowed)."""
     config = merge_config(base_config(), tls_config(*tls_files))
     yield from running_server(config, tmp_path_factory.mktemp("pyturn-tls"))
+
+
+@pytest.fixture
+def clients() -> Iterator[list[WireClient]]:
+    """Clients opened by a test; all closed afterwards."""
+    opened: list[WireClient] = []
+    yield opened
+    for client in opened:
+        client.close()
+
+
+@pytest.fixture
+def sockets() -> Iterator[list[socket.socket]]:
+    """Plain sockets opened by a test (peers, listeners); all closed afterwards."""
+    opened: list[socket.socket] = []
+    yield opened
+    for sock in opened:
+        sock.close()

@@ -87,22 +87,6 @@ def meters() -> Iterator[list[PeerMeter]]:
         meter.close()
 
 
-@pytest.fixture
-def clients() -> Iterator[list[WireClient]]:
-    opened: list[WireClient] = []
-    yield opened
-    for client in opened:
-        client.close()
-
-
-@pytest.fixture
-def sockets() -> Iterator[list[socket.socket]]:
-    opened: list[socket.socket] = []
-    yield opened
-    for sock in opened:
-        sock.close()
-
-
 def limited(
     factory: ServerFactory, tls_files: tuple[Path, Path] | None = None, **rates: object
 ) -> ServerProcess:

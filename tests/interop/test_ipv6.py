@@ -80,14 +80,6 @@ def v6_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProces
 
 
 @pytest.fixture
-def clients() -> Iterator[list[WireClient]]:
-    opened: list[WireClient] = []
-    yield opened
-    for client in opened:
-        client.close()
-
-
-@pytest.fixture
 def peers() -> Iterator[list[socket.socket]]:
     opened: list[socket.socket] = []
     yield opened

@@ -142,24 +142,6 @@ def test_uclient_relays_every_message_over_tcp_allocations(
 # -- the hand-written client -------------------------------------------------------------
 
 
-@pytest.fixture
-def clients() -> Iterator[list[WireClient]]:
-    """Clients opened by a test; all closed afterwards."""
-    opened: list[WireClient] = []
-    yield opened
-    for client in opened:
-        client.close()
-
-
-@pytest.fixture
-def sockets() -> Iterator[list[socket.socket]]:
-    """Plain sockets opened by a test (peers, listeners); all closed afterwards."""
-    opened: list[socket.socket] = []
-    yield opened
-    for sock in opened:
-        sock.close()
-
-
 def tcp_listener(sockets: list[socket.socket], host: str = LOOPBACK) -> socket.socket:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sockets.append(listener)

@@ -18,7 +18,6 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,23 +32,6 @@ FIRST_MESSAGE_TIMEOUT = 5.0  # pyturn.net.stream.FIRST_FRAME_TIMEOUT, the defaul
 CLOSED_WITHIN = 8.0
 PER_SOURCE = 64  # pyturn.net.stream.MAX_CONNECTIONS_PER_SOURCE, the default
 QUICK = 1.0
-
-
-@pytest.fixture
-def sockets() -> Iterator[list[socket.socket]]:
-    """Plain sockets opened by a test; all closed afterwards."""
-    opened: list[socket.socket] = []
-    yield opened
-    for sock in opened:
-        sock.close()
-
-
-@pytest.fixture
-def clients() -> Iterator[list[WireClient]]:
-    opened: list[WireClient] = []
-    yield opened
-    for client in opened:
-        client.close()
 
 
 def binding_request() -> bytes:

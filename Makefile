@@ -38,7 +38,7 @@ clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
 
 # The "Fast relay" benchmark: pyturn against coturn, side by side (README "Performance").
-#   make bench                   full run, about 7 minutes
+#   make bench                   full run, about 8 minutes
 #   make bench BENCH_ARGS=--quick
 .PHONY: bench
 bench: $(VENV)/.installed

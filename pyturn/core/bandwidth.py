@@ -60,7 +60,6 @@ TO_PEER, TO_CLIENT = 0, 1
 # What `admit` answers: 0 when the bytes pass, else which limit refused them.
 ADMITTED, PER_ALLOCATION, PER_USER, TOTAL = range(4)
 REASONS = {PER_ALLOCATION: "per_allocation", PER_USER: "per_user", TOTAL: "total"}
-DIRECTIONS = {TO_PEER: "to_peer", TO_CLIENT: "to_client"}
 
 # An allocation's words in its counters array, after the four traffic counters:
 # its buckets (by direction), its user's bucket number (0: none), the last window it
@@ -86,8 +85,8 @@ _COUNT_MASK = (1 << _COUNT_BITS) - 1
 FIRST_USER_BUCKET = 2
 
 
-# The rates' words.
-PER_ALLOCATION_RATE, PER_USER_RATE, TOTAL_RATE = range(3)
+# The rates' words are per_allocation, per_user and total.
+TOTAL_RATE = 2
 
 
 def new_rates(per_allocation: int = 0, per_user: int = 0, total: int = 0) -> Rates:

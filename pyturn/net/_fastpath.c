@@ -180,21 +180,29 @@ bandwidth_limited(void)
     return (r[0] | r[1] | r[2]) != 0;
 }
 
-/* The limits for `size` bytes of the allocation with `counters` going `direction`:
- * 1 when they pass (charged), 0 when dropped (counted), -1 with an exception. */
+/* The limits for `size` bytes of the allocation with `counters` going `direction`,
+ * and, when they pass and `count` is set, the packet counted: 1 when they pass
+ * (charged), 0 when dropped (counted as such), -1 with an exception. */
 static int
-within_limits(PyObject *counters, int direction, size_t size, u64 now)
+pass_limits(PyObject *counters, int direction, size_t size, u64 now, int count)
 {
-    if (!bandwidth_limited())
-        return 1;
     Py_buffer view;
     if (counters_view(counters, &view) < 0)
         return -1;
-    u64 *buckets = bw_buckets.buf;
-    Py_ssize_t nwords = bw_buckets.len / 8;
-    int reason = bandwidth_admit(view.buf, bw_rates.buf, buckets, nwords, direction, size, now);
-    if (reason != ADMITTED)
-        bandwidth_count_drop(view.buf, buckets, nwords, direction, reason, size, now);
+    u64 *c = view.buf;
+    int reason = ADMITTED;
+    if (bandwidth_limited()) {
+        u64 *buckets = bw_buckets.buf;
+        Py_ssize_t nwords = bw_buckets.len / 8;
+        reason = bandwidth_admit(c, bw_rates.buf, buckets, nwords, direction, size, now);
+        if (reason != ADMITTED)
+            bandwidth_count_drop(c, buckets, nwords, direction, reason, size, now);
+    }
+    if (reason == ADMITTED && count) {
+        int packets = direction == TO_PEER ? PACKETS_TO_PEER : PACKETS_TO_CLIENT;
+        c[packets] += 1;
+        c[packets + 1] += (u64)size;
+    }
     PyBuffer_Release(&view);
     return reason == ADMITTED;
 }
@@ -359,12 +367,9 @@ route_from_client(const unsigned char *b, size_t len, PyObject *client, PyObject
         return -1;
     if (parse_address(PyTuple_GET_ITEM(route, TO_PEER_PEER), &f->name, &f->namelen) < 0)
         return -1;
-    PyObject *counters = PyTuple_GET_ITEM(route, TO_PEER_COUNTERS);
-    int within = within_limits(counters, TO_PEER, end - 4, now);
-    if (within <= 0)
-        return within < 0 ? -1 : 2;
-    if (add_counts(counters, PACKETS_TO_PEER, 1, (Py_ssize_t)(end - 4)) < 0)
-        return -1;
+    int passed = pass_limits(PyTuple_GET_ITEM(route, TO_PEER_COUNTERS), TO_PEER, end - 4, now, 1);
+    if (passed <= 0)
+        return passed < 0 ? -1 : 2;
     f->payload.iov_base = (void *)(b + 4);
     f->payload.iov_len = end - 4;
     f->sent = 0;
@@ -752,10 +757,14 @@ serve_endpoint(int fd, PyObject *relay_key, Py_ssize_t reads, PyObject *to_clien
                     goto error;
                 continue;
             }
-            int within = within_limits(PyTuple_GET_ITEM(flow, FLOW_COUNTERS), TO_CLIENT, len, now);
-            if (within <= 0) {
+            /* Counted by the run (flush_run); here only what the limits let through. */
+            int passed = bandwidth_limited()
+                             ? pass_limits(PyTuple_GET_ITEM(flow, FLOW_COUNTERS), TO_CLIENT, len,
+                                           now, 0)
+                             : 1;
+            if (passed <= 0) {
                 Py_DECREF(peer);
-                if (within < 0)
+                if (passed < 0)
                     goto error;
                 continue;
             }
@@ -1000,9 +1009,9 @@ route_peer_datagram(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         Py_RETURN_NONE;
     }
-    int within = within_limits(PyTuple_GET_ITEM(flow, FLOW_COUNTERS), TO_CLIENT, (size_t)len, now);
-    if (within <= 0) {
-        if (within < 0)
+    int passed = pass_limits(PyTuple_GET_ITEM(flow, FLOW_COUNTERS), TO_CLIENT, (size_t)len, now, 1);
+    if (passed <= 0) {
+        if (passed < 0)
             return NULL;
         Py_RETURN_NONE;
     }
@@ -1020,10 +1029,6 @@ route_peer_datagram(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         frame = make_indication(args[2], args[4], data, (size_t)len);
         if (frame == NULL)
             return NULL;
-    }
-    if (add_counts(PyTuple_GET_ITEM(flow, FLOW_COUNTERS), PACKETS_TO_CLIENT, 1, len) < 0) {
-        Py_DECREF(frame);
-        return NULL;
     }
     return Py_BuildValue("(ON)", flow, frame);
 }

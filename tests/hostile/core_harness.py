@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pyturn.config import Config
 from pyturn.core.allocation import FiveTuple, PeerConnection
 from pyturn.core.auth import rest_password, rest_username
+from pyturn.core.bandwidth import BURST_NS, USER_BUCKET
 from pyturn.core.node import LocalPortPool
 from pyturn.core.server import (
     Action,
@@ -77,6 +78,8 @@ HARNESS_CONFIG: dict[str, object] = {
         "channels_per_allocation": 3,
     },
     "limits": {"unauthenticated_burst": 4, "unauthenticated_rate": 1.0},
+    # Tight enough that hostile steps run into every limit.
+    "bandwidth": {"per_allocation": 2000, "per_user": 3000, "total": 5000},
 }
 
 # (transport, client address, user): the 5-tuples the steps come from. Two share an IP,
@@ -409,6 +412,23 @@ class Harness:
                 raise InvariantBroken(f"{user} holds {count} allocations, over the quota")
         if quotas.allocations_total and len(allocations) > quotas.allocations_total:
             raise InvariantBroken(f"{len(allocations)} allocations over the total quota")
+        # Bandwidth: a user's allocations share its bucket, no other user's; and nothing
+        # relays more than its limit allows since it began, plus one burst and one packet.
+        buckets = {a.quota_user: a.counters[USER_BUCKET] for a in allocations}
+        for allocation in allocations:
+            bucket = allocation.counters[USER_BUCKET]
+            if bucket != buckets[allocation.quota_user] or bucket != server.node.user_bucket(
+                allocation.quota_user
+            ):
+                raise InvariantBroken(f"{allocation.quota_user}: bandwidth bucket {bucket}")
+            rate = self.config.bandwidth.per_allocation
+            allowed = rate * (self.now - allocation.created_at + BURST_NS / 1e9) + 65_536
+            if allocation.bytes_to_peer > allowed:
+                raise InvariantBroken(
+                    f"{allocation.bytes_to_peer} bytes relayed, {allowed} allowed"
+                )
+        if len(set(buckets.values())) != len(buckets) or 0 in buckets.values():
+            raise InvariantBroken(f"users share bandwidth buckets: {buckets}")
         # Relay sockets: every bound, unreleased one belongs to exactly one allocation.
         owned = [id(relay) for a in allocations for relay in a.relays]
         if len(owned) != len(set(owned)) or set(owned) != self.live_relays():

@@ -160,18 +160,21 @@ def count_drop(
 
 
 def wait(counters: Counters, rates: Rates, buckets: Words, direction: int, now: int) -> int:
-    """How long (ns) until `admit` lets bytes through again: what a stream waits before
-    it reads on."""
+    """How long (ns) until `admit` lets bytes through again, if nothing else is charged
+    meanwhile: what a stream waits before it reads on."""
     per_allocation, per_user, total = rates
-    tats = []
+    # When each limit lets bytes through again.
+    times = [now]
     if per_allocation:
-        tats.append(counters[TAT + direction])
+        times.append(counters[TAT + direction] - BURST_NS)
     user = counters[USER_BUCKET] * BUCKET_WORDS + direction
     if per_user and direction < user < len(buckets):
-        tats.append(buckets[user])
+        times.append(buckets[user] - BURST_NS)
     if total and len(buckets) >= SENDING + 2:
-        tats.append(buckets[direction])
-    return max([0, *(tat - now - BURST_NS for tat in tats)])
+        # The whole burst once back within the fair share, else half of it.
+        whole = max(buckets[direction], counters[FAIR_TAT + direction]) - BURST_NS
+        times.append(min(whole, buckets[direction] - BURST_NS // 2))
+    return max(times) - now
 
 
 def at_capacity(buckets: Words, now: int, window: int = 2 * NS_PER_SECOND) -> bool:

@@ -90,6 +90,11 @@ def new_counters() -> Counters:
     return array.array("Q", bytes(8 * COUNTERS_SIZE))
 
 
+# A stream over a limit waits at least this long (ns) before it asks again: other
+# workers may charge the node's buckets meanwhile, and a wait of nothing would spin.
+MIN_WAIT_NS = 1_000_000
+
+
 class ForwardingTable:
     """The four dictionaries of the module docstring, and the only code that writes them.
 
@@ -236,7 +241,7 @@ class ForwardingTable:
         counters = route[3]
         if not self.admit(counters, self.rates, self.buckets, TO_PEER, 0, now):
             return 0
-        return max(bandwidth.wait(counters, self.rates, self.buckets, TO_PEER, now), 1)
+        return max(bandwidth.wait(counters, self.rates, self.buckets, TO_PEER, now), MIN_WAIT_NS)
 
     def stream_take(
         self, counters: Counters, direction: int, size: int, now: int
@@ -250,7 +255,7 @@ class ForwardingTable:
             piece = min(step, size - taken)
             if self.admit(counters, self.rates, self.buckets, direction, piece, now):
                 wait = bandwidth.wait(counters, self.rates, self.buckets, direction, now)
-                return taken, max(wait, 1)
+                return taken, max(wait, MIN_WAIT_NS)
             taken += piece
         return taken, 0
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from pyturn.core import bandwidth
 from pyturn.core.bandwidth import (
     ADMITTED,
@@ -257,3 +260,49 @@ def test_a_light_sender_keeps_its_traffic_and_a_heavy_one_gets_the_rest() -> Non
     assert got[0] >= 0.98 * 0.2 * RATE * 10, got
     assert got[1] >= 0.75 * RATE * 10, got  # the total is not left unused
     assert sum(got) <= 1.05 * RATE * 10
+
+
+# How far ahead of now a bucket's TAT is: around the burst (200 ms) and its half.
+offsets = st.one_of(
+    st.sampled_from([-SECOND, 0, 50_000_000, 100_000_000, 200_000_000, 300_000_000, SECOND]),
+    st.integers(-SECOND, 2 * SECOND),
+)
+State = tuple[bandwidth.Counters, bandwidth.Words]
+
+
+def admit_at(state: State, rates: bandwidth.Rates, direction: int, now: int) -> int:
+    counters, buckets = state
+    return bandwidth.admit(counters, rates, buckets, direction, 0, now)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.tuples(offsets, offsets, offsets, offsets),
+    st.tuples(st.sampled_from([0, RATE]), st.sampled_from([0, RATE]), st.sampled_from([0, RATE])),
+    st.sampled_from([TO_PEER, TO_CLIENT]),
+)
+def test_wait_is_when_admit_lets_bytes_through_again(
+    ahead: tuple[int, int, int, int], rates: tuple[int, int, int], direction: int
+) -> None:
+    """What a stream waits for: at now + wait the limits let bytes through, a nanosecond
+    earlier they do not (unless there was nothing to wait for)."""
+    now = 100 * SECOND
+    own, fair, user, total = (now + a for a in ahead)
+
+    def state() -> State:
+        counters = new_counters()
+        counters[USER_BUCKET] = 2
+        counters[bandwidth.TAT + direction] = own
+        counters[bandwidth.FAIR_TAT + direction] = fair
+        buckets = bandwidth.new_buckets(3)
+        buckets[2 * bandwidth.BUCKET_WORDS + direction] = user
+        buckets[direction] = total
+        return counters, buckets
+
+    limits = bandwidth.new_rates(*rates)
+    counters, buckets = state()
+    waited = bandwidth.wait(counters, limits, buckets, direction, now)
+    assert waited >= 0
+    assert admit_at(state(), limits, direction, now + waited) == ADMITTED
+    if waited:
+        assert admit_at(state(), limits, direction, now + waited - 1) != ADMITTED

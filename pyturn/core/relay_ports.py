@@ -83,34 +83,40 @@ class RelayPorts:
                 pool.put(reserved[0])
                 raise errors.InsufficientCapacity("reserved port could not be bound")
             return relay, None
-        for _ in range(_BIND_ATTEMPTS):
-            if even_port is None:
-                port = pool.take_random()
-            else:
-                port = pool.random_even_pair() if even_port.reserve else pool.random_even()
-                if port is not None and pool.take(port) is None:
-                    continue  # another worker took it in between
-            if port is None:
-                break
-            if even_port is not None and even_port.reserve and not pool.reserve(port + 1):
-                pool.put(port)
-                continue  # another worker took the successor in between
-            relay = self.binder.bind(family, port, dont_fragment)
-            if relay is None:
-                # Someone outside pyturn holds it: try another, but keep it in the pool
-                # because that process may let it go.
-                pool.put(port)
+        busy: list[int] = []
+        try:
+            for _ in range(_BIND_ATTEMPTS):
+                if even_port is None:
+                    port = pool.take_random()
+                else:
+                    port = pool.random_even_pair() if even_port.reserve else pool.random_even()
+                    if port is not None and pool.take(port) is None:
+                        continue  # another worker took it in between
+                if port is None:
+                    break
+                if even_port is not None and even_port.reserve and not pool.reserve(port + 1):
+                    pool.put(port)
+                    continue  # another worker took the successor in between
+                relay = self.binder.bind(family, port, dont_fragment)
+                if relay is None:
+                    # Someone outside pyturn holds it: try another (this one is set aside, so
+                    # the next pick cannot be it again), and give it back to the pool after,
+                    # because that process may let it go.
+                    busy.append(port)
+                    if even_port is not None and even_port.reserve:
+                        pool.unreserve(port + 1)
+                    continue
                 if even_port is not None and even_port.reserve:
-                    pool.unreserve(port + 1)
-                continue
-            if even_port is not None and even_port.reserve:
-                reservation = self._make_token(port + 1, family, now)
-                self.reservations[reservation] = _Reservation(
-                    port + 1, family, now + RESERVATION_LIFETIME, quota_user
-                )
-                self._node.add(quota_user)
-                return relay, reservation
-            return relay, None
+                    reservation = self._make_token(port + 1, family, now)
+                    self.reservations[reservation] = _Reservation(
+                        port + 1, family, now + RESERVATION_LIFETIME, quota_user
+                    )
+                    self._node.add(quota_user)
+                    return relay, reservation
+                return relay, None
+        finally:
+            for port in busy:
+                pool.put(port)
         raise errors.InsufficientCapacity("no relay port free")
 
     def _make_token(self, port: int, family: int, now: float) -> bytes:

@@ -68,8 +68,8 @@ class NodeState(Protocol):
 
     # This process's own holdings per user (what it would give back if it stopped).
     held_here: UserCounts
-    # The node's bandwidth buckets (pyturn/core/bandwidth.py): bucket 0 is the total,
-    # and each user holding something has one of its own while it does.
+    # The node's bandwidth buckets (pyturn/core/bandwidth.py): the first two are the
+    # node's own, and each user holding something has one of its own while it does.
     buckets: bandwidth.Words
     # Told (user, bucket) when a user this process holds for got another bucket (after
     # a worker died, see pyturn/net/node_state.py), so its allocations follow.

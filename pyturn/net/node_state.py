@@ -15,10 +15,11 @@ Layout, all little-endian, sized from the relay port range (`NodeLayout`):
   forgets the older source's bucket, as the in-process budget forgets its oldest;
 - per address family, one byte per relay port: 0 if free, else 1 + the index of the
   worker that holds it; then one byte per port, 1 while it is reserved for a token;
-- bandwidth buckets (pyturn/core/bandwidth.py), as many as user slots: bucket 0 is the
-  node's total, each user holding something has one of the others (the number in its
-  entry, which moves with it), and one byte per bucket says which are taken. The
-  native fast path reads and charges them atomically, without the lock.
+- bandwidth buckets (pyturn/core/bandwidth.py), as many as user slots: buckets 0 and 1
+  are the node's (its total, and the count of allocations sending), each user holding
+  something has one of the others (the number in its entry, which moves with it), and
+  one byte per bucket says which are taken. The native fast path reads and charges them
+  atomically, without the lock.
 
 Keys are keyed BLAKE2b hashes (the workers' shared secret), so clients cannot aim at a
 slot. When a worker dies its ports are freed, and the user counts are rebuilt: the

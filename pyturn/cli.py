@@ -4,6 +4,7 @@ pyturn serve [-c FILE]        run the server (embedded default config without -c
 pyturn check-config FILE      print the effective config, or what is wrong with it
 pyturn credentials --secret S print TURN REST API credentials for a WebRTC app
 pyturn probe turn:HOST:PORT   check a TURN server end to end (Binding, Allocate, relay)
+pyturn user|secret ...        users and REST secrets in the store (pyturn/store/commands.py)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pyturn.config import (
 )
 from pyturn.core.auth import rest_password, rest_username
 from pyturn.logs import configure_logging
+from pyturn.store.commands import secret, user
 
 
 def _embedded_default() -> tuple[Config, str, str]:
@@ -246,6 +248,10 @@ def probe(
         out=click.echo,
     )
     sys.exit(0 if ok else 1)
+
+
+cli.add_command(user)
+cli.add_command(secret)
 
 
 def main() -> None:

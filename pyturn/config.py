@@ -173,6 +173,18 @@ def parse_rate(value: object) -> int:
     )
 
 
+SQLITE_PREFIX = "sqlite:///"
+
+
+def store_url_problem(url: str) -> str | None:
+    """Why `url` cannot name a store (pyturn/store), or None."""
+    if url.startswith(SQLITE_PREFIX) and len(url) > len(SQLITE_PREFIX):
+        return None
+    if url.startswith(("redis://", "rediss://")):
+        return "must be a sqlite:///PATH URL (Redis stores are not supported yet)"
+    return "must be a store URL such as sqlite:///var/lib/pyturn/users.db"
+
+
 _HOST_PORT = re.compile(r"\[(?P<v6>[^\]]+)\]:(?P<port6>[0-9]+)|(?P<v4>[^:\[\]]+):(?P<port4>[0-9]+)")
 
 
@@ -338,6 +350,8 @@ class Config:
     workers: int = field(default=0, metadata=_rule(low=0))
     shutdown_timeout: float = field(default=30.0, metadata=_rule(low=0))
     alternate_server: str | None = field(default=None, metadata=_rule(check=_host_port))
+    # Users and REST secrets besides auth (pyturn/store): sqlite:///PATH; null: none.
+    store: str | None = field(default=None, metadata=_rule(check=store_url_problem))
 
 
 # --------------------------------------------------------------------------- cross-field rules

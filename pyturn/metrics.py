@@ -189,11 +189,17 @@ class TurnCollector(Collector):
     """Turns `Stats` and the server's live allocations into metric families at scrape time."""
 
     def __init__(
-        self, server: ServerView, stats: Stats, draining: Callable[[], bool] = lambda: False
+        self,
+        server: ServerView,
+        stats: Stats,
+        draining: Callable[[], bool] = lambda: False,
+        store_up: Callable[[], bool | None] = lambda: None,
     ) -> None:
         self.server = server
         self.stats = stats
         self.draining = draining
+        # Whether the store (`store:`) could be read at the last try; None: no store.
+        self.store_up = store_up
 
     def collect(self) -> Iterator[Metric]:
         server, stats = self.server, self.stats
@@ -206,6 +212,14 @@ class TurnCollector(Collector):
         )
         draining.add_metric([], 1 if self.draining() else 0)
         yield draining
+        store_up = self.store_up()
+        if store_up is not None:
+            yield GaugeMetricFamily(
+                "pyturn_store_up",
+                "1 while the store's users and secrets can be read, 0 while the last "
+                "snapshot is served because it cannot.",
+                1 if store_up else 0,
+            )
 
         # -- what is open now ----------------------------------------------------------
         open_by_transport: Counter[str] = Counter()

@@ -37,6 +37,15 @@ class AuthFailure(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class UserKeys:
+    """A stored user's long-term keys (RFC 8489 §9.2.2): MD5, and SHA-256 when known (a
+    user imported from coturn has only the MD5 one)."""
+
+    md5: bytes
+    sha256: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Candidate:
     """One key that may have signed a request for `username`."""
 
@@ -80,7 +89,10 @@ class Authenticator:
         *,
         nonce_lifetime: float = 600.0,
         nonce_secret: bytes | None = None,
+        stored: Mapping[str, UserKeys] | None = None,
     ) -> None:
+        """`users` and `secrets_` come from the config, `stored` users from the store
+        (pyturn/store); a name in both is the config's."""
         self.realm = realm
         self.secrets = tuple(secrets_)
         self.nonce_lifetime = nonce_lifetime
@@ -93,6 +105,15 @@ class Authenticator:
         self._derived_keys: dict[tuple[str, int], tuple[Candidate, ...]] = {}
         # RFC 8489 §9.2.4: a client may hide its name behind SHA-256(username ":" realm).
         self._userhashes: dict[bytes, str] = {}
+        # SHA-256 keys kept as such: stored users have no password to derive them from.
+        self._sha256_keys: dict[str, tuple[Candidate, ...]] = {}
+        for name, keys in (stored or {}).items():
+            if users and name in users:
+                continue
+            self._keys[name] = keys.md5
+            if keys.sha256 is not None:
+                self._sha256_keys[name] = (Candidate(name, name, keys.sha256),)
+            self._userhashes[userhash(name, realm)] = name
         for name, user in (users or {}).items():
             if user.key is not None:
                 self._keys[name] = user.key
@@ -164,6 +185,9 @@ class Authenticator:
             password = self._passwords.get(username)
             if password is not None:
                 return self._derived(username, algorithm, lambda: self._sha256_static(username))
+            stored = self._sha256_keys.get(username)
+            if stored is not None:
+                return stored
             if username in self._keys:
                 return AuthFailure.BAD_PASSWORD
         else:

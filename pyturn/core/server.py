@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from pyturn.config import Config
 from pyturn.core import errors
@@ -46,7 +46,13 @@ from pyturn.core.allocation import (
     PeerConnection,
     RelayBinder,
 )
-from pyturn.core.auth import SUPPORTED_ALGORITHMS, Authenticator, AuthFailure, Candidate
+from pyturn.core.auth import (
+    SUPPORTED_ALGORITHMS,
+    Authenticator,
+    AuthFailure,
+    Candidate,
+    UserKeys,
+)
 from pyturn.core.bandwidth import USER_BUCKET
 from pyturn.core.forwarding import FiveTuple, ForwardingTable, SendToPeer
 from pyturn.core.node import LocalNodeState, NodeState, PortPool
@@ -162,6 +168,9 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
         self._mapped_v4: dict[Address, bytes] = {}
         self._relay_ipv4 = relay_ipv4
         self._relay_ipv6 = relay_ipv6
+        # Users and secrets from the store, if the config names one (use_stored).
+        self._stored_users: Mapping[str, UserKeys] = {}
+        self._stored_secrets: tuple[str, ...] = ()
         self.reconfigure(config)
         self.ports = RelayPorts(
             config.relay.min_port,
@@ -182,6 +191,21 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
         self.peer_connections: dict[int, PeerConnection] = {}
         # Allocations deleted since the last `compact`, for the I/O layer to decide when.
         self.ended_since_compact = 0
+
+    def use_stored(self, users: Mapping[str, UserKeys], secrets: Sequence[str]) -> None:
+        """Authenticate with the config's users and secrets and these from the store
+        (pyturn/store), from the next request on. Nonces stay valid (their secret stays);
+        a name in both is the config's."""
+        config = self.config
+        self._stored_users, self._stored_secrets = users, tuple(secrets)
+        self.auth = Authenticator(
+            config.realm,
+            config.auth.users,
+            (*config.auth.secrets, *(s for s in secrets if s not in config.auth.secrets)),
+            nonce_lifetime=config.auth.nonce_lifetime,
+            nonce_secret=self._nonce_secret,
+            stored=users,
+        )
 
     def _rebucket(self, user: str, bucket: int) -> None:
         """The node gave `user` another bandwidth bucket: its allocations follow."""
@@ -205,13 +229,7 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
         it now denies (their permissions and channels are simply dropped).
         """
         self.config = config
-        self.auth = Authenticator(
-            config.realm,
-            config.auth.users,
-            config.auth.secrets,
-            nonce_lifetime=config.auth.nonce_lifetime,
-            nonce_secret=self._nonce_secret,
-        )
+        self.use_stored(self._stored_users, self._stored_secrets)
         self.policy = PeerPolicy(config.peers.allow, config.peers.deny)
         rates = config.bandwidth
         self.table.set_rates(rates.per_allocation, rates.per_user, rates.total)

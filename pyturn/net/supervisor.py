@@ -410,13 +410,15 @@ class Supervisor:
         new = load_for_reload(self.config_path, self.notifier)
         if new is None:
             return
-        # Sockets, relay ports and the worker count need a restart; the rest reloads.
+        # Sockets, relay ports, the worker count and the store need a restart; the rest
+        # reloads (the store's contents are followed anyway).
         new = dataclasses.replace(
             new,
             listen=self.config.listen,
             relay=self.config.relay,
             metrics=self.config.metrics,
             workers=self.config.workers,
+            store=self.config.store,
         )
         self.config = new
         for worker in self.workers.values():

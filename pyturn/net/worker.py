@@ -71,16 +71,18 @@ from pyturn.net.relay import UdpRelayBinder
 from pyturn.net.sdnotify import SystemdNotifier
 from pyturn.net.session_log import SessionLog
 from pyturn.net.sockets import LISTEN_BACKLOG, listener_sockets
+from pyturn.net.store_follow import StoreFollower
 from pyturn.net.stream import ConnectionCounter, StreamConnection, TlsAcceptor
 from pyturn.net.tcp_relay import TcpRelay
 from pyturn.net.tls import TlsContext, TlsError
 from pyturn.net.udp import UdpListener
+from pyturn.store import StoreError
 
 log = logging.getLogger(__name__)
 
 _MAX_TIMER_SLEEP = 1.0
 # Sections a reload cannot change in a running process: they name sockets.
-_RESTART_ONLY = ("listen", "relay", "metrics", "workers")
+_RESTART_ONLY = ("listen", "relay", "metrics", "workers", "store")
 # Every Event but RequestHandled, which handle_actions counts itself.
 _EVENT_TYPES = (
     AllocationCreated,
@@ -166,8 +168,15 @@ class Worker:
         self.tcp_relay = TcpRelay(self.server, self.now, self._deliver_tcp)
         self.connections = ConnectionCounter(config.limits.connections_per_source)
         self.stats = Stats()
+        # Users and secrets from `store:`, followed from start() on.
+        self.store = StoreFollower(self.loop, self.server, config.store) if config.store else None
         self.registry = make_registry(
-            TurnCollector(self.server, self.stats, lambda: self.state == "draining")
+            TurnCollector(
+                self.server,
+                self.stats,
+                lambda: self.state == "draining",
+                lambda: self.store.up if self.store is not None else None,
+            )
         )
         self.session_log = SessionLog(log, self.now)
         self.memory = MemoryReturner(self.server, self.now)
@@ -292,6 +301,12 @@ class Worker:
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         if self.notifier.enabled and self.notifier.watchdog_interval is not None:
             self._ping_watchdog()
+        if self.store is not None:
+            try:
+                await self.store.start()
+            except StoreError as exc:
+                raise StartupError(str(exc)) from exc
+            self._closers.append(self.store.close)
         if self.config.metrics.enabled:
             await self._start_ops_endpoint()
         if any(listener.transport == "tls" for listener in self.config.listen):
@@ -448,7 +463,8 @@ class Worker:
             self.notifier.ready("config reload refused; running on the previous config")
 
     def apply_config(self, new: Config, *, source: str) -> bool:
-        """Take a validated config; sockets (listen, relay, metrics, workers) stay as they are."""
+        """Take a validated config; sockets (listen, relay, metrics, workers) and the store
+        stay as they are."""
         if self.tls is not None:
             try:
                 # Always re-read: a renewed certificate usually keeps its file names.
@@ -460,7 +476,12 @@ class Worker:
         old = self.config
         changed = [name for name in _RESTART_ONLY if getattr(new, name) != getattr(old, name)]
         new = dataclasses.replace(
-            new, listen=old.listen, relay=old.relay, metrics=old.metrics, workers=old.workers
+            new,
+            listen=old.listen,
+            relay=old.relay,
+            metrics=old.metrics,
+            workers=old.workers,
+            store=old.store,
         )
         self.config = new
         for action in self.server.reconfigure(new):

@@ -1,0 +1,111 @@
+"""Keeps a worker's users and REST secrets in step with the store (`store:`, pyturn/store).
+
+Every store call runs on one thread of its own (a SQLite connection belongs to the thread
+that made it), never on the event loop: the loop only hands the server a new snapshot.
+Twice a second the thread asks the store's version, and reads a snapshot when it moved,
+so a `pyturn user add` reaches every worker within about half a second. The Allocate
+path never waits on the store: the server authenticates from the snapshot it holds.
+
+If the store cannot be read, the worker keeps the last snapshot, says so once in the log
+and in `pyturn_store_up`, and tries again at the next poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+
+from pyturn.core.server import TurnServer
+from pyturn.store import Snapshot, Store, StoreError, open_store
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.5
+
+
+class StoreFollower:
+    def __init__(self, loop: asyncio.AbstractEventLoop, server: TurnServer, url: str) -> None:
+        self.loop = loop
+        self.server = server
+        self.url = url
+        self.up = False
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pyturn-store")
+        self._store: Store | None = None
+        self._version: int | None = None
+        self._poll: asyncio.TimerHandle | None = None
+        self._busy = False
+
+    async def start(self) -> None:
+        """Open the store and take its users: a StoreError if that fails (the worker does
+        not start without the users it was told to serve)."""
+        snapshot = await self.loop.run_in_executor(self._thread, self._open)
+        self._take(snapshot)
+        self._schedule()
+
+    def _open(self) -> Snapshot:
+        self._store = open_store(self.url)
+        self._version = self._store.version()
+        return self._store.snapshot(self.server.config.realm)
+
+    def _take(self, snapshot: Snapshot) -> None:
+        self.server.use_stored(snapshot.users, snapshot.secrets)
+        if not self.up:
+            log.info(
+                "store %s: %d users, %d secrets",
+                self.url,
+                len(snapshot.users),
+                len(snapshot.secrets),
+            )
+        self.up = True
+
+    def _schedule(self) -> None:
+        self._poll = self.loop.call_later(POLL_INTERVAL, self._on_poll)
+
+    def _on_poll(self) -> None:
+        if self._busy:
+            self._schedule()
+            return
+        self._busy = True
+        future = self.loop.run_in_executor(self._thread, self._changed)
+        future.add_done_callback(self._polled)
+
+    def _changed(self) -> Snapshot | None:
+        """On the store's thread: a new snapshot if the store changed, else None."""
+        assert self._store is not None
+        version = self._store.version()
+        if version == self._version:
+            return None
+        snapshot = self._store.snapshot(self.server.config.realm)
+        self._version = version
+        return snapshot
+
+    def _polled(self, future: asyncio.Future[Snapshot | None]) -> None:
+        self._busy = False
+        try:
+            snapshot = future.result()
+        except StoreError as exc:
+            if self.up:
+                log.warning("store unreadable, keeping the users and secrets it had: %s", exc)
+            self.up = False
+        except asyncio.CancelledError:
+            return
+        else:
+            if snapshot is not None:
+                self._take(snapshot)
+            elif not self.up:
+                log.info("store %s readable again", self.url)
+                self.up = True
+        self._schedule()
+
+    def close(self) -> None:
+        if self._poll is not None:
+            self._poll.cancel()
+        store = self._store
+
+        def close_store() -> None:
+            if store is not None:
+                store.close()
+
+        self._thread.submit(close_store)
+        self._thread.shutdown(wait=False)

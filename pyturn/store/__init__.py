@@ -1,0 +1,60 @@
+"""Where users and REST secrets live besides the YAML file: the `store:` config key.
+
+`open_store(url)` opens the store a URL names; the server reads a `Snapshot` of it (every
+user's long-term keys and every secret, for its realm) and checks `version()` about twice
+a second, taking a new snapshot when it moved, so a change made by `pyturn user` or
+`pyturn secret` (or by coturn's `turnadmin`) reaches every worker within a second
+without a restart. Only keys are stored, never passwords (RFC 8489 §9.2.2).
+
+- `sqlite:///PATH`: pyturn/store/sqlite.py, which also reads coturn's SQLite userdb.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from pyturn.config import SQLITE_PREFIX, store_url_problem
+from pyturn.core.auth import UserKeys
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a store holds for one realm: users' keys, and REST secrets newest first."""
+
+    users: dict[str, UserKeys]
+    secrets: tuple[str, ...]
+
+
+class StoreError(Exception):
+    """The store cannot be opened or read (its message says which file and why)."""
+
+
+class Store(Protocol):
+    def version(self) -> int:
+        """A number that changes whenever anyone changes the store."""
+
+    def snapshot(self, realm: str) -> Snapshot: ...
+
+    def add_user(self, name: str, realm: str, password: str) -> None:
+        """Add or replace a user (its MD5 and SHA-256 keys)."""
+
+    def remove_user(self, name: str, realm: str) -> bool:
+        """False when there was no such user."""
+
+    def add_secret(self, value: str, realm: str) -> None: ...
+
+    def remove_secret(self, value: str, realm: str) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+def open_store(url: str, *, create: bool = False) -> Store:
+    """The store `url` names; `create` makes a missing SQLite file (the CLI's), else a
+    missing file is a StoreError."""
+    problem = store_url_problem(url)
+    if problem is not None:
+        raise StoreError(f"store {url!r}: {problem}")
+    from pyturn.store.sqlite import SqliteStore  # noqa: PLC0415 (one backend today)
+
+    return SqliteStore("/" + url[len(SQLITE_PREFIX) :].lstrip("/"), create=create)

@@ -104,6 +104,7 @@ def fully_customised() -> Config:
         workers=4,
         shutdown_timeout=2.5,
         alternate_server="[2001:db8::2]:3478",
+        store="sqlite:///var/lib/pyturn/users.db",
     )
 
 

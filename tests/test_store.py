@@ -1,0 +1,203 @@
+"""The SQLite store (pyturn/store): pyturn's tables, coturn's userdb, the commands.
+
+coturn's own `turnadmin -b FILE` makes the coturn databases here, as operators made them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pyturn.cli import cli
+from pyturn.config import ConfigError, parse_config
+from pyturn.core.auth import Authenticator, AuthFailure, Candidate, UserKeys
+from pyturn.store import StoreError, open_store
+from pyturn.wire.attributes import PASSWORD_ALGORITHM_MD5, PASSWORD_ALGORITHM_SHA256
+from pyturn.wire.integrity import long_term_key
+
+REALM = "example.org"
+
+
+def url(path: Path) -> str:
+    return f"sqlite://{path}"
+
+
+def test_users_and_secrets_round_trip_as_keys_only(tmp_path: Path) -> None:
+    db = tmp_path / "users.db"
+    store = open_store(url(db), create=True)
+    store.add_user("alice", REALM, "alicepw")
+    store.add_user("bob", "other.realm", "bobpw")
+    store.add_secret("old-secret", REALM)
+    store.add_secret("new-secret", REALM)
+    snapshot = store.snapshot(REALM)
+    assert snapshot.users == {
+        "alice": UserKeys(
+            long_term_key("alice", REALM, "alicepw", PASSWORD_ALGORITHM_MD5),
+            long_term_key("alice", REALM, "alicepw", PASSWORD_ALGORITHM_SHA256),
+        )
+    }
+    assert snapshot.secrets == ("new-secret", "old-secret")  # the newest first
+    # Keys, never the password.
+    assert b"alicepw" not in db.read_bytes()
+    assert store.remove_user("alice", REALM)
+    assert not store.remove_user("alice", REALM)
+    assert store.remove_secret("old-secret", REALM)
+    assert store.snapshot(REALM).users == {}
+    assert store.snapshot(REALM).secrets == ("new-secret",)
+    store.close()
+
+
+def test_the_version_moves_when_another_connection_writes(tmp_path: Path) -> None:
+    reader = open_store(url(tmp_path / "users.db"), create=True)
+    writer = open_store(url(tmp_path / "users.db"))
+    before = reader.version()
+    assert reader.version() == before
+    writer.add_user("alice", REALM, "pw")
+    assert reader.version() != before
+    reader.close()
+    writer.close()
+
+
+@pytest.fixture
+def coturn_db(tmp_path: Path) -> Path:
+    """A userdb made by coturn's turnadmin: alice (MD5 key only) and a REST secret."""
+    turnadmin = shutil.which("turnadmin")
+    if turnadmin is None:
+        pytest.fail("turnadmin (Debian package coturn) is missing: run make system-deps")
+    db = tmp_path / "turndb"
+    for args in (
+        ["-a", "-u", "alice", "-r", REALM, "-p", "alicepw"],
+        ["-a", "-u", "carol", "-r", REALM, "-p", "carolpw"],
+        ["-s", "coturn-secret", "-r", REALM],
+    ):
+        subprocess.run(
+            [turnadmin, *args, "-b", str(db)], check=True, capture_output=True, timeout=30
+        )
+    return db
+
+
+def test_a_coturn_userdb_is_read_as_it_is(coturn_db: Path) -> None:
+    store = open_store(url(coturn_db))
+    snapshot = store.snapshot(REALM)
+    md5 = long_term_key("alice", REALM, "alicepw", PASSWORD_ALGORITHM_MD5)
+    assert snapshot.users["alice"] == UserKeys(md5)  # coturn keeps MD5 keys only
+    assert snapshot.secrets == ("coturn-secret",)
+    # pyturn's own row wins; removing takes the name out of both.
+    store.add_user("carol", REALM, "newpw")
+    sha256 = long_term_key("carol", REALM, "newpw", PASSWORD_ALGORITHM_SHA256)
+    assert store.snapshot(REALM).users["carol"].sha256 == sha256
+    assert store.remove_user("carol", REALM)
+    assert "carol" not in store.snapshot(REALM).users
+    assert store.remove_secret("coturn-secret", REALM)
+    assert store.snapshot(REALM).secrets == ()
+    store.close()
+    rows = sqlite3.connect(coturn_db).execute("SELECT name FROM turnusers_lt").fetchall()
+    assert rows == [("alice",)]
+
+
+def test_a_missing_or_broken_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no such file"):
+        open_store(url(tmp_path / "absent.db"))
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match=str(broken)):
+        open_store(url(broken))
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("redis://127.0.0.1:6379/0", "Redis stores are not supported yet"),
+        ("postgres://x", "must be a store URL"),
+        ("sqlite:///", "must be a store URL"),
+    ],
+)
+def test_bad_store_urls_are_refused_naming_the_key(value: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"store": value})
+    assert caught.value.path == "store"
+    assert expected in str(caught.value)
+
+
+def test_stored_users_authenticate_with_either_key_and_the_config_wins() -> None:
+    md5 = long_term_key("dave", REALM, "davepw", PASSWORD_ALGORITHM_MD5)
+    sha256 = long_term_key("dave", REALM, "davepw", PASSWORD_ALGORITHM_SHA256)
+    config = parse_config({"realm": REALM, "auth": {"users": {"erin": "configpw"}}})
+    auth = Authenticator(
+        REALM,
+        config.auth.users,
+        stored={
+            "dave": UserKeys(md5, sha256),
+            "erin": UserKeys(b"\x00" * 16),
+            "frank": UserKeys(b"\x01" * 16),
+        },
+    )
+    assert auth.candidates("dave", 0.0) == (Candidate("dave", "dave", md5),)
+    assert auth.candidates("dave", 0.0, PASSWORD_ALGORITHM_SHA256) == (
+        Candidate("dave", "dave", sha256),
+    )
+    erin = long_term_key("erin", REALM, "configpw", PASSWORD_ALGORITHM_MD5)
+    assert auth.candidates("erin", 0.0) == (Candidate("erin", "erin", erin),)
+    # A user with an MD5 key only cannot use SHA-256 (as a config user with a key).
+    assert auth.candidates("frank", 0.0, PASSWORD_ALGORITHM_SHA256) == AuthFailure.BAD_PASSWORD
+    assert auth.candidates("nobody", 0.0) == AuthFailure.UNKNOWN_USER
+
+
+def config_file(tmp_path: Path, store: str | None) -> Path:
+    path = tmp_path / "pyturn.yaml"
+    path.write_text(f"realm: {REALM}\n" + (f"store: {store}\n" if store else ""))
+    return path
+
+
+def test_the_commands_manage_users_and_secrets(tmp_path: Path) -> None:
+    db = tmp_path / "users.db"
+    config = str(config_file(tmp_path, url(db)))
+    runner = CliRunner()
+    added = runner.invoke(
+        cli, ["user", "add", "alice", "-c", config, "--password-stdin"], input="alicepw\n"
+    )
+    assert added.exit_code == 0, added.output
+    assert db.exists()
+    assert runner.invoke(cli, ["user", "list", "-c", config]).output == "alice\n"
+    changed = runner.invoke(
+        cli, ["user", "set-password", "alice", "-c", config, "--password-stdin"], input="pw2\n"
+    )
+    assert changed.exit_code == 0, changed.output
+    store = open_store(url(db))
+    md5 = long_term_key("alice", REALM, "pw2", PASSWORD_ALGORITHM_MD5)
+    assert store.snapshot(REALM).users["alice"].md5 == md5
+    missing = runner.invoke(
+        cli, ["user", "set-password", "zed", "-c", config, "--password-stdin"], input="x\n"
+    )
+    assert missing.exit_code == 1
+    assert "no user zed" in missing.output
+
+    made = runner.invoke(cli, ["secret", "add", "-c", config])
+    assert made.exit_code == 0, made.output
+    value = made.output.strip()
+    assert len(value) >= 40
+    assert store.snapshot(REALM).secrets == (value,)
+    listed = runner.invoke(cli, ["secret", "list", "-c", config]).output
+    assert listed == f"{value[:6]}...\n"
+    assert value not in listed
+    assert runner.invoke(cli, ["secret", "remove", value[:6], "-c", config]).exit_code == 0
+    assert runner.invoke(cli, ["user", "remove", "alice", "-c", config]).exit_code == 0
+    assert store.snapshot(REALM) == store.snapshot(REALM).__class__({}, ())
+    gone = runner.invoke(cli, ["user", "remove", "alice", "-c", config])
+    assert gone.exit_code == 1
+    store.close()
+
+
+def test_the_commands_need_a_store_in_the_config(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli,
+        ["user", "add", "alice", "-c", str(config_file(tmp_path, None)), "--password-stdin"],
+        input="pw\n",
+    )
+    assert result.exit_code == 1
+    assert "no `store:` set" in result.output

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from pyturn import __version__
 from pyturn.probe import ProbeClient, ProbeError
+from pyturn.store import open_store
 from pyturn.wire.attributes import ErrorCode, RequestedTransport
 from pyturn.wire.message import Method
 from tests.interop.server_process import LOOPBACK, require_tool
@@ -252,3 +254,28 @@ def test_bandwidth_drops_and_limits_are_exported(start_server: StartServer, work
     finally:
         client.close()
         peer.close()
+
+
+def test_the_store_is_watched_and_its_outage_shown(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """`pyturn_store_up` is 1 while the store can be read; a store that becomes
+    unreadable leaves the users it had in service (0, and a warning), until it is back."""
+    db = tmp_path / "users.db"
+    store = open_store(f"sqlite://{db}", create=True)
+    store.add_user("dave", "example.org", "davepw")
+    store.close()
+    server = start_server({"store": f"sqlite://{db}"})
+    assert value(server.scrape(), "pyturn_store_up") == 1
+    good = db.read_bytes()
+    mark = server.log_mark()
+    db.write_bytes(b"\0garbage" * (len(good) // 8 + 1))
+    wait_until(lambda: value(server.scrape(), "pyturn_store_up") == 0, timeout=5)
+    server.wait_for_log("store unreadable, keeping the users and secrets it had", since=mark)
+    client = server.client("udp", user="dave", password="davepw")
+    try:
+        client.allocate()  # dave is still served from what was read before
+    finally:
+        client.close()
+    db.write_bytes(good)
+    wait_until(lambda: value(server.scrape(), "pyturn_store_up") == 1, timeout=5)

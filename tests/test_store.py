@@ -54,7 +54,7 @@ def test_users_and_secrets_round_trip_as_keys_only(tmp_path: Path) -> None:
 
 def test_the_version_moves_when_another_connection_writes(tmp_path: Path) -> None:
     reader = open_store(url(tmp_path / "users.db"), create=True)
-    writer = open_store(url(tmp_path / "users.db"))
+    writer = open_store(url(tmp_path / "users.db"), create=True)
     before = reader.version()
     assert reader.version() == before
     writer.add_user("alice", REALM, "pw")
@@ -82,7 +82,11 @@ def coturn_db(tmp_path: Path) -> Path:
 
 
 def test_a_coturn_userdb_is_read_as_it_is(coturn_db: Path) -> None:
-    store = open_store(url(coturn_db))
+    # As the server opens it: read-only, and coturn's tables alone.
+    reader = open_store(url(coturn_db))
+    assert reader.snapshot(REALM) == open_store(url(coturn_db), create=True).snapshot(REALM)
+    reader.close()
+    store = open_store(url(coturn_db), create=True)
     snapshot = store.snapshot(REALM)
     md5 = long_term_key("alice", REALM, "alicepw", PASSWORD_ALGORITHM_MD5)
     assert snapshot.users["alice"] == UserKeys(md5)  # coturn keeps MD5 keys only
@@ -201,3 +205,10 @@ def test_the_commands_need_a_store_in_the_config(tmp_path: Path) -> None:
     )
     assert result.exit_code == 1
     assert "no `store:` set" in result.output
+
+
+def test_the_server_opens_the_store_read_only(tmp_path: Path) -> None:
+    db = tmp_path / "users.db"
+    open_store(url(db), create=True).close()
+    with pytest.raises(StoreError, match="readonly"):
+        open_store(url(db)).add_user("x", REALM, "pw")

@@ -41,15 +41,26 @@ _BUSY_TIMEOUT = 5.0
 
 class SqliteStore:
     def __init__(self, path: str, *, create: bool = False) -> None:
+        """`create`: the commands' store, which makes the file and pyturn's tables and
+        writes; without it (the server's) the file is opened read-only, so a service
+        that may not write to /var (systemd's ProtectSystem=strict) reads it all the same."""
         self.path = path
-        if not create and not os.path.exists(path):
-            raise StoreError(f"store {path}: no such file (`pyturn user add` creates it)")
         try:
-            self._db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None)
-            self._db.executescript(_SCHEMA)
+            if create:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                self._db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None)
+                self._db.executescript(_SCHEMA)
+            else:
+                if not os.path.exists(path):
+                    raise StoreError(f"store {path}: no such file (`pyturn user add` makes it)")
+                self._db = sqlite3.connect(
+                    f"file:{path}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT, isolation_level=None
+                )
+            self._own = self._has_table("pyturn_users")
+            self._own_secrets = self._has_table("pyturn_secrets")
             self._coturn = self._has_table("turnusers_lt")
             self._coturn_secrets = self._has_table("turn_secret")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"store {path}: {exc}") from exc
 
     def _has_table(self, name: str) -> bool:
@@ -78,19 +89,17 @@ class SqliteStore:
                 key = _hex(hmackey)
                 if isinstance(name, str) and key is not None and len(key) == 16:
                     users[name] = UserKeys(key)
-        for name, md5, sha256 in self._run(
+        own_users = self._own and self._run(
             "SELECT name, md5_key, sha256_key FROM pyturn_users WHERE realm = ?", (realm,)
-        ):
+        )
+        for name, md5, sha256 in own_users or ():
             key = _hex(md5)
             if isinstance(name, str) and key is not None:
                 users[name] = UserKeys(key, _hex(sha256))
-        secrets = [
-            str(value)
-            for (value,) in self._run(
-                "SELECT value FROM pyturn_secrets WHERE realm = ? ORDER BY added_at DESC",
-                (realm,),
-            )
-        ]
+        own_secrets = self._own_secrets and self._run(
+            "SELECT value FROM pyturn_secrets WHERE realm = ? ORDER BY added_at DESC", (realm,)
+        )
+        secrets = [str(value) for (value,) in own_secrets or ()]
         if self._coturn_secrets:
             secrets += [
                 str(value)

@@ -176,13 +176,19 @@ def parse_rate(value: object) -> int:
 SQLITE_PREFIX = "sqlite:///"
 
 
+REDIS_SCHEMES = ("redis://", "rediss://")
+
+
 def store_url_problem(url: str) -> str | None:
     """Why `url` cannot name a store (pyturn/store), or None."""
     if url.startswith(SQLITE_PREFIX) and len(url) > len(SQLITE_PREFIX):
         return None
-    if url.startswith(("redis://", "rediss://")):
-        return "must be a sqlite:///PATH URL (Redis stores are not supported yet)"
-    return "must be a store URL such as sqlite:///var/lib/pyturn/users.db"
+    if url.startswith(REDIS_SCHEMES) and len(url) > len("rediss://"):
+        return None
+    return (
+        "must be a store URL: sqlite:///PATH (such as sqlite:///var/lib/pyturn/users.db),"
+        " or redis://HOST:PORT/DB or rediss://... (?password_file=PATH for a password)"
+    )
 
 
 _HOST_PORT = re.compile(r"\[(?P<v6>[^\]]+)\]:(?P<port6>[0-9]+)|(?P<v4>[^:\[\]]+):(?P<port4>[0-9]+)")

@@ -1,14 +1,18 @@
 #!/bin/sh
 # Installs the Debian packages the test suite uses: coturn, for its client tools
-# (turnutils_stunclient, turnutils_uclient, turnutils_peer) and its server, which
-# benchmarks run side by side with pyturn. Nothing here is shipped with pyturn.
+# (turnutils_stunclient, turnutils_uclient, turnutils_peer, turnadmin) and its server,
+# which benchmarks run side by side with pyturn; and redis-server, the Redis the store
+# tests start on a loopback port. Nothing here is shipped with pyturn.
 set -eu
 
-if command -v turnutils_uclient >/dev/null 2>&1; then
+missing=""
+command -v turnutils_uclient >/dev/null 2>&1 || missing="$missing coturn"
+command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+if [ -z "$missing" ]; then
     exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
-    echo "install-system-deps: no apt-get; install coturn's client tools by hand" \
+    echo "install-system-deps: no apt-get; install$missing by hand" \
          "or the interop tests will be skipped" >&2
     exit 0
 fi
@@ -19,6 +23,7 @@ if [ "$(id -u)" != 0 ]; then
         exit 0
     fi
 fi
-echo "install-system-deps: installing coturn (client tools for the interop tests)" >&2
+echo "install-system-deps: installing$missing (for the interop tests)" >&2
 $SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends coturn >/dev/null
+# shellcheck disable=SC2086 # the package names are meant to split
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null

@@ -7,7 +7,11 @@ so a `pyturn user add` reaches every worker within about half a second. The Allo
 path never waits on the store: the server authenticates from the snapshot it holds.
 
 If the store cannot be read, the worker keeps the last snapshot, says so once in the log
-and in `pyturn_store_up`, and tries again at the next poll.
+and in `pyturn_store_up`, and tries again at the next poll. At start, a SQLite file that
+cannot be read stops the worker (a wrong path is a mistake to fix now); a Redis server
+that does not answer does not: the worker starts with the config's users, says so, and
+takes the store's as soon as it answers (a node of a fleet should not stay down because
+Redis restarts).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import concurrent.futures
 import logging
 
 from pyturn.core.server import TurnServer
-from pyturn.store import Snapshot, Store, StoreError, open_store
+from pyturn.store import Snapshot, Store, StoreError, is_remote, open_store
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +41,16 @@ class StoreFollower:
         self._busy = False
 
     async def start(self) -> None:
-        """Open the store and take its users: a StoreError if that fails (the worker does
-        not start without the users it was told to serve)."""
-        snapshot = await self.loop.run_in_executor(self._thread, self._open)
-        self._take(snapshot)
+        """Open the store and take its users; a StoreError if that fails, unless the
+        store is a server that may come back (see the module docstring)."""
+        try:
+            snapshot = await self.loop.run_in_executor(self._thread, self._open)
+        except StoreError as exc:
+            if not is_remote(self.url):
+                raise
+            log.warning("store unreachable, serving the config's users until it answers: %s", exc)
+        else:
+            self._take(snapshot)
         self._schedule()
 
     def _open(self) -> Snapshot:
@@ -72,7 +82,8 @@ class StoreFollower:
 
     def _changed(self) -> Snapshot | None:
         """On the store's thread: a new snapshot if the store changed, else None."""
-        assert self._store is not None
+        if self._store is None:
+            return self._open()  # it did not answer at start
         version = self._store.version()
         if version == self._version:
             return None

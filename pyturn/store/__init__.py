@@ -6,7 +6,9 @@ a second, taking a new snapshot when it moved, so a change made by `pyturn user`
 `pyturn secret` (or by coturn's `turnadmin`) reaches every worker within a second
 without a restart. Only keys are stored, never passwords (RFC 8489 §9.2.2).
 
-- `sqlite:///PATH`: pyturn/store/sqlite.py, which also reads coturn's SQLite userdb.
+- `sqlite:///PATH`: pyturn/store/sqlite.py, which also reads coturn's SQLite userdb;
+- `redis://HOST:PORT/DB`, `rediss://...`: pyturn/store/redis_store.py, for several
+  nodes, in coturn's Redis keys.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from pyturn.config import SQLITE_PREFIX, store_url_problem
+from pyturn.config import REDIS_SCHEMES, SQLITE_PREFIX, store_url_problem
 from pyturn.core.auth import UserKeys
 
 
@@ -49,12 +51,22 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+def is_remote(url: str) -> bool:
+    """A store on the network, which may be down for a while (Redis), not a file."""
+    return url.startswith(REDIS_SCHEMES)
+
+
 def open_store(url: str, *, create: bool = False) -> Store:
-    """The store `url` names; `create` makes a missing SQLite file (the CLI's), else a
-    missing file is a StoreError."""
+    """The store `url` names; `create` (the commands') makes a missing SQLite file and
+    may write, else a SQLite file is opened read-only and must exist."""
     problem = store_url_problem(url)
     if problem is not None:
         raise StoreError(f"store {url!r}: {problem}")
-    from pyturn.store.sqlite import SqliteStore  # noqa: PLC0415 (one backend today)
+    # Imported here: a server runs one backend, and need not load the other.
+    if is_remote(url):
+        from pyturn.store.redis_store import RedisStore  # noqa: PLC0415
+
+        return RedisStore(url)
+    from pyturn.store.sqlite import SqliteStore  # noqa: PLC0415
 
     return SqliteStore("/" + url[len(SQLITE_PREFIX) :].lstrip("/"), create=create)

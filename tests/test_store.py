@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,10 @@ from click.testing import CliRunner
 from pyturn.cli import cli
 from pyturn.config import ConfigError, parse_config
 from pyturn.core.auth import Authenticator, AuthFailure, Candidate, UserKeys
-from pyturn.store import StoreError, open_store
+from pyturn.store import Snapshot, StoreError, open_store
 from pyturn.wire.attributes import PASSWORD_ALGORITHM_MD5, PASSWORD_ALGORITHM_SHA256
 from pyturn.wire.integrity import long_term_key
+from tests.redis_server import RedisServer, free_tcp_port
 
 REALM = "example.org"
 
@@ -116,8 +118,8 @@ def test_a_missing_or_broken_file_is_a_clear_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("redis://127.0.0.1:6379/0", "Redis stores are not supported yet"),
         ("postgres://x", "must be a store URL"),
+        ("redis://", "must be a store URL"),
         ("sqlite:///", "must be a store URL"),
     ],
 )
@@ -212,3 +214,83 @@ def test_the_server_opens_the_store_read_only(tmp_path: Path) -> None:
     open_store(url(db), create=True).close()
     with pytest.raises(StoreError, match="readonly"):
         open_store(url(db)).add_user("x", REALM, "pw")
+
+
+# -- Redis ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def test_redis_users_and_secrets_round_trip_in_coturns_keys(redis_server: RedisServer) -> None:
+    store = open_store(redis_server.url)
+    store.add_user("alice", REALM, "alicepw")
+    store.add_secret("old-secret", REALM)
+    store.add_secret("new-secret", REALM)
+    snapshot = store.snapshot(REALM)
+    md5 = long_term_key("alice", REALM, "alicepw", PASSWORD_ALGORITHM_MD5)
+    sha256 = long_term_key("alice", REALM, "alicepw", PASSWORD_ALGORITHM_SHA256)
+    assert snapshot.users == {"alice": UserKeys(md5, sha256)}
+    assert snapshot.secrets == ("new-secret", "old-secret")
+    with redis_server.client() as client:
+        # What coturn reads: the MD5 key as hex, under its own key name.
+        assert client.get(f"turn/realm/{REALM}/user/alice/key") == md5.hex()
+        assert "alicepw" not in [client.get(key) for key in client.keys("*")]
+    assert store.remove_user("alice", REALM)
+    assert not store.remove_user("alice", REALM)
+    assert store.remove_secret("old-secret", REALM)
+    assert store.snapshot(REALM) == Snapshot({}, ("new-secret",))
+    store.close()
+
+
+def test_a_coturn_redis_userdb_is_read_as_it_is(redis_server: RedisServer) -> None:
+    """Keys as coturn's schema.userdb.redis sets them: an MD5 key, a clear password, and
+    secrets under arbitrary ids."""
+    gorst = long_term_key("gorst", REALM, "hero", PASSWORD_ALGORITHM_MD5)
+    with redis_server.client() as client:
+        client.set(f"turn/realm/{REALM}/user/gorst/key", gorst.hex())
+        client.set(f"turn/realm/{REALM}/user/whirrun/password", "sword")
+        client.set(f"turn/realm/{REALM}/secret/1368426581", "logen")
+        client.set("turn/realm/other.org/user/nobody/key", gorst.hex())
+    store = open_store(redis_server.url)
+    version = store.version()
+    snapshot = store.snapshot(REALM)
+    assert snapshot.users == {
+        "gorst": UserKeys(gorst),
+        "whirrun": UserKeys(
+            long_term_key("whirrun", REALM, "sword", PASSWORD_ALGORITHM_MD5),
+            long_term_key("whirrun", REALM, "sword", PASSWORD_ALGORITHM_SHA256),
+        ),
+    }
+    assert snapshot.secrets == ("logen",)
+    # pyturn's commands move the version; a new password replaces coturn's clear one.
+    store.add_user("whirrun", REALM, "newsword")
+    assert store.version() != version
+    with redis_server.client() as client:
+        assert client.get(f"turn/realm/{REALM}/user/whirrun/password") is None
+    store.close()
+
+
+def test_a_redis_password_comes_from_a_file(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, password="s3cret-redis").start()
+    try:
+        with pytest.raises(StoreError, match=r"127\.0\.0\.1"):
+            open_store(server.url)  # no password
+        (tmp_path / "redis-password").write_text("s3cret-redis\n")
+        store = open_store(f"{server.url}?password_file={tmp_path}/redis-password")
+        store.add_user("alice", REALM, "pw")
+        assert list(store.snapshot(REALM).users) == ["alice"]
+        store.close()
+    finally:
+        server.stop()
+
+
+def test_an_unreachable_redis_is_a_store_error_naming_it_without_its_password() -> None:
+    with pytest.raises(StoreError) as caught:
+        open_store(f"redis://:hunter2@127.0.0.1:{free_tcp_port()}/0")
+    assert "redis://127.0.0.1:" in str(caught.value)
+    assert "hunter2" not in str(caught.value)

@@ -9,6 +9,7 @@ within a second, with no reload.
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -32,10 +33,14 @@ from tests.interop.server_process import (
 )
 from tests.interop.test_turnutils import assert_all_echoed, run_uclient, turnutils_peer
 from tests.interop.turn_wire_client import error_code, open_client
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.interop
 
 WITHIN = 1.0  # seconds a change may take to reach every worker
+# After a store was down, a worker's first poll may still be waiting on a connection
+# timeout (2 s) before it reads again.
+POLL_SLACK = 2.5
 CLIENTS = 6  # 5-tuples per check: with two workers, both are all but surely among them
 # Every check starts with 401s from one source address: more than the default budget.
 OPEN_BUDGET = {"unauthenticated_burst": 100_000, "unauthenticated_rate": 100_000.0}
@@ -60,10 +65,7 @@ def stored(tmp_path: Path, server_factory: ServerFactory) -> Iterator[tuple[Serv
     )
     config_path = tmp_path / "commands.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    added = pyturn(
-        "user", "add", "dave", "-c", str(config_path), "--password-stdin", stdin="davepw\n"
-    )
-    assert added.returncode == 0, added.stderr
+    add_user(config_path, "dave", "davepw")
     server = server_factory({"workers": 2, "store": config["store"], "limits": OPEN_BUDGET})
     server.wait_for_log(r"ready in \d+ ms: 2 workers", timeout=15)
     yield server, config_path
@@ -87,6 +89,18 @@ def allocate_codes(server: ServerProcess, username: str, password: str) -> list[
     return codes
 
 
+def admits(server: ServerProcess, username: str, password: str) -> Callable[[], bool]:
+    """Whether Allocates by `username` succeed on every one of CLIENTS 5-tuples."""
+    return lambda: allocate_codes(server, username, password) == [0] * CLIENTS
+
+
+def add_user(config: Path | str, name: str, password: str) -> None:
+    """`pyturn user add`, in a process of its own as an operator runs it."""
+    command = ("user", "add", name, "-c", str(config), "--password-stdin")
+    added = pyturn(*command, stdin=f"{password}\n")
+    assert added.returncode == 0, added.stderr
+
+
 def within(seconds: float, condition: Callable[[], bool]) -> float:
     """How long until `condition()` held, polling; fails after `seconds`."""
     start = time.monotonic()
@@ -103,9 +117,8 @@ def test_users_added_and_removed_by_the_command_count_at_once(
     assert allocate_codes(server, "dave", "davepw") == [0] * CLIENTS
     assert set(allocate_codes(server, "erin", "erinpw")) == {401}
 
-    added = pyturn("user", "add", "erin", "-c", str(config), "--password-stdin", stdin="erinpw\n")
-    assert added.returncode == 0, added.stderr
-    took = within(WITHIN, lambda: allocate_codes(server, "erin", "erinpw") == [0] * CLIENTS)
+    add_user(config, "erin", "erinpw")
+    took = within(WITHIN, admits(server, "erin", "erinpw"))
     print(f"user add reached both workers in {took:.2f} s")
 
     removed = pyturn("user", "remove", "erin", "-c", str(config))
@@ -124,7 +137,7 @@ def test_a_rest_secret_added_by_the_command_counts_at_once(
     secret = made.stdout.strip()
     username = rest_username(int(time.time()) + 3600, "frank")
     password = rest_password(secret, username)
-    took = within(WITHIN, lambda: allocate_codes(server, username, password) == [0] * CLIENTS)
+    took = within(WITHIN, admits(server, username, password))
     print(f"secret add reached both workers in {took:.2f} s")
 
 
@@ -163,3 +176,84 @@ def test_a_broken_store_stops_the_start_with_a_clear_error(
     with pytest.raises(ServerStartError) as caught:
         server_factory({"store": f"sqlite://{broken}"})
     assert f"store {broken}: file is not a database" in str(caught.value)
+
+
+# -- Redis: a fleet of nodes ------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def commands_config(tmp_path: Path, store: str) -> Path:
+    path = tmp_path / "commands.yaml"
+    path.write_text(yaml.safe_dump({"realm": REALM, "store": store}))
+    return path
+
+
+def test_two_nodes_sharing_redis_see_a_new_user_at_once(
+    tmp_path: Path, server_factory: ServerFactory, redis_server: RedisServer
+) -> None:
+    config = str(commands_config(tmp_path, redis_server.url))
+    overrides = {"workers": 2, "store": redis_server.url, "limits": OPEN_BUDGET}
+    nodes = [server_factory(overrides), server_factory(overrides)]
+    for node in nodes:
+        node.wait_for_log(r"ready in \d+ ms: 2 workers", timeout=15)
+        assert set(allocate_codes(node, "ivan", "ivanpw")) == {401}
+    add_user(config, "ivan", "ivanpw")
+    for node in nodes:
+        took = within(WITHIN, admits(node, "ivan", "ivanpw"))
+        print(f"user add reached a node's two workers in {took:.2f} s")
+
+
+def test_relaying_and_known_users_outlive_a_redis_restart(
+    tmp_path: Path, server_factory: ServerFactory, redis_server: RedisServer
+) -> None:
+    """Redis stops: the running allocation keeps relaying, users already known keep
+    authenticating, and the log says the store is unreadable; it comes back (with its
+    data): a user added meanwhile is taken."""
+    config = str(commands_config(tmp_path, redis_server.url))
+    add_user(config, "judy", "judypw")
+    server = server_factory({"store": redis_server.url, "limits": OPEN_BUDGET})
+    within(WITHIN, admits(server, "judy", "judypw"))
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    peer.settimeout(3)
+    client = open_client("udp", server.udp_address, username="judy", password="judypw")
+    try:
+        client.login()
+        client.allocate()
+        client.create_permission(peer.getsockname())
+        mark = server.log_mark()
+        redis_server.stop()
+        server.wait_for_log("store unreadable, keeping the users and secrets it had", since=mark)
+        client.send_indication(peer.getsockname(), b"during the outage")
+        assert peer.recv(100) == b"during the outage"
+        assert allocate_codes(server, "judy", "judypw") == [0] * CLIENTS
+        redis_server.start()
+        with redis_server.client() as direct:
+            assert direct.get(f"turn/realm/{REALM}/user/judy/key")  # the data came back
+        add_user(config, "kim", "kimpw")
+        within(WITHIN + POLL_SLACK, admits(server, "kim", "kimpw"))
+    finally:
+        client.close()
+        peer.close()
+
+
+def test_a_node_starts_without_redis_and_takes_its_users_when_it_answers(
+    tmp_path: Path, server_factory: ServerFactory
+) -> None:
+    redis_server = RedisServer(tmp_path)  # not started yet: its port is closed
+    server = server_factory({"store": redis_server.url, "limits": OPEN_BUDGET})
+    assert "store unreachable, serving the config's users until it answers" in server.log_text
+    assert allocate_codes(server, "alice", "alicepw") == [0] * CLIENTS  # the config's user
+    redis_server.start()
+    try:
+        config = str(commands_config(tmp_path, redis_server.url))
+        add_user(config, "lena", "lenapw")
+        within(WITHIN + POLL_SLACK, admits(server, "lena", "lenapw"))
+    finally:
+        redis_server.stop()

@@ -17,7 +17,9 @@ from click.testing import CliRunner
 from pyturn.cli import cli
 from pyturn.config import ConfigError, parse_config
 from pyturn.core.auth import Authenticator, AuthFailure, Candidate, UserKeys
+from pyturn.core.node import FleetCounts, LocalNodeState
 from pyturn.store import Snapshot, StoreError, open_store
+from pyturn.store.redis_store import HOLDINGS_TTL
 from pyturn.wire.attributes import PASSWORD_ALGORITHM_MD5, PASSWORD_ALGORITHM_SHA256
 from pyturn.wire.integrity import long_term_key
 from tests.redis_server import RedisServer, free_tcp_port
@@ -294,3 +296,27 @@ def test_an_unreachable_redis_is_a_store_error_naming_it_without_its_password() 
         open_store(f"redis://:hunter2@127.0.0.1:{free_tcp_port()}/0")
     assert "redis://127.0.0.1:" in str(caught.value)
     assert "hunter2" not in str(caught.value)
+
+
+def test_nodes_share_their_holdings_and_a_silent_node_lapses(redis_server: RedisServer) -> None:
+    first, second = open_store(redis_server.url), open_store(redis_server.url)
+    assert first.share_holdings("node-a", 0, {"alice": 2}) == FleetCounts({}, 0)
+    assert second.share_holdings("node-a", 1, {"alice": 1, "bob": 1}) == FleetCounts({}, 0)
+    # A node counts the others', never its own workers' (those are in its shared memory).
+    assert second.share_holdings("node-b", 0, {"bob": 3}) == FleetCounts({"alice": 3, "bob": 1}, 4)
+    assert first.share_holdings("node-a", 0, {}) == FleetCounts({"bob": 3}, 3)
+    with redis_server.client() as client:
+        assert client.exists("pyturn/holdings/node-a/0") == 0  # nothing held, nothing kept
+        ttl = client.ttl("pyturn/holdings/node-b/0")
+        assert 0 < ttl <= HOLDINGS_TTL  # a node that stops refreshing stops counting
+    first.close()
+    second.close()
+
+
+def test_the_quotas_count_the_fleets_holdings() -> None:
+    node = LocalNodeState(users=8)
+    node.fleet = FleetCounts({"alice": 2}, 5)
+    assert node.hold("alice", 3, 0)
+    assert not node.hold("alice", 3, 0)  # 1 here + 2 elsewhere
+    assert node.hold("bob", 3, 7)
+    assert not node.hold("carol", 3, 7)  # 2 here + 5 elsewhere

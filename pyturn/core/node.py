@@ -16,7 +16,8 @@ semantics, including EVEN-PORT reservations that any worker can redeem.
 from __future__ import annotations
 
 import array
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from pyturn.core import bandwidth
@@ -24,6 +25,19 @@ from pyturn.core.limits import SourceBudget
 from pyturn.core.quotas import UserCounts
 from pyturn.core.randomness import RandomSource
 from pyturn.wire.attributes import FAMILY_IPV4, FAMILY_IPV6
+
+
+@dataclass(frozen=True, slots=True)
+class FleetCounts:
+    """What the other nodes of a fleet hold (allocations and reserved ports per user, and
+    in all), as last read from the store they share (pyturn/store/redis_store.py): the
+    quotas count them beside this node's own. Empty for a node on its own."""
+
+    users: Mapping[str, int] = field(default_factory=dict)
+    total: int = 0
+
+
+NO_FLEET = FleetCounts()
 
 
 class PortPool(Protocol):
@@ -74,14 +88,17 @@ class NodeState(Protocol):
     # Told (user, bucket) when a user this process holds for got another bucket (after
     # a worker died, see pyturn/net/node_state.py), so its allocations follow.
     on_rebucket: Callable[[str, int], None] | None
+    # The rest of the fleet's holdings, which the quotas count too (the I/O layer sets it).
+    fleet: FleetCounts
 
     def user_bucket(self, user: str) -> int:
         """The bandwidth bucket of a user this process holds something for (0: none)."""
 
     def hold(self, user: str, per_user: int, total: int) -> bool:
         """Count one more allocation (or reserved port) for `user` if that stays within
-        `per_user` for the user and `total` for the node (0: no limit). Check and count
-        are one step, so two workers cannot both take the last place."""
+        `per_user` for the user and `total` for the node, the rest of the fleet's
+        holdings counted in (0: no limit). Check and count are one step, so two workers
+        cannot both take the last place."""
 
     def add(self, user: str) -> None:
         """Count one more for `user` without a check (a reserved port beside an
@@ -210,9 +227,13 @@ class LocalNodeState:
         self._buckets: dict[str, int] = {}
         self._free_buckets = list(range(first + users - 1, first - 1, -1))
         self.on_rebucket: Callable[[str, int], None] | None = None
+        self.fleet = NO_FLEET
 
     def hold(self, user: str, per_user: int, total: int) -> bool:
-        if (per_user and self.held_here[user] >= per_user) or (total and self.total >= total):
+        fleet = self.fleet
+        if (per_user and self.held_here[user] + fleet.users.get(user, 0) >= per_user) or (
+            total and self.total + fleet.total >= total
+        ):
             return False
         self.add(user)
         return True

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from pyturn.config import MAX_WORKERS
 from pyturn.core.bandwidth import BUCKET_WORDS, FIRST_USER_BUCKET, Words
-from pyturn.core.node import PortPool
+from pyturn.core.node import NO_FLEET, PortPool
 from pyturn.core.quotas import UserCounts
 from pyturn.core.randomness import RandomSource
 from pyturn.wire.attributes import FAMILY_IPV4, FAMILY_IPV6
@@ -254,6 +254,7 @@ class SharedNodeState(_Region):
         # The bandwidth bucket of each user this worker holds something for.
         self._buckets: dict[str, int] = {}
         self.on_rebucket: Callable[[str, int], None] | None = None
+        self.fleet = NO_FLEET
         self.burst = float(burst)
         self.rate = rate
         self._generation = _COUNTS.unpack_from(self.mm, 0)[0]
@@ -306,9 +307,10 @@ class SharedNodeState(_Region):
         with self:
             self._sync()
             offset, count = self.find_user(key)
-            refused = bool(per_user and count >= per_user) or bool(
-                total and _COUNTS.unpack_from(self.mm, 0)[1] >= total
-            )
+            fleet = self.fleet
+            refused = bool(
+                per_user and max(count, 0) + fleet.users.get(user, 0) >= per_user
+            ) or bool(total and _COUNTS.unpack_from(self.mm, 0)[1] + fleet.total >= total)
             if not refused:
                 bucket = self._count_at(offset, count, key, 1)
         if refused:

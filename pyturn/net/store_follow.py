@@ -5,9 +5,12 @@ that made it), never on the event loop: the loop only hands the server a new sna
 Twice a second the thread asks the store's version, and reads a snapshot when it moved,
 so a `pyturn user add` reaches every worker within about half a second. The Allocate
 path never waits on the store: the server authenticates from the snapshot it holds.
+The same poll shares this worker's holdings with the other nodes of a fleet, and takes
+theirs for the quotas (`NodeState.fleet`; a store of one node shares nothing).
 
 If the store cannot be read, the worker keeps the last snapshot, says so once in the log
-and in `pyturn_store_up`, and tries again at the next poll. At start, a SQLite file that
+and in `pyturn_store_up`, and tries again at the next poll; meanwhile its quotas count
+this node only. At start, a SQLite file that
 cannot be read stops the worker (a wrong path is a mistake to fix now); a Redis server
 that does not answer does not: the worker starts with the config's users, says so, and
 takes the store's as soon as it answers (a node of a fleet should not stay down because
@@ -20,6 +23,7 @@ import asyncio
 import concurrent.futures
 import logging
 
+from pyturn.core.node import NO_FLEET, FleetCounts
 from pyturn.core.server import TurnServer
 from pyturn.store import Snapshot, Store, StoreError, is_remote, open_store
 
@@ -29,10 +33,22 @@ POLL_INTERVAL = 0.5
 
 
 class StoreFollower:
-    def __init__(self, loop: asyncio.AbstractEventLoop, server: TurnServer, url: str) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        server: TurnServer,
+        url: str,
+        *,
+        node: str,
+        worker: int,
+    ) -> None:
+        """`node` names this node in the fleet (the same for all its workers, different
+        from every other node's), `worker` this worker in it."""
         self.loop = loop
         self.server = server
         self.url = url
+        self.node = node
+        self.worker = worker
         self.up = False
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pyturn-store")
         self._store: Store | None = None
@@ -77,31 +93,42 @@ class StoreFollower:
             self._schedule()
             return
         self._busy = True
-        future = self.loop.run_in_executor(self._thread, self._changed)
+        # Copied here: the loop thread changes it.
+        held = dict(self.server.node.held_here)
+        future = self.loop.run_in_executor(self._thread, self._changed, held)
         future.add_done_callback(self._polled)
 
-    def _changed(self) -> Snapshot | None:
-        """On the store's thread: a new snapshot if the store changed, else None."""
+    def _changed(self, held: dict[str, int]) -> tuple[Snapshot | None, FleetCounts]:
+        """On the store's thread: a new snapshot if the store changed (else None), and
+        the rest of the fleet's holdings."""
         if self._store is None:
-            return self._open()  # it did not answer at start
-        version = self._store.version()
-        if version == self._version:
-            return None
-        snapshot = self._store.snapshot(self.server.config.realm)
-        self._version = version
-        return snapshot
+            snapshot: Snapshot | None = self._open()  # it did not answer at start
+        else:
+            version = self._store.version()
+            snapshot = None
+            if version != self._version:
+                snapshot = self._store.snapshot(self.server.config.realm)
+                self._version = version
+        assert self._store is not None
+        return snapshot, self._store.share_holdings(self.node, self.worker, held)
 
-    def _polled(self, future: asyncio.Future[Snapshot | None]) -> None:
+    def _polled(self, future: asyncio.Future[tuple[Snapshot | None, FleetCounts]]) -> None:
         self._busy = False
         try:
-            snapshot = future.result()
+            snapshot, fleet = future.result()
         except StoreError as exc:
             if self.up:
-                log.warning("store unreadable, keeping the users and secrets it had: %s", exc)
+                log.warning(
+                    "store unreadable, keeping the users and secrets it had; quotas count"
+                    " this node only: %s",
+                    exc,
+                )
             self.up = False
+            self.server.node.fleet = NO_FLEET
         except asyncio.CancelledError:
             return
         else:
+            self.server.node.fleet = fleet
             if snapshot is not None:
                 self._take(snapshot)
             elif not self.up:

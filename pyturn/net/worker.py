@@ -169,7 +169,17 @@ class Worker:
         self.connections = ConnectionCounter(config.limits.connections_per_source)
         self.stats = Stats()
         # Users and secrets from `store:`, followed from start() on.
-        self.store = StoreFollower(self.loop, self.server, config.store) if config.store else None
+        self.store: StoreFollower | None = None
+        if config.store:
+            # The node is the supervisor with its workers, or this process alone.
+            supervisor = os.getppid() if node is not None else os.getpid()
+            self.store = StoreFollower(
+                self.loop,
+                self.server,
+                config.store,
+                node=f"{socket.gethostname()}:{supervisor}",
+                worker=worker_index,
+            )
         self.registry = make_registry(
             TurnCollector(
                 self.server,

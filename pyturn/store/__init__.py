@@ -13,11 +13,13 @@ without a restart. Only keys are stored, never passwords (RFC 8489 §9.2.2).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from pyturn.config import REDIS_SCHEMES, SQLITE_PREFIX, store_url_problem
 from pyturn.core.auth import UserKeys
+from pyturn.core.node import FleetCounts
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,11 @@ class Store(Protocol):
     def add_secret(self, value: str, realm: str) -> None: ...
 
     def remove_secret(self, value: str, realm: str) -> bool: ...
+
+    def share_holdings(self, node: str, worker: int, held: Mapping[str, int]) -> FleetCounts:
+        """Publish what worker `worker` of node `node` holds per user (it lapses unless
+        published again: a node that died stops counting), and return what every other
+        node holds. A store of one node (SQLite) shares nothing."""
 
     def close(self) -> None: ...
 

@@ -9,11 +9,13 @@ what pyturn writes:
     turn/realm/<realm>/secret/<id>            a REST secret (pyturn's ids are the time
                                               it was added, in ns: the newest is current)
 
-and pyturn adds `pyturn/realm/<realm>/user/<name>/sha256` (the SHA-256 key) and
+and pyturn adds `pyturn/realm/<realm>/user/<name>/sha256` (the SHA-256 key),
 `pyturn/version`, a counter its commands increment on every change, so that the servers
-see their changes within a poll. Changes made by other tools (coturn's turnadmin,
-redis-cli) move no counter: the servers read everything again every
-EXTERNAL_REFRESH seconds for those.
+see their changes within a poll, and `pyturn/holdings/<node>/<worker>`, a hash of what
+each worker holds per user, which lapses HOLDINGS_TTL seconds after its last refresh:
+the quotas of each node count the others' (see `share_holdings`). Changes made by
+other tools (coturn's turnadmin, redis-cli) move no counter: the servers read
+everything again every EXTERNAL_REFRESH seconds for those.
 
 A password for the Redis server can come from a file (`?password_file=PATH`), so that
 it stays out of the config.
@@ -22,7 +24,8 @@ it stays out of the config.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
@@ -30,11 +33,16 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 import redis
 
 from pyturn.core.auth import UserKeys
+from pyturn.core.node import FleetCounts
 from pyturn.store import Snapshot, StoreError
 from pyturn.wire.attributes import PASSWORD_ALGORITHM_MD5, PASSWORD_ALGORITHM_SHA256
 from pyturn.wire.integrity import long_term_key
 
 VERSION_KEY = "pyturn/version"
+HOLDINGS = "pyturn/holdings/"
+# A worker refreshes its holdings every poll (0.5 s); a node that died stops counting
+# this long after its last refresh.
+HOLDINGS_TTL = 5
 EXTERNAL_REFRESH = 10
 _TIMEOUT = 2.0
 _SCAN_COUNT = 1000
@@ -166,6 +174,32 @@ class RedisStore:
             return False
         self._change(lambda pipe: pipe.delete(*matching))
         return True
+
+    def share_holdings(self, node: str, worker: int, held: Mapping[str, int]) -> FleetCounts:
+        """Quotas across nodes: each worker writes its holdings, reads the others'.
+
+        Counts are as fresh as the last poll of each worker (about 0.5 s): two nodes that
+        take a user's last place within that time can both give it, and the quota is
+        exceeded by that much until the allocations end. Allocates never wait on Redis.
+        """
+        mine = f"{HOLDINGS}{node}/{worker}"
+
+        def publish() -> None:
+            with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(mine)
+                if held:
+                    pipe.hset(mine, mapping=dict(held.items()))
+                    pipe.expire(mine, HOLDINGS_TTL)
+                pipe.execute()
+
+        self._call(publish)
+        users: Counter[str] = Counter()
+        for key in self._scan(HOLDINGS + "*"):
+            if key.startswith(f"{HOLDINGS}{node}/"):
+                continue  # this node's own: counted in its shared memory already
+            for user, count in self._call(self._redis.hgetall, key).items():
+                users[str(user)] += int(count)
+        return FleetCounts(dict(users), users.total())
 
     def close(self) -> None:
         self._redis.close()

@@ -20,9 +20,10 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from pyturn.core.auth import UserKeys
+from pyturn.core.node import NO_FLEET, FleetCounts
 from pyturn.store import Snapshot, StoreError
 from pyturn.wire.attributes import PASSWORD_ALGORITHM_MD5, PASSWORD_ALGORITHM_SHA256
 from pyturn.wire.integrity import long_term_key
@@ -144,6 +145,9 @@ class SqliteStore:
                     "DELETE FROM turn_secret WHERE realm = ? AND value = ?", realm, value
                 )
         return removed > 0
+
+    def share_holdings(self, node: str, worker: int, held: Mapping[str, int]) -> FleetCounts:
+        return NO_FLEET  # a file on one node: there is no fleet to share with
 
     def _changes(self, sql: str, *args: object) -> int:
         try:

@@ -21,6 +21,7 @@ import yaml
 
 from pyturn.core.auth import rest_password, rest_username
 from pyturn.probe import ProbeError
+from pyturn.store.redis_store import HOLDINGS_TTL
 from pyturn.wire.attributes import TRANSPORT_UDP, RequestedTransport
 from pyturn.wire.message import MessageClass
 from tests.interop.server_process import (
@@ -257,3 +258,51 @@ def test_a_node_starts_without_redis_and_takes_its_users_when_it_answers(
         within(WITHIN + POLL_SLACK, admits(server, "lena", "lenapw"))
     finally:
         redis_server.stop()
+
+
+def test_quotas_hold_across_nodes_and_a_dead_nodes_holdings_lapse(
+    tmp_path: Path, server_factory: ServerFactory, redis_server: RedisServer
+) -> None:
+    """quotas.allocations_per_user 2 on two nodes sharing Redis (one of two workers):
+    alice's one allocation on each leaves her none on either; when one node dies (SIGKILL,
+    no goodbye), its holdings stop counting within a few seconds."""
+    overrides = {
+        "store": redis_server.url,
+        "limits": OPEN_BUDGET,
+        "quotas": {"allocations_per_user": 2},
+    }
+    first = server_factory({**overrides, "workers": 2})
+    second = server_factory({**overrides, "workers": 1})
+    first.wait_for_log(r"ready in \d+ ms: 2 workers", timeout=15)
+    held = []
+    for node in (first, second):
+        client = open_client("udp", node.udp_address)
+        held.append(client)
+        client.login()
+        client.allocate()
+    try:
+        # After a poll (0.5 s) each node counts the other's allocation.
+        took = within(WITHIN + 0.5, lambda: set(allocate_codes(first, "alice", "alicepw")) == {486})
+        print(f"the other node's allocation counted after {took:.2f} s")
+        assert set(allocate_codes(second, "alice", "alicepw")) == {486}
+        assert second.process is not None
+        second.process.kill()  # one process: the node is gone with it
+        second.process.wait(timeout=10)
+        took = within(HOLDINGS_TTL + 2, admits_one(first, "alice", "alicepw"))
+        print(f"a dead node's holdings lapsed after {took:.2f} s")
+    finally:
+        for client in held:
+            client.close()
+
+
+def admits_one(server: ServerProcess, username: str, password: str) -> Callable[[], bool]:
+    """Whether one more Allocate by `username` succeeds (and is kept)."""
+
+    def check() -> bool:
+        client = open_client("udp", server.udp_address, username=username, password=password)
+        client.login()
+        msg = client.allocate_with([RequestedTransport(TRANSPORT_UDP)])
+        client.close()
+        return msg.msg_class == MessageClass.SUCCESS
+
+    return check

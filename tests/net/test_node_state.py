@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyturn.core.bandwidth import BUCKET_WORDS
+from pyturn.core.node import FleetCounts
 from pyturn.core.randomness import SystemRandom
 from pyturn.net.node_state import NodeLayout, SharedNodeState, SupervisorRegion
 from pyturn.wire.attributes import FAMILY_IPV4, FAMILY_IPV6
@@ -213,3 +214,13 @@ def test_after_a_death_the_living_get_buckets_again_and_say_so(node: Node) -> No
     assert a.bucket_on_node("bob") == 0
     assert moved == ([] if after == before else [("alice", after)])
     assert after != before  # bob's bucket was freed, and is the first free one
+
+
+def test_the_quotas_of_a_node_count_the_rest_of_the_fleet(node: Node) -> None:
+    a, b = node.worker(0), node.worker(1)
+    for worker in (a, b):
+        worker.fleet = FleetCounts({"alice": 1}, 3)
+    assert a.hold("alice", 3, 6)
+    assert not b.hold("alice", 2, 6)  # 1 on this node, 1 elsewhere
+    assert b.hold("bob", 0, 6) and a.hold("carol", 0, 6)
+    assert not a.hold("dave", 0, 6)  # 3 on this node, 3 elsewhere

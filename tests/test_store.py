@@ -241,7 +241,10 @@ def test_redis_users_and_secrets_round_trip_in_coturns_keys(redis_server: RedisS
     with redis_server.client() as client:
         # What coturn reads: the MD5 key as hex, under its own key name.
         assert client.get(f"turn/realm/{REALM}/user/alice/key") == md5.hex()
-        assert "alicepw" not in [client.get(key) for key in client.keys("*")]
+        strings = [key for key in client.keys("*") if client.type(key) == "string"]
+        assert "alicepw" not in [client.get(key) for key in strings]
+        # The secrets where turnadmin -s puts them (a set), which coturn reads.
+        assert client.smembers(f"turn/realm/{REALM}/secret") == {"old-secret", "new-secret"}
     assert store.remove_user("alice", REALM)
     assert not store.remove_user("alice", REALM)
     assert store.remove_secret("old-secret", REALM)
@@ -320,3 +323,25 @@ def test_the_quotas_count_the_fleets_holdings() -> None:
     assert not node.hold("alice", 3, 0)  # 1 here + 2 elsewhere
     assert node.hold("bob", 3, 7)
     assert not node.hold("carol", 3, 7)  # 2 here + 5 elsewhere
+
+
+def test_a_redis_userdb_made_by_turnadmin_is_read_as_it_is(redis_server: RedisServer) -> None:
+    turnadmin = shutil.which("turnadmin")
+    if turnadmin is None:
+        pytest.fail("turnadmin (Debian package coturn) is missing: run make system-deps")
+    where = f"ip=127.0.0.1 port={redis_server.port} dbname=0"
+    for args in (
+        ["-a", "-u", "zed", "-r", REALM, "-p", "zedpw"],
+        ["-s", "from-turnadmin", "-r", REALM],
+    ):
+        subprocess.run([turnadmin, *args, "-N", where], check=True, capture_output=True, timeout=30)
+    store = open_store(redis_server.url)
+    store.add_secret("from-pyturn", REALM)
+    snapshot = store.snapshot(REALM)
+    assert snapshot.users == {
+        "zed": UserKeys(long_term_key("zed", REALM, "zedpw", PASSWORD_ALGORITHM_MD5))
+    }
+    assert snapshot.secrets == ("from-pyturn", "from-turnadmin")  # pyturn's newest first
+    assert store.remove_secret("from-turnadmin", REALM)
+    assert store.snapshot(REALM).secrets == ("from-pyturn",)
+    store.close()

@@ -6,8 +6,10 @@ what pyturn writes:
 
     turn/realm/<realm>/user/<name>/key        the MD5 long-term key, as hex
     turn/realm/<realm>/user/<name>/password   coturn's clear-text alternative (read only)
-    turn/realm/<realm>/secret/<id>            a REST secret (pyturn's ids are the time
-                                              it was added, in ns: the newest is current)
+    turn/realm/<realm>/secret                 the REST secrets, a set (as turnadmin -s
+                                              writes it; pyturn keeps when it added each
+                                              in pyturn/realm/<realm>/secret-added)
+    turn/realm/<realm>/secret/<id>            a REST secret, the older schema (read only)
 
 and pyturn adds `pyturn/realm/<realm>/user/<name>/sha256` (the SHA-256 key),
 `pyturn/version`, a counter its commands increment on every change, so that the servers
@@ -125,9 +127,19 @@ class RedisStore:
     def _secrets(self, realm: str) -> tuple[str, ...]:
         keys = self._scan(f"turn/realm/{realm}/secret/*")
         pairs = [(key, value) for key, value in zip(keys, self._values(keys), strict=True) if value]
-        # Newest first where the id is a time (pyturn's, and coturn's examples).
+        # Newest first where the id is a time (coturn's schema examples).
         pairs.sort(key=lambda pair: _number(pair[0].rpartition("/")[2]), reverse=True)
-        return tuple(dict.fromkeys(value for _, value in pairs if value is not None))
+        values = [value for _, value in pairs if value is not None]
+        collection = f"turn/realm/{realm}/secret"
+        if self._call(self._redis.type, collection) == "set":
+            scored: list[Any] = self._call(
+                lambda: list(self._redis.zrange(_added(realm), 0, -1, withscores=True))
+            )
+            added = {str(pair[0]): float(pair[1]) for pair in scored}
+            members = [str(m) for m in self._call(self._redis.smembers, collection)]
+            # pyturn's newest first, then the ones only turnadmin added.
+            values = sorted(members, key=lambda m: -added.get(m, -1.0)) + values
+        return tuple(dict.fromkeys(values))
 
     def _change(self, apply: Callable[[Any], object]) -> None:
         """Run `apply` on a transaction that also moves the version."""
@@ -164,15 +176,33 @@ class RedisStore:
         return True
 
     def add_secret(self, value: str, realm: str) -> None:
-        key = f"turn/realm/{realm}/secret/{time.time_ns()}"
-        self._change(lambda pipe: pipe.set(key, value))
+        """Into the set turnadmin writes (and coturn reads), with the time it was added
+        beside it (pyturn's own sorted set), so that the newest shows first."""
+
+        def apply(pipe: Any) -> None:
+            pipe.sadd(f"turn/realm/{realm}/secret", value)
+            pipe.zadd(_added(realm), {value: time.time()})
+
+        self._change(apply)
 
     def remove_secret(self, value: str, realm: str) -> bool:
         keys = self._scan(f"turn/realm/{realm}/secret/*")
         matching = [k for k, v in zip(keys, self._values(keys), strict=True) if v == value]
-        if not matching:
+        collection = f"turn/realm/{realm}/secret"
+        in_set = self._call(self._redis.type, collection) == "set" and bool(
+            self._call(self._redis.sismember, collection, value)
+        )
+        if not matching and not in_set:
             return False
-        self._change(lambda pipe: pipe.delete(*matching))
+
+        def apply(pipe: Any) -> None:
+            if matching:
+                pipe.delete(*matching)
+            if in_set:
+                pipe.srem(collection, value)
+            pipe.zrem(_added(realm), value)
+
+        self._change(apply)
         return True
 
     def share_holdings(self, node: str, worker: int, held: Mapping[str, int]) -> FleetCounts:
@@ -212,6 +242,10 @@ def _hex(value: str | None) -> bytes | None:
         return bytes.fromhex(value.removeprefix("0x"))
     except ValueError:
         return None
+
+
+def _added(realm: str) -> str:
+    return f"pyturn/realm/{realm}/secret-added"
 
 
 def _number(text: str) -> int:

@@ -345,3 +345,20 @@ def test_a_redis_userdb_made_by_turnadmin_is_read_as_it_is(redis_server: RedisSe
     assert store.remove_secret("from-turnadmin", REALM)
     assert store.snapshot(REALM).secrets == ("from-pyturn",)
     store.close()
+
+
+def test_a_locked_file_is_a_clear_error_after_a_short_wait(tmp_path: Path) -> None:
+    db = tmp_path / "users.db"
+    config = str(config_file(tmp_path, url(db)))
+    open_store(url(db), create=True).close()
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another program in the middle of a write
+    try:
+        result = CliRunner().invoke(
+            cli, ["user", "add", "alice", "-c", config, "--password-stdin"], input="pw\n"
+        )
+        assert result.exit_code == 1
+        assert f"store {db}: database is locked" in result.output
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS pyturn_secrets (
     PRIMARY KEY (realm, value));
 """
 # A writer holding the file: wait this long (s) before saying it is locked.
-_BUSY_TIMEOUT = 5.0
+_BUSY_TIMEOUT = 2.0
 
 
 class SqliteStore:

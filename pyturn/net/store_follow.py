@@ -9,8 +9,8 @@ The same poll shares this worker's holdings with the other nodes of a fleet, and
 theirs for the quotas (`NodeState.fleet`; a store of one node shares nothing).
 
 If the store cannot be read, the worker keeps the last snapshot, says so once in the log
-and in `pyturn_store_up`, and tries again at the next poll; meanwhile its quotas count
-this node only. At start, a SQLite file that
+and in `pyturn_store_up`, and tries again, every 0.5 s, 1 s, then 2 s; meanwhile its
+quotas count this node only. At start, a SQLite file that
 cannot be read stops the worker (a wrong path is a mistake to fix now); a Redis server
 that does not answer does not: the worker starts with the config's users, says so, and
 takes the store's as soon as it answers (a node of a fleet should not stay down because
@@ -30,6 +30,8 @@ from pyturn.store import Snapshot, Store, StoreError, is_remote, open_store
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.5
+# While the store does not answer, polls come farther apart, doubling up to this (s).
+MAX_BACKOFF = 2.0
 
 
 class StoreFollower:
@@ -55,6 +57,7 @@ class StoreFollower:
         self._version: int | None = None
         self._poll: asyncio.TimerHandle | None = None
         self._busy = False
+        self._failures = 0
 
     async def start(self) -> None:
         """Open the store and take its users; a StoreError if that fails, unless the
@@ -86,7 +89,8 @@ class StoreFollower:
         self.up = True
 
     def _schedule(self) -> None:
-        self._poll = self.loop.call_later(POLL_INTERVAL, self._on_poll)
+        delay = min(POLL_INTERVAL * 2**self._failures, MAX_BACKOFF)
+        self._poll = self.loop.call_later(delay, self._on_poll)
 
     def _on_poll(self) -> None:
         if self._busy:
@@ -125,9 +129,11 @@ class StoreFollower:
                 )
             self.up = False
             self.server.node.fleet = NO_FLEET
+            self._failures = min(self._failures + 1, 8)
         except asyncio.CancelledError:
             return
         else:
+            self._failures = 0
             self.server.node.fleet = fleet
             if snapshot is not None:
                 self._take(snapshot)

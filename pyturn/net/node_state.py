@@ -36,6 +36,7 @@ import hashlib
 import mmap
 import os
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -340,9 +341,15 @@ class SharedNodeState(_Region):
             del self._buckets[user]
 
     def allow_unsigned(self, ip: str, now: float) -> bool:
+        """The budget of `ip` for the node. `now` (this worker's clock) is not used: the
+        buckets are refilled by the system's monotonic clock, read under the lock, the
+        same for every worker. Each worker's clock maps that one to Unix time with an
+        offset of its own (uvloop's clock has millisecond steps), and two workers whose
+        clocks differ by a millisecond would add tokens by taking turns."""
         key = self.key(ip)
         offset = self.layout.budgets_at + (key & (_BUDGET_SLOTS - 1)) * _BUDGET.size
         with self:
+            now = time.monotonic()
             found, tokens, last = _BUDGET.unpack_from(self.mm, offset)
             if found != key:
                 tokens = self.burst

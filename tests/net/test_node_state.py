@@ -7,6 +7,7 @@ counts are the node's, ports are handed out once each, a death is cleaned up.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -64,7 +65,12 @@ def test_unsigned_answers_are_budgeted_per_source_for_the_node(node: Node) -> No
     assert a.allow_unsigned("192.0.2.1", 0.0)
     assert not b.allow_unsigned("192.0.2.1", 0.0)  # burst 3, spent over both workers
     assert b.allow_unsigned("192.0.2.2", 0.0)
-    assert a.allow_unsigned("192.0.2.1", 1.0)  # 1 token per second
+    # Refilled by the system's monotonic clock (20 tokens per second here), not by the
+    # clock value a worker passes.
+    a.set_budget(3, 20.0)
+    assert not a.allow_unsigned("192.0.2.1", 1000.0)
+    time.sleep(0.1)
+    assert a.allow_unsigned("192.0.2.1", 0.0)
 
 
 @pytest.mark.parametrize("size", [3, 21, 10_000])
@@ -224,3 +230,13 @@ def test_the_quotas_of_a_node_count_the_rest_of_the_fleet(node: Node) -> None:
     assert not b.hold("alice", 2, 6)  # 1 on this node, 1 elsewhere
     assert b.hold("bob", 0, 6) and a.hold("carol", 0, 6)
     assert not a.hold("dave", 0, 6)  # 3 on this node, 3 elsewhere
+
+
+def test_workers_whose_clocks_differ_cannot_refill_a_budget_by_taking_turns(node: Node) -> None:
+    """Worker clocks are the monotonic clock mapped to Unix time, each with an offset of
+    its own: a half-second difference (far more than happens) adds no token."""
+    a, b = node.worker(0), node.worker(1)  # burst 3, 1 token per second
+    answered = [w.allow_unsigned("192.0.2.7", 1000.0 + skew) for w, skew in [(a, 0.0)] * 3]
+    assert answered == [True] * 3
+    turns = [(a, 0.5), (b, 0.0)] * 10  # within milliseconds of each other
+    assert not any(w.allow_unsigned("192.0.2.7", 1000.0 + skew) for w, skew in turns)

@@ -99,6 +99,21 @@ def new_buckets(count: int = FIRST_USER_BUCKET) -> Words:
     return memoryview(mmap.mmap(-1, 8 * BUCKET_WORDS * count)).cast("Q")
 
 
+_EMPTY_BUCKET = memoryview(bytes(8 * BUCKET_WORDS)).cast("Q")
+
+
+def clear_bucket(buckets: Words, bucket: int) -> None:
+    """Empty node bucket `bucket`, for a user it is given to."""
+    start = bucket * BUCKET_WORDS
+    buckets[start : start + BUCKET_WORDS] = _EMPTY_BUCKET
+
+
+def _user_word(counters: Counters, buckets: Words, direction: int) -> int | None:
+    """The word of the allocation's user bucket for `direction`; None when it has none."""
+    word = counters[USER_BUCKET] * BUCKET_WORDS + direction
+    return word if direction < word < len(buckets) else None
+
+
 def admit(  # noqa: PLR0917 (the native admit's signature)
     counters: Counters, rates: Rates, buckets: Words, direction: int, size: int, now: int
 ) -> int:
@@ -110,9 +125,8 @@ def admit(  # noqa: PLR0917 (the native admit's signature)
     tolerance = now + BURST_NS
     if per_allocation and counters[TAT + direction] > tolerance:
         return PER_ALLOCATION
-    user = counters[USER_BUCKET] * BUCKET_WORDS + direction
-    has_user = per_user and direction < user < len(buckets)
-    if has_user and buckets[user] > tolerance:
+    user = _user_word(counters, buckets, direction) if per_user else None
+    if user is not None and buckets[user] > tolerance:
         return PER_USER
     fair = 0
     has_total = total and len(buckets) >= SENDING + 2
@@ -123,7 +137,7 @@ def admit(  # noqa: PLR0917 (the native admit's signature)
             return TOTAL
     if per_allocation:
         counters[TAT + direction] = _charged(counters[TAT + direction], now, size, per_allocation)
-    if has_user:
+    if user is not None:
         buckets[user] = _charged(buckets[user], now, size, per_user)
     if has_total:
         buckets[direction] = _charged(buckets[direction], now, size, total)
@@ -167,8 +181,8 @@ def wait(counters: Counters, rates: Rates, buckets: Words, direction: int, now: 
     times = [now]
     if per_allocation:
         times.append(counters[TAT + direction] - BURST_NS)
-    user = counters[USER_BUCKET] * BUCKET_WORDS + direction
-    if per_user and direction < user < len(buckets):
+    user = _user_word(counters, buckets, direction) if per_user else None
+    if user is not None:
         times.append(buckets[user] - BURST_NS)
     if total and len(buckets) >= SENDING + 2:
         # The whole burst once back within the fair share, else half of it.

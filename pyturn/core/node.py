@@ -241,8 +241,7 @@ class LocalNodeState:
     def add(self, user: str) -> None:
         if user not in self.held_here and self._free_buckets:
             bucket = self._buckets[user] = self._free_buckets.pop()
-            start = bucket * bandwidth.BUCKET_WORDS
-            self.buckets[start : start + bandwidth.BUCKET_WORDS] = bandwidth.new_buckets(1)
+            bandwidth.clear_bucket(self.buckets, bucket)
         self.held_here[user] += 1
         self.total += 1
 

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyturn.config import MAX_WORKERS
-from pyturn.core.bandwidth import BUCKET_WORDS, FIRST_USER_BUCKET, Words
+from pyturn.core.bandwidth import BUCKET_WORDS, FIRST_USER_BUCKET, Words, clear_bucket
 from pyturn.core.node import NO_FLEET, PortPool
 from pyturn.core.quotas import UserCounts
 from pyturn.core.randomness import RandomSource
@@ -176,9 +176,7 @@ class _Region:
             raise RuntimeError("node state: no bandwidth bucket left")
         mm[at] = 1
         bucket = at - used
-        self.buckets[bucket * BUCKET_WORDS : (bucket + 1) * BUCKET_WORDS] = memoryview(
-            bytes(_BUCKET_SIZE)
-        ).cast("Q")
+        clear_bucket(self.buckets, bucket)
         return bucket
 
     def _delete_user(self, offset: int) -> None:

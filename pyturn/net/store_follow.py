@@ -56,7 +56,6 @@ class StoreFollower:
         self._store: Store | None = None
         self._version: int | None = None
         self._poll: asyncio.TimerHandle | None = None
-        self._busy = False
         self._failures = 0
 
     async def start(self) -> None:
@@ -93,10 +92,7 @@ class StoreFollower:
         self._poll = self.loop.call_later(delay, self._on_poll)
 
     def _on_poll(self) -> None:
-        if self._busy:
-            self._schedule()
-            return
-        self._busy = True
+        # The next poll is scheduled when this one is done (_polled): one at a time.
         # Copied here: the loop thread changes it.
         held = dict(self.server.node.held_here)
         future = self.loop.run_in_executor(self._thread, self._changed, held)
@@ -117,7 +113,6 @@ class StoreFollower:
         return snapshot, self._store.share_holdings(self.node, self.worker, held)
 
     def _polled(self, future: asyncio.Future[tuple[Snapshot | None, FleetCounts]]) -> None:
-        self._busy = False
         try:
             snapshot, fleet = future.result()
         except StoreError as exc:

@@ -5,6 +5,8 @@ pyturn check-config FILE      print the effective config, or what is wrong with 
 pyturn credentials --secret S print TURN REST API credentials for a WebRTC app
 pyturn probe turn:HOST:PORT   check a TURN server end to end (Binding, Allocate, relay)
 pyturn user|secret ...        users and REST secrets in the store (pyturn/store/commands.py)
+pyturn sessions|kick|revoke|reload|drain
+                              a running server's control socket (pyturn/control_commands.py)
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pyturn.config import (
     default_config,
     load_config,
 )
+from pyturn.control_commands import drain, kick, reload_command, revoke, sessions
 from pyturn.core.auth import rest_password, rest_username
 from pyturn.logs import configure_logging
 from pyturn.store.commands import secret, user
@@ -252,6 +255,11 @@ def probe(
 
 cli.add_command(user)
 cli.add_command(secret)
+cli.add_command(sessions)
+cli.add_command(kick)
+cli.add_command(revoke)
+cli.add_command(reload_command)
+cli.add_command(drain)
 
 
 def main() -> None:

@@ -266,6 +266,8 @@ class AuthConfig:
     users: Mapping[str, UserEntry] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     secrets: tuple[str, ...] = field(default=(), metadata=_rule(secret=True))
     nonce_lifetime: int = field(default=600, metadata=_rule(low=30))
+    # End an allocation when its REST credential expires, not when its lifetime does.
+    end_expired_sessions: bool = False
 
     def __post_init__(self) -> None:
         # Also freeze mappings passed in by code (tests, embedders), not just parsed ones.
@@ -325,6 +327,22 @@ class MetricsConfig:
     port: int = field(default=9641, metadata=_rule(low=0, high=65535))
 
 
+def _absolute_path(text: str) -> str | None:
+    return None if text.startswith("/") else "must be an absolute path"
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    # The UNIX socket that `pyturn sessions|kick|revoke|reload|drain` talk to; null: none.
+    socket: str | None = field(
+        default="/run/pyturn/control.sock", metadata=_rule(check=_absolute_path)
+    )
+    # Where revocations outlive a restart when no Redis store keeps them; null: nowhere.
+    state_file: str | None = field(
+        default="/var/lib/pyturn/state.json", metadata=_rule(check=_absolute_path)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: LogLevel = "info"
@@ -350,6 +368,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     bandwidth: BandwidthConfig = field(default_factory=BandwidthConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     software: str | None = field(default=None, metadata=_rule(check=_shorter_than(128)))
     # 0: one worker process per CPU (see pyturn.net.supervisor).

@@ -57,7 +57,15 @@ LIFETIME_BUCKETS = (10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 2160
 # Request methods get their own label value; anything else is "other", so a client
 # sending made-up methods cannot grow the number of series.
 _METHOD_NAMES = {int(m): m.name.lower() for m in Method}
-DELETE_REASONS = ("expired", "refresh", "connection_closed", "shutdown")
+DELETE_REASONS = (
+    "expired",
+    "refresh",
+    "connection_closed",
+    "shutdown",
+    "kicked",
+    "revoked",
+    "credential_expired",
+)
 TRANSPORTS = ("udp", "tcp", "tls")
 DIRECTIONS = ("client_to_peer", "peer_to_client")
 # The drop counters of an allocation (bandwidth.DROPPED on), as metric labels.
@@ -275,7 +283,9 @@ class TurnCollector(Collector):
         deleted = CounterMetricFamily(
             "pyturn_allocations_deleted",
             "Allocations ended, by reason: expired (lifetime ran out), refresh (the client "
-            "sent Refresh with lifetime 0), connection_closed (TCP/TLS), shutdown.",
+            "sent Refresh with lifetime 0), connection_closed (TCP/TLS), shutdown, kicked "
+            "(pyturn kick), revoked (pyturn revoke), credential_expired "
+            "(auth.end_expired_sessions).",
             labels=["reason"],
         )
         for reason in sorted(set(DELETE_REASONS) | stats.allocations_deleted.keys()):
@@ -307,7 +317,8 @@ class TurnCollector(Collector):
         auth = CounterMetricFamily(
             "pyturn_auth_failures",
             "Requests refused by authentication, by reason. no_credentials includes the "
-            "normal first challenge of every client.",
+            "normal first challenge of every client; revoked counts users refused by "
+            "pyturn revoke.",
             labels=["reason"],
         )
         for failure in AuthFailure:

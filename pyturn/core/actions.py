@@ -94,7 +94,9 @@ class AllocationRefreshed:
 @dataclass(frozen=True, slots=True)
 class AllocationDeleted:
     allocation: Allocation
-    reason: str  # "refresh", "expired", "connection closed", "shutdown"
+    # "refresh", "expired", "connection closed", "shutdown", "kicked", "revoked",
+    # "credential expired"
+    reason: str
     now: float
 
 

@@ -170,6 +170,7 @@ class AllocateRequests(ServerState):
             relay6=relay6,
             relayed_address6=relayed6,
             peer_connections={} if tcp else None,
+            credential_expires_at=candidate.expires_at,
         )
         allocation.counters[bandwidth.USER_BUCKET] = self.node.user_bucket(user)
         self.allocations[five_tuple] = allocation

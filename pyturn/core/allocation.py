@@ -71,6 +71,9 @@ class Allocation:
     channel_expiry: dict[int, float] = field(default_factory=dict)
     # Packets and bytes each way (PACKETS_TO_PEER, ...): the data plane adds to them.
     counters: Counters = field(default_factory=new_counters)
+    # When its REST credential expires (inf for a static user): with
+    # auth.end_expired_sessions the allocation ends then.
+    credential_expires_at: float = float("inf")
     # Earliest deadline queued for this allocation in the server's timer heap.
     scheduled_at: float = float("inf")
     closed: bool = False

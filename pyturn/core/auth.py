@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import enum
 import hmac
+import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class AuthFailure(enum.Enum):
     STALE_NONCE = "stale_nonce"
     EXPIRED_REST_CREDENTIAL = "expired_rest_credential"
     UNKNOWN_USER = "unknown_user"
+    REVOKED = "revoked"  # `pyturn revoke`
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,8 @@ class Candidate:
     username: str
     quota_user: str
     key: bytes
+    # When a REST credential stops being valid (its username's timestamp).
+    expires_at: float = math.inf
 
 
 def rest_password(secret: str, username: str) -> str:
@@ -211,6 +215,7 @@ class Authenticator:
                     username,
                     quota_user,
                     long_term_key(username, self.realm, rest_password(secret, username), algorithm),
+                    expires_at,
                 )
                 for secret in self.secrets
             ),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from pyturn.config import Config
 from pyturn.core import errors
@@ -60,6 +61,7 @@ from pyturn.core.policy import PeerPolicy
 from pyturn.core.randomness import RandomSource, SystemRandom
 from pyturn.core.relay_ports import RelayPorts, _Reservation
 from pyturn.core.relaying import SLOW_PATH, RelayingRequests
+from pyturn.core.sessions import SessionMatch, active_revocations, describe
 from pyturn.core.tcp_relaying import MAX_WORKERS, TcpRelaying
 from pyturn.wire import integrity
 from pyturn.wire.attributes import (
@@ -189,6 +191,8 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
             Method.CONNECTION_BIND: self._connection_bind,
         }
         self.peer_connections: dict[int, PeerConnection] = {}
+        # `pyturn revoke`: user (or REST username) -> when the revocation ends.
+        self.revoked: Mapping[str, float] = {}
         # Allocations deleted since the last `compact`, for the I/O layer to decide when.
         self.ended_since_compact = 0
 
@@ -231,6 +235,11 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
         self.config = config
         self.use_stored(self._stored_users, self._stored_secrets)
         self.policy = PeerPolicy(config.peers.allow, config.peers.deny)
+        self._end_expired = config.auth.end_expired_sessions
+        if self._end_expired:
+            # Allocations made before the switch get their credential's end as a deadline.
+            for allocation in self.allocations.values():
+                self._schedule(allocation)
         rates = config.bandwidth
         self.table.set_rates(rates.per_allocation, rates.per_user, rates.total)
         limits = config.limits
@@ -347,6 +356,9 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
             if allocation.expires_at <= now:
                 out += self._delete(allocation, "expired", now)
                 continue
+            if self._end_expired and allocation.credential_expires_at <= now:
+                out += self._delete(allocation, "credential expired", now)
+                continue
             allocation.expire(now)
             out += self._expire_peer_connections(allocation, now)
             self._schedule(allocation)
@@ -365,6 +377,31 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
         allocation = self.allocations.get(five_tuple)
         return self._delete(allocation, "connection closed", now) if allocation else []
 
+    def kick(self, match: SessionMatch, now: float, reason: str = "kicked") -> list[Action]:
+        """End the allocations `match` names now (`pyturn kick`): their relays stop at
+        once, and the client's next Refresh gets 437."""
+        out: list[Action] = []
+        for allocation in [a for a in self.allocations.values() if match.matches(a)]:
+            out += self._delete(allocation, reason, now)
+        return out
+
+    def set_revocations(self, revoked: Mapping[str, float], now: float) -> list[Action]:
+        """Refuse these users (401) until each one's time (`pyturn revoke`), and end the
+        allocations they hold."""
+        self.revoked = active_revocations(revoked, now)
+        out: list[Action] = []
+        for user in self.revoked:
+            out += self.kick(SessionMatch(user=user), now, "revoked")
+        return out
+
+    def sessions(self, match: SessionMatch, now: float) -> list[dict[str, Any]]:
+        """`pyturn sessions`: this process's allocations that `match` names."""
+        return [
+            describe(allocation, now, self.worker_index)
+            for allocation in self.allocations.values()
+            if match.matches(allocation)
+        ]
+
     def close_all(self, now: float) -> list[Action]:
         out: list[Action] = []
         for allocation in list(self.allocations.values()):
@@ -375,6 +412,8 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
 
     def _schedule(self, allocation: Allocation) -> None:
         at = allocation.next_deadline()
+        if self._end_expired and allocation.credential_expires_at < at:
+            at = allocation.credential_expires_at
         if at < allocation.scheduled_at:
             allocation.scheduled_at = at
             heapq.heappush(self._timers, (at, next(self._seq), allocation))
@@ -593,9 +632,17 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
                 if sha256
                 else integrity.verify_integrity(msg, candidate.key)
             ):
+                if self.revoked and self._is_revoked(candidate, now):
+                    self._out.append(AuthFailed(client, name, AuthFailure.REVOKED))
+                    raise errors.Unauthorized
                 return candidate
         self._out.append(AuthFailed(client, name, AuthFailure.BAD_PASSWORD))
         raise errors.Unauthorized
+
+    def _is_revoked(self, candidate: Candidate, now: float) -> bool:
+        revoked = self.revoked
+        until = max(revoked.get(candidate.username, 0.0), revoked.get(candidate.quota_user, 0.0))
+        return until > now
 
     def _password_algorithm(self, msg: Message) -> int:
         """RFC 8489 §9.2.4: the client echoes our PASSWORD-ALGORITHMS and picks one."""

@@ -38,21 +38,25 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from pyturn.config import MAX_WORKERS, Config, Listener, config_to_dict
+from pyturn.core.sessions import revocations_to_json
 from pyturn.logs import format_address
 from pyturn.net import batch
 from pyturn.net.control import LINE_LIMIT, Message, read_message, write_message
 from pyturn.net.errors import StartupError
 from pyturn.net.handover import HandoverRelay
 from pyturn.net.http import OpsApp, start_ops_server
+from pyturn.net.node_control import NodeControl
 from pyturn.net.node_state import NodeLayout, SupervisorRegion
 from pyturn.net.sdnotify import SystemdNotifier
 from pyturn.net.sockets import listener_sockets
-from pyturn.net.worker import install_event_loop_policy, load_for_reload
+from pyturn.net.worker import install_event_loop_policy, load_for_reload, node_name
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 15.0
 METRICS_TIMEOUT = 2.0
+# Control orders (sessions, kick, revocations) wait this long for each worker.
+ASK_TIMEOUT = 2.0
 RESTART_DELAY = 1.0
 # Samples that are one process's value rather than a share of the whole.
 # Each worker sees the node's free relay ports: the sum would count them N times.
@@ -141,7 +145,8 @@ class WorkerProcess:
     process: asyncio.subprocess.Process
     writer: asyncio.StreamWriter
     ready: asyncio.Future[bool]
-    replies: dict[int, asyncio.Future[str]] = dataclasses.field(default_factory=dict)
+    # Answers awaited by request id (metrics, control orders).
+    replies: dict[int, asyncio.Future[Message]] = dataclasses.field(default_factory=dict)
 
 
 class Supervisor:
@@ -162,6 +167,7 @@ class Supervisor:
         self.inherited: list[Inherited] = []
         self.node: SupervisorRegion | None = None
         self.secret = secrets.token_bytes(32)
+        self.control: NodeControl | None = None
 
     def _spawn_task(self, coro: Coroutine[object, object, None]) -> None:
         task = self.loop.create_task(coro)
@@ -226,16 +232,50 @@ class Supervisor:
         self.node = SupervisorRegion(NodeLayout(relay.min_port, relay.max_port), self.secret)
         self.inherit(self.node.fd, {"kind": "node"}, self.node.close)
 
+    async def _start_control(self) -> None:
+        """The control socket and the fleet's messages: before the workers, which start
+        with the node's revocations."""
+        self.control = NodeControl(
+            self.config,
+            self,
+            node=node_name(os.getpid()),
+            reload=self.reload,
+            drain=lambda: self.stop_or_drain("pyturn drain", again=False),
+            state=lambda: self.state,
+        )
+        self._closers.append(self.control.close)
+        await self.control.start()
+
+    async def ask(self, message: Message, timeout: float = ASK_TIMEOUT) -> list[Message]:
+        """Every ready worker's answer to `message` (an order with an "id"), as far as
+        they come within `timeout`."""
+        asks = []
+        for worker in list(self.workers.values()):
+            if not (worker.ready.done() and worker.ready.result()):
+                continue
+            ident = next(self._ids)
+            reply: asyncio.Future[Message] = self.loop.create_future()
+            worker.replies[ident] = reply
+            write_message(worker.writer, {**message, "id": ident})
+            asks.append(reply)
+        if not asks:
+            return []
+        done, pending = await asyncio.wait(asks, timeout=timeout)
+        for future in pending:
+            future.cancel()
+        return [f.result() for f in done if not f.cancelled() and f.exception() is None]
+
     async def start(self) -> None:
         started = time.perf_counter()
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self._on_stop_signal, signum)
-        self.loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         if self.notifier.enabled and self.notifier.watchdog_interval is not None:
             self._ping_watchdog(self.notifier.watchdog_interval)
         self._open_listeners()
         self._open_handover_channels()
         self._open_node_state()
+        await self._start_control()
         for index in range(self.count):
             if self.state != "starting":
                 break  # a stop signal came in while the workers started
@@ -297,6 +337,7 @@ class Supervisor:
                 "config": config_to_dict(config, redact=False),
                 "secret": self.secret.hex(),
                 "fds": [item.description for item in inherited],
+                "revoked": revocations_to_json(self.control.revoked if self.control else {}),
             },
         )
         if self.state in ("draining", "stopping"):
@@ -320,10 +361,10 @@ class Supervisor:
             log.error("worker %d failed to start: %s", worker.index, message.get("error"))
             if not worker.ready.done():
                 worker.ready.set_result(False)
-        elif op == "metrics":
+        elif op in ("metrics", "answer"):
             reply = worker.replies.pop(int(message.get("id", -1)), None)
             if reply is not None and not reply.done():
-                reply.set_result(str(message.get("text", "")))
+                reply.set_result(message)
         elif op == "reloaded" and not message.get("ok"):
             log.error("worker %d refused the reloaded config", worker.index)
 
@@ -376,21 +417,8 @@ class Supervisor:
         return None
 
     async def gather_metrics(self) -> bytes:
-        asks = []
-        for worker in list(self.workers.values()):
-            if not (worker.ready.done() and worker.ready.result()):
-                continue
-            ident = next(self._ids)
-            reply: asyncio.Future[str] = self.loop.create_future()
-            worker.replies[ident] = reply
-            write_message(worker.writer, {"op": "metrics", "id": ident})
-            asks.append(reply)
-        texts: list[str] = []
-        if asks:
-            done, pending = await asyncio.wait(asks, timeout=METRICS_TIMEOUT)
-            texts = [f.result() for f in done if not f.cancelled() and f.exception() is None]
-            for future in pending:
-                future.cancel()
+        answers = await self.ask({"op": "metrics"}, METRICS_TIMEOUT)
+        texts = [str(answer.get("text", "")) for answer in answers]
         supervisor = (
             "# HELP pyturn_workers Worker processes running.\n"
             "# TYPE pyturn_workers gauge\n"
@@ -403,13 +431,14 @@ class Supervisor:
 
     # -- signals ---------------------------------------------------------------------------
 
-    def _on_reload_signal(self) -> None:
+    def reload(self) -> str | None:
+        """SIGHUP or `pyturn reload`: None, or why the running config stays."""
         if self.config_path is None:
-            log.warning("SIGHUP ignored: no config file to reload (embedded default config)")
-            return
+            log.warning("reload ignored: no config file to reload (embedded default config)")
+            return "no config file to reload (embedded default config)"
         new = load_for_reload(self.config_path, self.notifier)
-        if new is None:
-            return
+        if isinstance(new, str):
+            return new
         # Sockets, relay ports, the worker count and the store need a restart; the rest
         # reloads (the store's contents are followed anyway).
         new = dataclasses.replace(
@@ -433,13 +462,20 @@ class Supervisor:
             )
         log.info("config reload sent to %d workers", len(self.workers))
         self.notifier.ready(f"config reloaded from {self.config_path}")
+        return None
 
     def _on_stop_signal(self, signum: int) -> None:
-        name = signal.Signals(signum).name
+        self.stop_or_drain(signal.Signals(signum).name)
+
+    def stop_or_drain(self, cause: str, *, again: bool = True) -> None:
+        """Tell the workers to drain; if they already are, to stop at once (unless not
+        `again`: `pyturn drain` twice drains, it does not stop)."""
+        if self.state in ("draining", "stopping") and not again:
+            return
         order = "stop" if self.state in ("draining", "stopping") else "drain"
         self.state = "draining" if order == "drain" else "stopping"
-        log.info("%s: telling %d workers to %s", name, len(self.workers), order)
-        self.notifier.stopping(f"{order} requested by {name}")
+        log.info("%s: telling %d workers to %s", cause, len(self.workers), order)
+        self.notifier.stopping(f"{order} requested by {cause}")
         for worker in self.workers.values():
             write_message(worker.writer, {"op": order})
         if not self.workers:

@@ -58,15 +58,18 @@ from pyturn.core.server import (
     StopRelaying,
     TurnServer,
 )
+from pyturn.core.sessions import SessionMatch, revocations_from_json, revocations_to_json
 from pyturn.logs import configure_logging, format_address, log_event
 from pyturn.metrics import Stats, TurnCollector, make_registry, render
 from pyturn.net import batch, fastpath
 from pyturn.net.addresses import default_relay_ipv4, default_relay_ipv6
 from pyturn.net.clients import Clients
+from pyturn.net.control_socket import Message
 from pyturn.net.errors import StartupError
 from pyturn.net.handover import Handover
 from pyturn.net.http import OpsApp, start_ops_server
 from pyturn.net.memory import MemoryReturner
+from pyturn.net.node_control import NodeControl
 from pyturn.net.relay import UdpRelayBinder
 from pyturn.net.sdnotify import SystemdNotifier
 from pyturn.net.session_log import SessionLog
@@ -105,16 +108,17 @@ def install_event_loop_policy() -> str:
     return "uvloop"
 
 
-def load_for_reload(path: Path, notifier: SystemdNotifier) -> Config | None:
-    """SIGHUP's first step, for a worker and the supervisor alike: the new config, or None
-    (logged, and systemd told) when the file is invalid and the running config stays."""
+def load_for_reload(path: Path, notifier: SystemdNotifier) -> Config | str:
+    """A reload's first step, for a worker and the supervisor alike: the new config, or
+    why not (logged, and systemd told) when the file is invalid and the running config
+    stays."""
     notifier.reloading()
     try:
         return load_config(path)
     except ConfigError as exc:
         log.error("config reload refused, keeping the running config: %s", exc)
         notifier.ready("config reload refused; running on the previous config")
-        return None
+        return str(exc)
 
 
 def _os_reason(exc: OSError) -> str:
@@ -133,9 +137,11 @@ class Worker:
         sockets: Mapping[int, socket.socket] | None = None,
         worker_index: int = 0,
         node: NodeState | None = None,
+        supervised: bool = False,
     ) -> None:
         """`sockets`: listening sockets bound by the supervisor, by their position in
-        `config.listen`; a listener without one is bound here."""
+        `config.listen`; a listener without one is bound here. A `supervised` worker
+        leaves the control socket and the fleet's messages to its supervisor."""
         self.config = config
         self.config_path = config_path
         self.sockets: Mapping[int, socket.socket] = sockets or {}
@@ -168,18 +174,17 @@ class Worker:
         self.tcp_relay = TcpRelay(self.server, self.now, self._deliver_tcp)
         self.connections = ConnectionCounter(config.limits.connections_per_source)
         self.stats = Stats()
+        # The node is the supervisor with its workers, or this process alone.
+        self.node_name = node_name(os.getppid() if supervised else os.getpid())
         # Users and secrets from `store:`, followed from start() on.
         self.store: StoreFollower | None = None
         if config.store:
-            # The node is the supervisor with its workers, or this process alone.
-            supervisor = os.getppid() if node is not None else os.getpid()
             self.store = StoreFollower(
-                self.loop,
-                self.server,
-                config.store,
-                node=f"{socket.gethostname()}:{supervisor}",
-                worker=worker_index,
+                self.loop, self.server, config.store, node=self.node_name, worker=worker_index
             )
+        # `pyturn sessions|kick|revoke|reload|drain` (a single process serves them).
+        self.control: NodeControl | None = None
+        self._supervised = supervised
         self.registry = make_registry(
             TurnCollector(
                 self.server,
@@ -317,6 +322,8 @@ class Worker:
             except StoreError as exc:
                 raise StartupError(str(exc)) from exc
             self._closers.append(self.store.close)
+        if not self._supervised:
+            await self._start_control()
         if self.config.metrics.enabled:
             await self._start_ops_endpoint()
         if any(listener.transport == "tls" for listener in self.config.listen):
@@ -327,6 +334,39 @@ class Worker:
         for position, listener in enumerate(self.config.listen):
             await self._bind(position, listener)
         self._rearm_timer()
+
+    async def _start_control(self) -> None:
+        self.control = NodeControl(
+            self.config,
+            _ThisWorker(self),
+            node=self.node_name,
+            reload=self.reload,
+            drain=lambda: self.drain("pyturn drain") if self.state == "serving" else None,
+            state=lambda: self.state,
+        )
+        self._closers.append(self.control.close)
+        await self.control.start()
+        self.obey({"op": "revocations", "revoked": revocations_to_json(self.control.revoked)})
+
+    def obey(self, order: Message) -> Message:
+        """A control order for this process's allocations (see node_control.py): list
+        them, kick them, or take the node's revocations."""
+        op = order.get("op")
+        now = self.now()
+        if op == "sessions":
+            return {"sessions": self.server.sessions(_match(order), now)}
+        if op == "kick":
+            actions = self.server.kick(_match(order), now)
+        elif op == "revocations":
+            actions = self.server.set_revocations(revocations_from_json(order.get("revoked")), now)
+        else:
+            raise ValueError(f"unknown order {op!r}")
+        for action in actions:
+            if isinstance(action, Event):
+                self._event(action)
+            else:
+                self._wire(action)
+        return {"kicked": sum(type(action) is AllocationDeleted for action in actions)}
 
     async def _start_ops_endpoint(self) -> None:
         metrics = self.config.metrics
@@ -458,19 +498,21 @@ class Worker:
 
     # -- reload ----------------------------------------------------------------------------
 
-    def reload(self) -> None:
-        """SIGHUP: take the config file again, or keep the running one if it is invalid."""
+    def reload(self) -> str | None:
+        """SIGHUP or `pyturn reload`: take the config file again, or keep the running one
+        if it is invalid (and say why)."""
         if self.config_path is None:
-            log.warning("SIGHUP ignored: no config file to reload (embedded default config)")
-            return
+            log.warning("reload ignored: no config file to reload (embedded default config)")
+            return "no config file to reload (embedded default config)"
         new = load_for_reload(self.config_path, self.notifier)
-        if new is None:
+        if isinstance(new, str):
             self.stats.config_reloads["failure"] += 1
-            return
+            return new
         if self.apply_config(new, source=str(self.config_path)):
             self.notifier.ready(f"config reloaded from {self.config_path}")
-        else:
-            self.notifier.ready("config reload refused; running on the previous config")
+            return None
+        self.notifier.ready("config reload refused; running on the previous config")
+        return "the TLS certificate or key could not be loaded (see the server's log)"
 
     def apply_config(self, new: Config, *, source: str) -> bool:
         """Take a validated config; sockets (listen, relay, metrics, workers) and the store
@@ -585,6 +627,30 @@ class Worker:
         self.binder.close()
         self.notifier.close()
         log.info("stopped")
+
+
+def node_name(pid: int) -> str:
+    """How the fleet (and `pyturn sessions`) names this node: host and main process."""
+    return f"{socket.gethostname()}:{pid}"
+
+
+def _match(order: Message) -> SessionMatch:
+    match = order.get("match") or {}
+    if not isinstance(match, dict):
+        raise ValueError("match must be an object")
+    return SessionMatch.from_dict(match)
+
+
+class _ThisWorker:
+    """The WorkerLink of a single process: the control socket asks this worker."""
+
+    count = 1
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    async def ask(self, message: Message) -> list[Message]:
+        return [self.worker.obey(message)]
 
 
 async def serve(

@@ -3,7 +3,8 @@
 The supervisor owns the config file, the signals of the terminal and systemd, /metrics
 and the listening sockets; each worker process gets its config, the descriptors it
 inherits (its listening sockets, its RFC 6062 handover channel, the node state) and its
-orders (metrics, reload, drain, resync, stop) over one Unix socket, and answers there.
+orders (metrics, reload, drain, resync, stop, and the control socket's sessions, kick
+and revocations) over one Unix socket, and answers there.
 The supervisor's side is pyturn.net.supervisor.
 """
 
@@ -75,7 +76,10 @@ async def serve_as_worker(control_fd: int) -> None:
         secret=secret,
         sockets=sockets,
         worker_index=int(first["index"]),
+        supervised=True,
     )
+    # Before the first client: the node's revoked users stay out of a restarted worker.
+    worker.obey({"op": "revocations", "revoked": first.get("revoked", {})})
     for entry in inherited(first, "handover"):
         worker.open_handover(socket.socket(fileno=int(entry["fd"])))
     try:
@@ -110,6 +114,12 @@ async def _obey(worker: Worker, reader: asyncio.StreamReader, writer: asyncio.St
         elif op == "drain":
             if worker.state == "serving":
                 worker.drain("supervisor")
+        elif op in ("sessions", "kick", "revocations"):
+            try:
+                answer = worker.obey(message)
+            except ValueError as exc:
+                answer = {"error": str(exc)}
+            write_message(writer, {**answer, "op": "answer", "id": message.get("id")})
         elif op == "resync" and isinstance(worker.server.node, SharedNodeState):
             worker.server.node.sync()
         elif op == "stop":

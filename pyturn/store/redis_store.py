@@ -52,31 +52,37 @@ _SCAN_COUNT = 1000
 T = TypeVar("T")
 
 
+def connect(url: str, *, timeout: float | None = _TIMEOUT) -> tuple[redis.Redis, str]:
+    """A client for `url` (no connection made yet), and how to name it in messages:
+    the URL without its password. `timeout` None waits without end (pub/sub)."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    password_file = query.pop("password_file", [None])[0]
+    options: dict[str, Any] = {}
+    if password_file:
+        try:
+            options["password"] = Path(password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise StoreError(f"store {url}: password_file: {exc}") from exc
+    clean = urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
+    host = parts.hostname or "localhost"
+    where = f"{parts.scheme}://{host}:{parts.port or 6379}{parts.path}"
+    try:
+        client = redis.Redis.from_url(
+            clean,
+            socket_timeout=timeout,
+            socket_connect_timeout=_TIMEOUT,
+            decode_responses=True,
+            **options,
+        )
+    except ValueError as exc:
+        raise StoreError(f"store {where}: {exc}") from exc
+    return client, where
+
+
 class RedisStore:
     def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        query = parse_qs(parts.query)
-        password_file = query.pop("password_file", [None])[0]
-        options: dict[str, Any] = {}
-        if password_file:
-            try:
-                options["password"] = Path(password_file).read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise StoreError(f"store {url}: password_file: {exc}") from exc
-        clean = urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
-        # Shown in errors and logs: never the password.
-        host = parts.hostname or "localhost"
-        self.where = f"{parts.scheme}://{host}:{parts.port or 6379}{parts.path}"
-        try:
-            self._redis = redis.Redis.from_url(
-                clean,
-                socket_timeout=_TIMEOUT,
-                socket_connect_timeout=_TIMEOUT,
-                decode_responses=True,
-                **options,
-            )
-        except ValueError as exc:
-            raise StoreError(f"store {self.where}: {exc}") from exc
+        self._redis, self.where = connect(url)
         self._call(self._redis.ping)
 
     def _call(self, operation: Callable[..., T], *args: Any) -> T:

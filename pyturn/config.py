@@ -333,12 +333,11 @@ def _absolute_path(text: str) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class ControlConfig:
-    # The UNIX socket that `pyturn sessions|kick|revoke|reload|drain` talk to; null: none.
-    socket: str | None = field(
-        default="/run/pyturn/control.sock", metadata=_rule(check=_absolute_path)
-    )
-    # Where revocations outlive a restart when no Redis store keeps them; null: nowhere.
-    state_file: str | None = field(
+    # The UNIX socket that `pyturn sessions|kick|revoke|reload|drain` talk to.
+    enabled: bool = True
+    socket: str = field(default="/run/pyturn/control.sock", metadata=_rule(check=_absolute_path))
+    # Where revocations outlive a restart when no Redis store keeps them.
+    state_file: str = field(
         default="/var/lib/pyturn/state.json", metadata=_rule(check=_absolute_path)
     )
 

@@ -48,15 +48,14 @@ def find_socket(config_path: Path, socket_path: str | None) -> str:
     if socket_path is not None:
         return socket_path
     if config_path == DEFAULT_CONFIG and not config_path.exists():
-        found = ControlConfig().socket
-    else:
-        try:
-            found = load_config(config_path).control.socket
-        except ConfigError as exc:
-            raise click.ClickException(f"{exc} (or give --socket PATH)") from exc
-    if found is None:
-        raise click.ClickException(f"{config_path}: control.socket is null: no control socket")
-    return found
+        return ControlConfig().socket
+    try:
+        control = load_config(config_path).control
+    except ConfigError as exc:
+        raise click.ClickException(f"{exc} (or give --socket PATH)") from exc
+    if not control.enabled:
+        raise click.ClickException(f"{config_path}: control.enabled is false: no control socket")
+    return control.socket
 
 
 def request(path: str, message: dict[str, Any], timeout: float = TIMEOUT) -> dict[str, Any]:

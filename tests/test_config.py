@@ -16,6 +16,7 @@ from pyturn.config import (
     BandwidthConfig,
     Config,
     ConfigError,
+    ControlConfig,
     LimitsConfig,
     Listener,
     LoggingConfig,
@@ -82,6 +83,7 @@ def fully_customised() -> Config:
             },
             secrets=("new-secret", "old-secret"),
             nonce_lifetime=300,
+            end_expired_sessions=True,
         ),
         peers=PeersConfig(allow=("10.1.0.0/16", "fd00::1"), deny=("198.51.100.0/24",)),
         allocations=AllocationsConfig(default_lifetime=300, max_lifetime=1200),
@@ -99,6 +101,9 @@ def fully_customised() -> Config:
         ),
         bandwidth=BandwidthConfig(per_allocation=250_000, per_user=1_000_000, total=10**8),
         metrics=MetricsConfig(enabled=False, address="::1", port=9100),
+        control=ControlConfig(
+            enabled=False, socket="/srv/turn/control.sock", state_file="/srv/turn/state.json"
+        ),
         logging=LoggingConfig(level="debug", format="json"),
         software="pyturn 0.1",
         workers=4,
@@ -579,6 +584,7 @@ def test_config_to_dict_gives_plain_data_in_schema_order() -> None:
         "users": {"alice": "correct horse", "bob": {"key": KEY_HEX}},
         "secrets": ["new-secret", "old-secret"],
         "nonce_lifetime": 300,
+        "end_expired_sessions": True,
     }
     assert data["peers"] == {"allow": ["10.1.0.0/16", "fd00::1"], "deny": ["198.51.100.0/24"]}
     assert data["shutdown_timeout"] == 2.5
@@ -590,6 +596,7 @@ def test_config_to_dict_redacts_passwords_keys_and_secrets_by_default() -> None:
         "users": {"alice": REDACTED, "bob": {"key": REDACTED}},
         "secrets": [REDACTED, REDACTED],
         "nonce_lifetime": 300,
+        "end_expired_sessions": True,
     }
     text = yaml.safe_dump(data)
     for secret in ("correct horse", KEY_HEX, "new-secret", "old-secret"):
@@ -600,7 +607,12 @@ def test_config_to_dict_redacts_passwords_keys_and_secrets_by_default() -> None:
 
 def test_redaction_keeps_unset_secrets_visible_as_empty() -> None:
     data = config_to_dict(default_config())
-    assert data["auth"] == {"users": {}, "secrets": [], "nonce_lifetime": 600}
+    assert data["auth"] == {
+        "users": {},
+        "secrets": [],
+        "nonce_lifetime": 600,
+        "end_expired_sessions": False,
+    }
 
 
 # --------------------------------------------------------------------------- files and YAML

@@ -86,7 +86,7 @@ class NodeControl:
         self._state = state
         self.revoked: dict[str, float] = {}
         self.socket: ControlSocket | None = None
-        self._state_file = config.control.state_file
+        self._state_file: str | None = config.control.state_file
         self._fleet_url = config.store if config.store and is_remote(config.store) else None
         self._fleet: Any = None  # RedisFleet, imported only with a Redis store
         self._listener: Any = None
@@ -101,9 +101,8 @@ class NodeControl:
             self._start_fleet(self._fleet_url)
         else:
             self.revoked = active_revocations(self._read_state_file(), time.time())
-        path = self.config.control.socket
-        if path is not None:
-            socket = ControlSocket(path, self.handle)
+        if self.config.control.enabled:
+            socket = ControlSocket(self.config.control.socket, self.handle)
             try:
                 await socket.start()
             except NoSocketDirectory as missing:

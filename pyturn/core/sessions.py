@@ -36,7 +36,9 @@ def _address(text: str, *, port_required: bool) -> tuple[str, int | None]:
     """`IP`, `IP:PORT` or `[IPv6]:PORT` (an IPv6 address alone needs no brackets)."""
     host, port = text, None
     if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise ValueError(f"not an address: {text!r}")
         if rest:
             if not rest.startswith(":"):
                 raise ValueError(f"not an address: {text!r}")

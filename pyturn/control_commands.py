@@ -99,6 +99,14 @@ def request(path: str, message: dict[str, Any], timeout: float = TIMEOUT) -> dic
     return answer
 
 
+def _missing(answer: dict[str, Any], what: str) -> bool:
+    """Say so when some workers did not answer; True if any."""
+    missing = int(answer.get("missing_workers", 0))
+    if missing:
+        click.echo(f"warning: {missing} workers did not answer (restarting?): {what}", err=True)
+    return missing > 0
+
+
 def _match(user: str | None, client: str | None, relayed: str | None) -> dict[str, Any]:
     try:
         return SessionMatch.parse(user=user, client=client, relayed=relayed).to_dict()
@@ -162,7 +170,9 @@ def sessions(
     permissions, channels, traffic each way (bytes/packets) and worker."""
     path = find_socket(config_path, socket_path)
     match = _match(user, None, None)
-    rows = request(path, {"op": "sessions", "match": match, "fleet": fleet})["sessions"]
+    answer = request(path, {"op": "sessions", "match": match, "fleet": fleet})
+    _missing(answer, "their allocations are not listed")
+    rows = answer["sessions"]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     elif rows:
@@ -185,13 +195,19 @@ def kick(
     relayed: str | None,
 ) -> None:
     """End allocations now: their relaying stops at once and the client's next Refresh
-    gets 437. With a Redis store, every node of the fleet ends its own."""
+    gets 437. With a Redis store, every node of the fleet ends its own.
+
+    The client may allocate again at once (over TCP/TLS its connection stays open): to
+    keep a user out, use `pyturn revoke`.
+    """
     match = _match(user, client, relayed)
     if not match:
         raise click.UsageError("give --user, --client or --relayed")
     answer = request(find_socket(config_path, socket_path), {"op": "kick", "match": match})
     told = f"; {answer['nodes']} other nodes told" if answer.get("nodes") else ""
     click.echo(f"kicked {answer['kicked']} allocations on this node{told}")
+    if _missing(answer, "their allocations were not kicked; run kick again"):
+        sys.exit(1)
 
 
 @click.command()
@@ -249,6 +265,8 @@ def revoke(
     answer = request(path, {"op": "revoke", "user": user, "for": seconds})
     ends = "until removed" if answer["until"] is None else f"until {_when(answer['until'])}"
     click.echo(f"{user}: revoked {ends}; {answer['kicked']} allocations ended on this node")
+    if _missing(answer, "their allocations may still run; run revoke again"):
+        sys.exit(1)
 
 
 def _when(unix: float) -> str:

@@ -17,7 +17,9 @@ Requests (one JSON object each) and what they answer besides "ok":
     {"op": "revocations"}                            revoked: {user: until|null}
     {"op": "reload"} / {"op": "drain"}               message
 
-M is {"user": U, "client": "IP[:PORT]", "relayed": "IP:PORT"}, each optional.
+M is {"user": U, "client": "IP[:PORT]", "relayed": "IP:PORT"}, each optional. The
+answers to sessions, kick, revoke and unrevoke also say missing_workers: how many
+workers did not answer in time, so that what they hold was not listed or not kicked.
 """
 
 from __future__ import annotations
@@ -222,25 +224,32 @@ class NodeControl:
                 rows = await self._blocking(self._fleet.fleet_sessions)
             except StoreError as exc:
                 return {"ok": False, "error": str(exc)}
-            mine = await self._local_sessions(match)
+            mine, missing = await self._local_sessions(match)
             rows = [row for row in rows if row.get("node") != self.node]
             rows = [*({**row, "node": self.node} for row in mine), *rows]
             rows = [row for row in rows if _row_matches(row, match)]
         else:
-            rows = await self._local_sessions(match)
-        return {"ok": True, "sessions": rows}
+            rows, missing = await self._local_sessions(match)
+        return {"ok": True, "sessions": rows, "missing_workers": missing}
 
-    async def _local_sessions(self, match: SessionMatch) -> list[dict[str, Any]]:
-        answers = await self.workers.ask({"op": "sessions", "match": match.to_dict()})
+    async def _ask(self, order: Message) -> tuple[list[Message], int]:
+        """The workers' answers to `order`, and how many workers gave none (restarting,
+        or too busy to answer in time): what they hold is not in the answers."""
+        answers = [a for a in await self.workers.ask(order) if "error" not in a]
+        return answers, max(self.workers.count - len(answers), 0)
+
+    async def _local_sessions(self, match: SessionMatch) -> tuple[list[dict[str, Any]], int]:
+        answers, missing = await self._ask({"op": "sessions", "match": match.to_dict()})
         rows = [row for answer in answers for row in answer.get("sessions", ())]
-        rows.sort(key=lambda row: (row["user"], row["client"]))
-        return rows
+        # Oldest first within each user.
+        rows.sort(key=lambda row: (row["user"], -row["age"]))
+        return rows, missing
 
     async def _kick(self, request: Message) -> Message:
         match = self._match(request)
         if match.empty:
             raise ValueError("kick needs --user, --client or --relayed")
-        kicked = await self._kick_here(match)
+        kicked, missing = await self._kick_here(match)
         nodes = 0
         if self._fleet is not None:
             try:
@@ -248,17 +257,17 @@ class NodeControl:
             except StoreError as exc:
                 return {"ok": False, "error": f"kicked {kicked} here, but {exc}"}
         log.info("control: kicked %d allocations (%s)", kicked, _describe(match))
-        return {"ok": True, "kicked": kicked, "nodes": nodes}
+        return {"ok": True, "kicked": kicked, "nodes": nodes, "missing_workers": missing}
 
-    async def _kick_here(self, match: SessionMatch) -> int:
-        answers = await self.workers.ask({"op": "kick", "match": match.to_dict()})
-        return sum(int(answer.get("kicked", 0)) for answer in answers)
+    async def _kick_here(self, match: SessionMatch) -> tuple[int, int]:
+        answers, missing = await self._ask({"op": "kick", "match": match.to_dict()})
+        return sum(int(answer.get("kicked", 0)) for answer in answers), missing
 
     async def _revoke(self, request: Message) -> Message:
         user = request.get("user")
-        SessionMatch.parse(user=user)  # the same rule for the name
         if not isinstance(user, str):
             raise ValueError("revoke needs a user")
+        SessionMatch.parse(user=user)  # the same rule for the name
         seconds = request.get("for")
         if seconds is not None and (
             type(seconds) not in (int, float) or not 0 < seconds < 100 * 365 * 86400
@@ -274,7 +283,7 @@ class NodeControl:
         else:
             self.revoked[user] = until
             self._write_state_file()
-        kicked = await self._apply()
+        kicked, missing = await self._apply()
         log.info(
             "control: revoked %s %s; %d allocations ended",
             user,
@@ -286,6 +295,7 @@ class NodeControl:
             "user": user,
             "until": None if until == FOREVER else until,
             "kicked": kicked,
+            "missing_workers": missing,
         }
 
     async def _unrevoke(self, request: Message) -> Message:
@@ -301,18 +311,19 @@ class NodeControl:
         else:
             removed = self.revoked.pop(user, None) is not None
             self._write_state_file()
-        await self._apply()
+        _, missing = await self._apply()
         log.info("control: revocation of %s %s", user, "removed" if removed else "not found")
-        return {"ok": True, "user": user, "removed": removed}
+        return {"ok": True, "user": user, "removed": removed, "missing_workers": missing}
 
     def _active(self) -> dict[str, float]:
         return active_revocations(self.revoked, time.time())
 
-    async def _apply(self) -> int:
-        """Send the revocations to every worker; how many allocations they ended."""
+    async def _apply(self) -> tuple[int, int]:
+        """Send the revocations to every worker: how many allocations they ended, and how
+        many workers did not answer (a restarting one gets them when it starts)."""
         revoked = revocations_to_json(self._active())
-        answers = await self.workers.ask({"op": "revocations", "revoked": revoked})
-        return sum(int(answer.get("kicked", 0)) for answer in answers)
+        answers, missing = await self._ask({"op": "revocations", "revoked": revoked})
+        return sum(int(answer.get("kicked", 0)) for answer in answers), missing
 
     def _prune(self) -> None:
         active = self._active()
@@ -336,7 +347,7 @@ class NodeControl:
             except ValueError:
                 return
             if not match.empty:
-                kicked = await self._kick_here(match)
+                kicked, _ = await self._kick_here(match)
                 log.info(
                     "fleet: node %s kicked %s; %d allocations ended here",
                     message.get("origin"),
@@ -354,12 +365,12 @@ class NodeControl:
             return
         if revoked != self.revoked:
             self.revoked = revoked
-            kicked = await self._apply()
+            kicked, _ = await self._apply()
             if kicked:
                 log.info("fleet: revocations ended %d allocations here", kicked)
 
     async def _publish_sessions(self) -> None:
-        rows = await self._local_sessions(SessionMatch())
+        rows, _ = await self._local_sessions(SessionMatch())
         try:
             await self._blocking(lambda: self._fleet.publish_sessions(rows))
         except StoreError as exc:

@@ -320,7 +320,7 @@ def test_a_stalled_half_written_request_does_not_block_other_clients(
     stalled.connect(str(path))
     stalled.sendall(b'{"op": "sess')
     started = time.monotonic()
-    assert ask(path, b'{"op": "sessions"}\n') == {"ok": True, "sessions": []}
+    assert ask(path, b'{"op": "sessions"}\n') == {"ok": True, "sessions": [], "missing_workers": 0}
     assert time.monotonic() - started < 2
     # The stalled client is dropped once its idle time is over.
     stalled.settimeout(IDLE_TIMEOUT + 5)
@@ -431,3 +431,21 @@ def test_the_state_file_is_private(two_workers: tuple[OpsServer, Path], tmp_path
     state = tmp_path / "s.json"
     assert stat.S_IMODE(os.stat(state).st_mode) == 0o600
     assert json.loads(state.read_text()) == {"revoked": {"mallory": None}}
+
+
+def test_a_worker_that_does_not_answer_is_reported_and_kick_fails(
+    two_workers: tuple[OpsServer, Path],
+) -> None:
+    server, path = two_workers
+    stuck = int(Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()[0])
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        listed = pyturn("sessions", "--socket", str(path))
+        assert listed.returncode == 0
+        assert "warning: 1 workers did not answer (restarting?)" in listed.stderr
+        kicked = pyturn("kick", "--user", USER, "--socket", str(path))
+        assert kicked.returncode == 1
+        assert "their allocations were not kicked; run kick again" in kicked.stderr
+    finally:
+        os.kill(stuck, signal.SIGCONT)
+    assert pyturn("kick", "--user", USER, "--socket", str(path)).returncode == 0

@@ -3,6 +3,9 @@
 #   docker run -d --name pyturn --network host --stop-timeout 45 \
 #       -v /etc/pyturn:/etc/pyturn:ro pyturn
 # Reload the config: docker kill --signal HUP pyturn. Drain and stop: docker stop pyturn.
+# Live sessions: docker exec pyturn pyturn sessions (also kick, revoke, reload, drain).
+# Revocations are kept in /var/lib/pyturn: mount a volume there to keep them across
+# containers (or use a Redis store).
 
 # Build stage: the wheel, with the recvmmsg/sendmmsg module compiled (hatch_build.py).
 FROM python:3.11-slim AS build
@@ -25,7 +28,8 @@ RUN pip install /wheels/pyturn-*.whl && rm -rf /wheels \
     && python -c "from pyturn.net import batch; assert batch.NATIVE, batch.describe()" \
     && useradd --system --uid 10001 --user-group --no-create-home \
         --shell /usr/sbin/nologin pyturn \
-    && mkdir -p /etc/pyturn
+    && mkdir -p /etc/pyturn \
+    && install -d -o 10001 -g 10001 -m 0750 /run/pyturn /var/lib/pyturn
 # The commented example (every key at its default); mount your own over /etc/pyturn.
 COPY conf/pyturn.yaml /etc/pyturn/pyturn.yaml
 

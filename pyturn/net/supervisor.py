@@ -439,13 +439,14 @@ class Supervisor:
         new = load_for_reload(self.config_path, self.notifier)
         if isinstance(new, str):
             return new
-        # Sockets, relay ports, the worker count and the store need a restart; the rest
-        # reloads (the store's contents are followed anyway).
+        # Sockets, relay ports, the control socket, the worker count and the store need a
+        # restart; the rest reloads (the store's contents are followed anyway).
         new = dataclasses.replace(
             new,
             listen=self.config.listen,
             relay=self.config.relay,
             metrics=self.config.metrics,
+            control=self.config.control,
             workers=self.config.workers,
             store=self.config.store,
         )

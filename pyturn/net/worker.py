@@ -85,7 +85,7 @@ log = logging.getLogger(__name__)
 
 _MAX_TIMER_SLEEP = 1.0
 # Sections a reload cannot change in a running process: they name sockets.
-_RESTART_ONLY = ("listen", "relay", "metrics", "workers", "store")
+_RESTART_ONLY = ("listen", "relay", "metrics", "control", "workers", "store")
 # Every Event but RequestHandled, which handle_actions counts itself.
 _EVENT_TYPES = (
     AllocationCreated,
@@ -532,6 +532,7 @@ class Worker:
             listen=old.listen,
             relay=old.relay,
             metrics=old.metrics,
+            control=old.control,
             workers=old.workers,
             store=old.store,
         )

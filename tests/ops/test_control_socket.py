@@ -22,11 +22,12 @@ from typing import Any
 import pytest
 import yaml
 
+from pyturn.core.auth import rest_password, rest_username
 from pyturn.net.control_socket import IDLE_TIMEOUT, MAX_CLIENTS, REQUEST_LIMIT
 from pyturn.probe import ProbeClient, ProbeError
-from tests.interop.server_process import USER, ServerStartError
+from tests.interop.server_process import REST_SECRET, USER, ServerStartError
 from tests.ops.conftest import StartServer
-from tests.ops.helpers import OpsServer, Peer, ops_config, wait_until
+from tests.ops.helpers import OpsServer, Peer, ops_config, value, wait_until
 
 CLIENTS = 6  # 5-tuples per check: with two workers, both are all but surely among them
 OPEN_BUDGET = {"unauthenticated_burst": 100_000, "unauthenticated_rate": 100_000.0}
@@ -135,6 +136,8 @@ def test_sessions_lists_every_allocation_of_the_node_and_kick_ends_them(
     assert sessions(path) == []
     assert len(server.events("allocation deleted")) == CLIENTS
     assert {e["reason"] for e in server.events("allocation deleted")} == {"kicked"}
+    samples = server.scrape()
+    assert value(samples, "pyturn_allocations_deleted_total", reason="kicked") == CLIENTS
     for client in clients:
         with pytest.raises(ProbeError, match="437"):
             client.refresh(600)
@@ -220,10 +223,20 @@ def test_reload_through_the_socket_says_why_a_bad_config_is_refused(
     assert "config refused, still running the old one" in bad.stderr
 
 
-def test_drain_through_the_socket_stops_the_server(two_workers: tuple[OpsServer, Path]) -> None:
-    server, path = two_workers
+@pytest.mark.parametrize("workers", [1, 2])
+def test_drain_through_the_socket_stops_the_server(
+    start_server: StartServer, tmp_path: Path, workers: int
+) -> None:
+    server = start_server(control(tmp_path, workers, shutdown_timeout=5))
+    path = tmp_path / "ctl.sock"
+    client = allocated(server, 1)[0]
     result = pyturn("drain", "--socket", str(path))
     assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "draining: new allocations refused"
+    server.wait_for_log("draining")
+    with pytest.raises(ProbeError, match="508"):
+        server.client().allocate()
+    client.refresh(0)  # the last allocation ends: the drain is over
     assert server.wait_exit(10) == 0
     assert not path.exists()
 
@@ -449,3 +462,19 @@ def test_a_worker_that_does_not_answer_is_reported_and_kick_fails(
     finally:
         os.kill(stuck, signal.SIGCONT)
     assert pyturn("kick", "--user", USER, "--socket", str(path)).returncode == 0
+
+
+def test_end_expired_sessions_ends_an_allocation_when_its_credential_expires(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    server = start_server(control(tmp_path, auth={"end_expired_sessions": True}))
+    path = tmp_path / "ctl.sock"
+    name = rest_username(int(time.time()) + 2, "carol")
+    short = server.client(user=name, password=rest_password(REST_SECRET, name))
+    short.allocate()
+    lasting = allocated(server, 1)[0]
+    assert {row["quota_user"] for row in sessions(path)} == {"carol", USER}
+    event = server.wait_for_event("allocation deleted", timeout=5, reason="credential_expired")
+    assert event["user"] == name
+    assert [row["user"] for row in sessions(path)] == [USER]
+    lasting.refresh(600)

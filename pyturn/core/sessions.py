@@ -180,8 +180,10 @@ def revocations_from_json(data: object) -> dict[str, float]:
             raise ValueError("a revoked user name is 1 to 512 characters")
         if until is None:
             out[user] = FOREVER
-        elif type(until) in (int, float) and not math.isnan(until):
+        elif type(until) in (int, float) and abs(until) < 1e300:
             out[user] = float(until)
+        elif until == math.inf:
+            out[user] = FOREVER
         else:
             raise ValueError(f"the end of {user!r}'s revocation is not a time")
     return out

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from pyturn.config import Config
@@ -73,7 +73,7 @@ class NodeControl:
         workers: WorkerLink,
         *,
         node: str,
-        reload: Callable[[], str | None],
+        reload: Callable[[], Awaitable[str | None]],
         drain: Callable[[], None],
         state: Callable[[], str],
     ) -> None:
@@ -196,7 +196,7 @@ class NodeControl:
         if op == "revocations":
             return {"ok": True, "revoked": revocations_to_json(self._active())}
         if op == "reload":
-            problem = self._reload()
+            problem = await self._reload()
             if problem is not None:
                 return {
                     "ok": False,
@@ -329,12 +329,18 @@ class NodeControl:
         active = self._active()
         if len(active) == len(self.revoked):
             return
-        ended = [user for user in self.revoked if user not in active]
         self.revoked = active
         if self._fleet is not None:
-            self._spawn(self._blocking(lambda: self._fleet.unrevoke(ended)))
+            self._spawn(self._forget_ended())
         else:
             self._write_state_file()
+
+    async def _forget_ended(self) -> None:
+        now = time.time()
+        try:
+            await self._blocking(lambda: self._fleet.forget_ended(now))
+        except StoreError as exc:
+            log.debug("ended revocations not removed from the store: %s", exc)
 
     # -- the fleet ---------------------------------------------------------------------------
 

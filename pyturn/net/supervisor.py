@@ -239,7 +239,7 @@ class Supervisor:
             self.config,
             self,
             node=node_name(os.getpid()),
-            reload=self.reload,
+            reload=self.reload_and_confirm,
             drain=lambda: self.stop_or_drain("pyturn drain", again=False),
             state=lambda: self.state,
         )
@@ -361,12 +361,13 @@ class Supervisor:
             log.error("worker %d failed to start: %s", worker.index, message.get("error"))
             if not worker.ready.done():
                 worker.ready.set_result(False)
-        elif op in ("metrics", "answer"):
-            reply = worker.replies.pop(int(message.get("id", -1)), None)
+        elif op in ("metrics", "answer", "reloaded"):
+            if op == "reloaded" and not message.get("ok"):
+                log.error("worker %d refused the reloaded config", worker.index)
+            ident = message.get("id")  # None: a reload by SIGHUP, which no one awaits
+            reply = worker.replies.pop(ident, None) if isinstance(ident, int) else None
             if reply is not None and not reply.done():
                 reply.set_result(message)
-        elif op == "reloaded" and not message.get("ok"):
-            log.error("worker %d refused the reloaded config", worker.index)
 
     async def _watch(self, worker: WorkerProcess) -> None:
         code = await worker.process.wait()
@@ -431,8 +432,31 @@ class Supervisor:
 
     # -- signals ---------------------------------------------------------------------------
 
-    def reload(self) -> str | None:
-        """SIGHUP or `pyturn reload`: None, or why the running config stays."""
+    def reload(self) -> None:
+        """SIGHUP: send the workers the config file again, if it is valid."""
+        order = self._reload_order()
+        if isinstance(order, dict):
+            for worker in self.workers.values():
+                write_message(worker.writer, order)
+            log.info("config reload sent to %d workers", len(self.workers))
+
+    async def reload_and_confirm(self) -> str | None:
+        """`pyturn reload`: None once every worker took the config, or why not."""
+        order = self._reload_order()
+        if not isinstance(order, dict):
+            return order
+        answers = await self.ask(order)
+        refused = sum(not answer.get("ok") for answer in answers)
+        silent = self.count - len(answers)
+        log.info("config reload taken by %d of %d workers", len(answers) - refused, self.count)
+        if refused:
+            return f"{refused} workers refused it (a TLS certificate or key; see the log)"
+        if silent:
+            return f"{silent} workers did not answer (restarting?); they start with it"
+        return None
+
+    def _reload_order(self) -> Message | str:
+        """The reload order for the workers, or why the running config stays."""
         if self.config_path is None:
             log.warning("reload ignored: no config file to reload (embedded default config)")
             return "no config file to reload (embedded default config)"
@@ -451,19 +475,12 @@ class Supervisor:
             store=self.config.store,
         )
         self.config = new
-        for worker in self.workers.values():
-            config = worker_config(new, self.listen, self.count)
-            write_message(
-                worker.writer,
-                {
-                    "op": "reload",
-                    "config": config_to_dict(config, redact=False),
-                    "source": str(self.config_path),
-                },
-            )
-        log.info("config reload sent to %d workers", len(self.workers))
         self.notifier.ready(f"config reloaded from {self.config_path}")
-        return None
+        return {
+            "op": "reload",
+            "config": config_to_dict(worker_config(new, self.listen, self.count), redact=False),
+            "source": str(self.config_path),
+        }
 
     def _on_stop_signal(self, signum: int) -> None:
         self.stop_or_drain(signal.Signals(signum).name)

@@ -340,7 +340,7 @@ class Worker:
             self.config,
             _ThisWorker(self),
             node=self.node_name,
-            reload=self.reload,
+            reload=self._reload_now,
             drain=lambda: self.drain("pyturn drain") if self.state == "serving" else None,
             state=lambda: self.state,
         )
@@ -513,6 +513,9 @@ class Worker:
             return None
         self.notifier.ready("config reload refused; running on the previous config")
         return "the TLS certificate or key could not be loaded (see the server's log)"
+
+    async def _reload_now(self) -> str | None:
+        return self.reload()
 
     def apply_config(self, new: Config, *, source: str) -> bool:
         """Take a validated config; sockets (listen, relay, metrics, workers) and the store

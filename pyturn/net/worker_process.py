@@ -110,7 +110,7 @@ async def _obey(worker: Worker, reader: asyncio.StreamReader, writer: asyncio.St
         elif op == "reload":
             new = parse_config(message["config"], source="supervisor")
             ok = worker.apply_config(new, source=str(message.get("source", "supervisor")))
-            write_message(writer, {"op": "reloaded", "ok": ok})
+            write_message(writer, {"op": "reloaded", "ok": ok, "id": message.get("id")})
         elif op == "drain":
             if worker.state == "serving":
                 worker.drain("supervisor")

@@ -39,12 +39,27 @@ _RETRY = 2.0
 
 T = TypeVar("T")
 
+# Atomic, so that a revocation renewed meanwhile is not removed with the ended one.
+_FORGET_ENDED = """
+local removed = 0
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local ends = tonumber(entries[i + 1])
+  if ends and ends <= tonumber(ARGV[1]) then
+    redis.call('HDEL', KEYS[1], entries[i])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
 
 class RedisFleet:
     def __init__(self, url: str, node: str) -> None:
         self.url = url
         self.node = node
         self._redis, self.where = connect(url)
+        self._forget = self._redis.register_script(_FORGET_ENDED)
 
     def _call(self, operation: Callable[..., T], *args: Any) -> T:
         try:
@@ -84,6 +99,11 @@ class RedisFleet:
             return int(removed)
 
         return self._call(run)
+
+    def forget_ended(self, now: float) -> int:
+        """Remove the revocations that ended by `now`, and only those: another node may
+        have just revoked the same user again."""
+        return int(self._call(lambda: self._forget(keys=[REVOKED], args=[now])))
 
     def kick(self, match: Mapping[str, Any]) -> int:
         """Ask every other node to end the allocations `match` names; how many nodes

@@ -7,6 +7,8 @@ import math
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pyturn.core.auth import AuthFailure, rest_password, rest_username
 from pyturn.core.server import AllocationDeleted, AuthFailed, SendToPeer, TurnServer
@@ -27,6 +29,7 @@ from tests.core.turn_client import (
     MakeServer,
     TurnTestClient,
 )
+from tests.strategies import hosts, ports
 
 THIRD_CLIENT = ("203.0.113.9", 40003)
 
@@ -268,8 +271,41 @@ def test_revocations_travel_as_json_with_null_for_until_removed() -> None:
 
 
 @pytest.mark.parametrize(
-    "data", [[], {"alice": "soon"}, {"alice": True}, {"": None}, {"alice": float("nan")}]
+    "data",
+    [[], {"alice": "soon"}, {"alice": True}, {"": None}, {"alice": float("nan")}, {"a": 10**400}],
 )
 def test_malformed_revocations_are_refused(data: object) -> None:
     with pytest.raises(ValueError):
         revocations_from_json(data)
+
+
+# -- any JSON a control client sends ------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=12,
+)
+match_fields = st.dictionaries(
+    st.sampled_from(["user", "client", "relayed", "other"]),
+    json_values | hosts | st.tuples(hosts, ports).map(lambda hp: f"{hp[0]}:{hp[1]}"),
+)
+
+
+@given(match_fields)
+def test_any_kick_target_parses_or_raises_value_error(fields: dict[str, object]) -> None:
+    """What the control socket turns into an error answer: nothing else may escape."""
+    try:
+        match = SessionMatch.from_dict(fields)
+    except ValueError:
+        return
+    assert SessionMatch.from_dict(match.to_dict()) == match
+
+
+@given(json_values)
+def test_any_revocation_list_parses_or_raises_value_error(data: object) -> None:
+    try:
+        revoked = revocations_from_json(data)
+    except ValueError:
+        return
+    assert revocations_from_json(revocations_to_json(revoked)) == revoked

@@ -213,7 +213,7 @@ def test_reload_through_the_socket_says_why_a_bad_config_is_refused(
     good = pyturn("reload", "--socket", str(path))
     assert good.returncode == 0, good.stderr
     assert good.stdout.strip() == "config reloaded"
-    server.wait_for_log("config reload sent to 2 workers")
+    server.wait_for_log("config reload taken by 2 of 2 workers")
     config = yaml.safe_load(server.config_path.read_text())
     config["listening_port"] = 3478
     server.config_path.write_text(yaml.safe_dump(config))
@@ -234,7 +234,9 @@ def test_drain_through_the_socket_stops_the_server(
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "draining: new allocations refused"
     server.wait_for_log("draining")
-    with pytest.raises(ProbeError, match="508"):
+    # A worker with nothing to drain stops at once: a new client that the kernel hashes
+    # to its socket gets no answer at all.
+    with pytest.raises(ProbeError, match="508|no answer"):
         server.client().allocate()
     client.refresh(0)  # the last allocation ends: the drain is over
     assert server.wait_exit(10) == 0

@@ -236,7 +236,7 @@ def test_drain_through_the_socket_stops_the_server(
     server.wait_for_log("draining")
     # A worker with nothing to drain stops at once: a new client that the kernel hashes
     # to its socket gets no answer at all.
-    with pytest.raises(ProbeError, match="508|no answer"):
+    with pytest.raises(ProbeError, match=r"508|no answer"):
         server.client().allocate()
     client.refresh(0)  # the last allocation ends: the drain is over
     assert server.wait_exit(10) == 0

@@ -4,6 +4,7 @@ pyturn serve [-c FILE]        run the server (embedded default config without -c
 pyturn check-config FILE      print the effective config, or what is wrong with it
 pyturn credentials --secret S print TURN REST API credentials for a WebRTC app
 pyturn probe turn:HOST:PORT   check a TURN server end to end (Binding, Allocate, relay)
+pyturn import-coturn FILE     a coturn config as pyturn's (pyturn/coturn_import.py)
 pyturn user|secret ...        users and REST secrets in the store (pyturn/store/commands.py)
 pyturn sessions|kick|revoke|reload|drain
                               a running server's control socket (pyturn/control_commands.py)
@@ -111,7 +112,15 @@ def serve(config_path: Path | None) -> None:
             config = load_config(config_path)
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from exc
-    configure_logging(config.logging.level, config.logging.format)
+    try:
+        configure_logging(
+            config.logging.level,
+            config.logging.format,
+            file=config.logging.file,
+            syslog=config.logging.syslog,
+        )
+    except OSError as exc:
+        raise click.ClickException(f"logging: {exc}") from exc
     for warning in config_warnings(config):
         logging.getLogger("pyturn.config").warning("%s", warning)
     try:
@@ -251,6 +260,54 @@ def probe(
         out=click.echo,
     )
     sys.exit(0 if ok else 1)
+
+
+@cli.command("import-coturn")
+@click.argument("source", required=False, metavar="FILE")
+@click.option(
+    "--args",
+    "args_text",
+    metavar="'ARGS'",
+    help="coturn's command line, as Docker or Kubernetes pass it (such as "
+    "'-n --use-auth-secret --static-auth-secret=S'); it applies over FILE, or over the "
+    "file its -c names.",
+)
+def import_coturn(source: str | None, args_text: str | None) -> None:
+    """Convert a coturn config (turnserver.conf; - reads standard input) to pyturn's.
+
+    The pyturn config goes to standard output; standard error gets one line per coturn
+    option: mapped (to which key), dropped (no effect in pyturn, and why) or unsupported
+    (what you must decide), and warnings. Exit status 0 when everything was mapped or
+    dropped, 1 when something is unsupported.
+    """
+    from pyturn import coturn_import  # noqa: PLC0415 (fast --help)
+
+    options: list[coturn_import.Option] = []
+    names: list[str] = []
+    argv_options: list[coturn_import.Option] = []
+    if args_text is not None:
+        argv_options, named, no_file = coturn_import.read_args(coturn_import.split_args(args_text))
+        if source is None and named is not None and not no_file:
+            source = named
+    if source is not None:
+        try:
+            text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.ClickException(f"cannot read {source}: {exc}") from exc
+        name = "stdin" if source == "-" else source
+        options += coturn_import.read_file(text, name)
+        names.append(name)
+    if args_text is not None:
+        options += argv_options
+        names.append("a command line")
+    if not names:
+        raise click.UsageError("give FILE (or -), or --args")
+    config, outcomes = coturn_import.convert(options)
+    click.echo(coturn_import.to_yaml(config, " and ".join(names)), nl=False)
+    for outcome in outcomes:
+        click.echo(outcome.line(), err=True)
+    if any(outcome.kind == coturn_import.UNSUPPORTED for outcome in outcomes):
+        sys.exit(1)
 
 
 cli.add_command(user)

@@ -20,12 +20,14 @@ import math
 import os
 import re
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from types import MappingProxyType, NoneType, UnionType
 from typing import Any, Literal, cast, get_args, get_origin, get_type_hints
 
 import yaml
+
+from pyturn.core.policy import parse_peers
 
 __all__ = [
     "REDACTED",
@@ -55,6 +57,7 @@ REDACTED = "<redacted>"
 Transport = Literal["udp", "tcp", "tls"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
+AddressFamily = Literal["ipv4", "keep"]
 
 
 class ConfigError(Exception):
@@ -120,10 +123,17 @@ def _ip(version: int | None = None, *, specific: bool = False) -> Callable[[str]
 
 def _network(text: str) -> str | None:
     try:
-        ipaddress.ip_network(text, strict=False)
+        parse_peers(text)
     except ValueError:
-        return "must be an IP address or CIDR network such as 10.0.0.0/8"
+        return (
+            "must be an IP address, a CIDR network such as 10.0.0.0/8 or a range such as "
+            "10.0.0.0-10.255.255.255"
+        )
     return None
+
+
+def _absolute_path(text: str) -> str | None:
+    return None if text.startswith("/") else "must be an absolute path"
 
 
 def _shorter_than(limit: int) -> Callable[[str], str | None]:
@@ -234,10 +244,21 @@ class Listener:
     port: int = field(metadata=_rule(low=0, high=65535))
 
 
+def _tls_version(value: object) -> str:
+    """1.2 or 1.3, which YAML reads as numbers unless quoted."""
+    text = str(value)
+    if text in ("1.2", "1.3"):
+        return text
+    raise ValueError('must be "1.2" (TLS 1.2 and 1.3) or "1.3" (TLS 1.3 only)')
+
+
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
     certificate: str | None = None
     private_key: str | None = None
+    # OpenSSL's cipher list for TLS 1.2 (TLS 1.3's suites are OpenSSL's); null: Python's.
+    ciphers: str | None = None
+    min_version: str = field(default="1.2", metadata=_rule(parse=_tls_version))
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +279,12 @@ class UserEntry:
     key: bytes | None = field(default=None, metadata=_rule(secret=True))
 
 
+def _separator(text: str) -> str | None:
+    if len(text) == 1 and text.isprintable() and not text.isalnum():
+        return None
+    return "must be one character that is not a letter or digit, such as : or -"
+
+
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
     # Read-only view so a Config can be shared between tasks without copies.
@@ -268,6 +295,14 @@ class AuthConfig:
     nonce_lifetime: int = field(default=600, metadata=_rule(low=30))
     # End an allocation when its REST credential expires, not when its lifetime does.
     end_expired_sessions: bool = False
+    # Binding requests need credentials too (401 without them), as Allocate does.
+    secure_stun: bool = False
+    # More REST secrets, read at start and on reload: files holding one per line, and
+    # environment variables.
+    secret_files: tuple[str, ...] = field(default=(), metadata=_rule(check=_absolute_path))
+    secret_env: tuple[str, ...] = ()
+    # Between the expiry and the user part of a REST username (`<expiry>:<user>`).
+    rest_separator: str = field(default=":", metadata=_rule(check=_separator))
 
     def __post_init__(self) -> None:
         # Also freeze mappings passed in by code (tests, embedders), not just parsed ones.
@@ -288,6 +323,11 @@ class AllocationsConfig:
     # RFC 8656 binds channels 0x4000-0x4FFF only; RFC 5766 allowed up to 0x7FFF, and some
     # old clients (coturn's own turnutils_uclient among them) still pick numbers there.
     legacy_channel_numbers: bool = False
+    # RFC 6062 allocations (REQUESTED-TRANSPORT TCP); false answers them 442.
+    tcp_relay: bool = True
+    # The relay's address family when the client asks for none: ipv4 (RFC 8656), or
+    # keep: the family of the client's own address, when the relay has it.
+    default_family: AddressFamily = "ipv4"
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,10 +367,6 @@ class MetricsConfig:
     port: int = field(default=9641, metadata=_rule(low=0, high=65535))
 
 
-def _absolute_path(text: str) -> str | None:
-    return None if text.startswith("/") else "must be an absolute path"
-
-
 @dataclass(frozen=True, slots=True)
 class ControlConfig:
     # The UNIX socket that `pyturn sessions|kick|revoke|reload|drain` talk to.
@@ -346,6 +382,10 @@ class ControlConfig:
 class LoggingConfig:
     level: LogLevel = "info"
     format: LogFormat = "text"
+    # A file instead of stderr, reopened on reload (for logrotate); null: stderr.
+    file: str | None = field(default=None, metadata=_rule(check=_absolute_path))
+    # Also to the local syslog (/dev/log), facility daemon.
+    syslog: bool = False
 
 
 _DEFAULT_LISTEN = (
@@ -374,6 +414,8 @@ class Config:
     workers: int = field(default=0, metadata=_rule(low=0))
     shutdown_timeout: float = field(default=30.0, metadata=_rule(low=0))
     alternate_server: str | None = field(default=None, metadata=_rule(check=_host_port))
+    # Answer every Allocate 300 Try Alternate with these servers in turn (load sharing).
+    redirect_allocations: tuple[str, ...] = field(default=(), metadata=_rule(check=_host_port))
     # Users and REST secrets besides auth (pyturn/store): sqlite:///PATH; null: none.
     store: str | None = field(default=None, metadata=_rule(check=store_url_problem))
 
@@ -688,11 +730,39 @@ def parse_config(data: object, source: str = "<config>") -> Config:
             f"{source}: the top level must be a mapping, got {_show(data)}", source=source
         )
     try:
-        return cast(Config, _build(Config, data, ""))
+        config = cast(Config, _build(Config, data, ""))
+        return _with_outside_secrets(config)
     except _Invalid as exc:
         raise ConfigError(
             f"{source}: {exc.path}: {exc.problem}", source=source, path=exc.path
         ) from None
+
+
+def _with_outside_secrets(config: Config) -> Config:
+    """auth.secrets plus those in auth.secret_files (one per line, as a Kubernetes
+    Secret or a systemd credential holds them) and auth.secret_env, read now: a reload
+    reads them again."""
+    auth = config.auth
+    found = list(auth.secrets)
+    for position, name in enumerate(auth.secret_files):
+        try:
+            text = Path(name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise _Invalid(f"auth.secret_files[{position}]", f"{name}: {reason}") from None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise _Invalid(f"auth.secret_files[{position}]", f"{name} holds no secret")
+        found += lines
+    for position, variable in enumerate(auth.secret_env):
+        value = os.environ.get(variable, "").strip()
+        if not value:
+            raise _Invalid(f"auth.secret_env[{position}]", f"${variable} is not set or empty")
+        found.append(value)
+    if len(found) == len(auth.secrets):
+        return config
+    unique = tuple(dict.fromkeys(found))
+    return replace(config, auth=replace(auth, secrets=unique))
 
 
 def default_config() -> Config:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import logging.handlers
+import os
 import re
 import sys
 import time
@@ -287,18 +289,42 @@ class LoopBatchingHandler(logging.StreamHandler[TextIO]):
             self.handleError(logging.makeLogRecord({"msg": text.rstrip("\n")}))
 
 
-def configure_logging(level: str = "info", fmt: str = "text") -> None:
-    """Send logs to stderr (journald under systemd); safe to call again on reload."""
-    handler = LoopBatchingHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(TextFormatter())
+SYSLOG_SOCKET = "/dev/log"
+
+
+def configure_logging(
+    level: str = "info", fmt: str = "text", *, file: str | None = None, syslog: bool = False
+) -> None:
+    """Send logs to stderr (journald under systemd), or to `file`, and to the local
+    syslog too with `syslog`. Safe to call again on reload, which reopens `file`: after
+    logrotate has moved it, a reload starts a new one. OSError if `file` cannot be
+    opened or there is no syslog socket; the handlers in place then stay."""
+    stream: TextIO = sys.stderr
+    if file is not None:
+        stream = open(file, "a", encoding="utf-8")  # noqa: SIM115 (closed on the next call)
+    handlers: list[logging.Handler] = [LoopBatchingHandler(stream)]
+    handlers[0].setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if syslog:
+        try:
+            system = logging.handlers.SysLogHandler(
+                address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON
+            )
+        except OSError:
+            if stream is not sys.stderr:
+                stream.close()
+            raise
+        system.setFormatter(logging.Formatter(f"pyturn[{os.getpid()}]: %(name)s: %(message)s"))
+        handlers.append(system)
     root = logging.getLogger()
     for existing in list(root.handlers):
         existing.flush()  # lines still waiting for the end of the loop turn
         root.removeHandler(existing)
-    root.addHandler(handler)
+        if isinstance(existing, LoopBatchingHandler) and existing.stream is not sys.stderr:
+            existing.stream.close()
+        elif isinstance(existing, logging.handlers.SysLogHandler):
+            existing.close()
+    for handler in handlers:
+        root.addHandler(handler)
     root.setLevel(_LEVELS.get(level, logging.INFO))
 
 

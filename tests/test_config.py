@@ -67,7 +67,12 @@ def fully_customised() -> Config:
             Listener("tls", "::", 5349),
             Listener("udp", "127.0.0.1", 0),
         ),
-        tls=TlsConfig(certificate="/etc/pyturn/cert.pem", private_key="/etc/pyturn/key.pem"),
+        tls=TlsConfig(
+            certificate="/etc/pyturn/cert.pem",
+            private_key="/etc/pyturn/key.pem",
+            ciphers="ECDHE-RSA-AES128-GCM-SHA256",
+            min_version="1.3",
+        ),
         relay=RelayConfig(
             address="10.0.0.5",
             external_address="203.0.113.7",
@@ -84,9 +89,17 @@ def fully_customised() -> Config:
             secrets=("new-secret", "old-secret"),
             nonce_lifetime=300,
             end_expired_sessions=True,
+            secure_stun=True,
+            rest_separator="-",
         ),
         peers=PeersConfig(allow=("10.1.0.0/16", "fd00::1"), deny=("198.51.100.0/24",)),
-        allocations=AllocationsConfig(default_lifetime=300, max_lifetime=1200),
+        allocations=AllocationsConfig(
+            default_lifetime=300,
+            max_lifetime=1200,
+            legacy_channel_numbers=True,
+            tcp_relay=False,
+            default_family="keep",
+        ),
         quotas=QuotasConfig(
             allocations_per_user=5,
             allocations_total=1000,
@@ -104,11 +117,14 @@ def fully_customised() -> Config:
         control=ControlConfig(
             enabled=False, socket="/srv/turn/control.sock", state_file="/srv/turn/state.json"
         ),
-        logging=LoggingConfig(level="debug", format="json"),
+        logging=LoggingConfig(
+            level="debug", format="json", file="/var/log/pyturn.log", syslog=True
+        ),
         software="pyturn 0.1",
         workers=4,
         shutdown_timeout=2.5,
         alternate_server="[2001:db8::2]:3478",
+        redirect_allocations=("192.0.2.20:3478", "[2001:db8::3]:3478"),
         store="sqlite:///var/lib/pyturn/users.db",
     )
 
@@ -585,6 +601,10 @@ def test_config_to_dict_gives_plain_data_in_schema_order() -> None:
         "secrets": ["new-secret", "old-secret"],
         "nonce_lifetime": 300,
         "end_expired_sessions": True,
+        "secure_stun": True,
+        "secret_files": [],
+        "secret_env": [],
+        "rest_separator": "-",
     }
     assert data["peers"] == {"allow": ["10.1.0.0/16", "fd00::1"], "deny": ["198.51.100.0/24"]}
     assert data["shutdown_timeout"] == 2.5
@@ -597,6 +617,10 @@ def test_config_to_dict_redacts_passwords_keys_and_secrets_by_default() -> None:
         "secrets": [REDACTED, REDACTED],
         "nonce_lifetime": 300,
         "end_expired_sessions": True,
+        "secure_stun": True,
+        "secret_files": [],
+        "secret_env": [],
+        "rest_separator": "-",
     }
     text = yaml.safe_dump(data)
     for secret in ("correct horse", KEY_HEX, "new-secret", "old-secret"):
@@ -612,6 +636,10 @@ def test_redaction_keeps_unset_secrets_visible_as_empty() -> None:
         "secrets": [],
         "nonce_lifetime": 600,
         "end_expired_sessions": False,
+        "secure_stun": False,
+        "secret_files": [],
+        "secret_env": [],
+        "rest_separator": ":",
     }
 
 
@@ -756,3 +784,48 @@ def test_a_narrower_bandwidth_limit_above_a_wider_one_is_warned_about() -> None:
     ]
     fine = parse_config({"bandwidth": {"per_allocation": "2 Mbit/s", "total": "1 Gbit/s"}})
     assert config_warnings(fine) == []
+
+
+# --------------------------------------------------------------------------- secrets kept outside
+
+
+def test_secrets_come_from_files_and_the_environment_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mounted = tmp_path / "turn-secret"
+    mounted.write_text("from-a-file\n\nand-its-second-line\n")
+    monkeypatch.setenv("TURN_SECRET", "from-the-environment")
+    config = load_text(
+        tmp_path,
+        f"""
+        auth:
+          secrets: [in-the-file, from-a-file]
+          secret_files: [{mounted}]
+          secret_env: [TURN_SECRET]
+        """,
+    )
+    assert config.auth.secrets == (
+        "in-the-file",
+        "from-a-file",
+        "and-its-second-line",
+        "from-the-environment",
+    )
+    # What a worker gets from its supervisor parses to the same secrets.
+    again = parse_config(config_to_dict(config, redact=False))
+    assert again.auth.secrets == config.auth.secrets
+    assert "from-a-file" not in yaml.safe_dump(config_to_dict(config))
+
+
+@pytest.mark.parametrize(
+    ("auth", "problem"),
+    [
+        ("secret_files: [/nonexistent/turn-secret]", r"auth\.secret_files\[0\]: /nonexistent"),
+        ("secret_files: [relative/path]", r"auth\.secret_files\[0\].*absolute path"),
+        ("secret_env: [PYTURN_TEST_UNSET]", r"auth\.secret_env\[0\]: \$PYTURN_TEST_UNSET is not"),
+    ],
+)
+def test_a_secret_that_cannot_be_read_is_an_error_naming_it(
+    tmp_path: Path, auth: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        load_text(tmp_path, f"auth:\n  {auth}\n")

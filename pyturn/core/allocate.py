@@ -77,6 +77,8 @@ class AllocateRequests(ServerState):
         requested_family = msg.get(RequestedAddressFamily)
         additional_family = msg.get(AdditionalAddressFamily)
         tcp = transport.protocol == TRANSPORT_TCP
+        if tcp and not self.config.allocations.tcp_relay:
+            raise errors.UnsupportedTransport("TCP relaying is off (allocations.tcp_relay)")
         if tcp:
             # RFC 6062 §5.1: TCP relaying needs a TCP control connection, and the
             # UDP-only options make no sense for it.
@@ -102,6 +104,9 @@ class AllocateRequests(ServerState):
                 "ADDITIONAL-ADDRESS-FAMILY with REQUESTED-ADDRESS-FAMILY or a reservation"
             )
         family = FAMILY_IPV4
+        if self.config.allocations.default_family == "keep" and ":" in client[0]:
+            # coturn's keep-address-family: an IPv6 client gets an IPv6 relay if there is one.
+            family = FAMILY_IPV6 if FAMILY_IPV6 in self.relay_ips else FAMILY_IPV4
         if token is not None:
             # RFC 8656 §7.2 step 5: the token alone names the reserved port, so its
             # family too (REQUESTED-ADDRESS-FAMILY may not come with it).
@@ -124,6 +129,9 @@ class AllocateRequests(ServerState):
                 extra.append(AddressErrorCode(FAMILY_IPV6, 440, "Address Family not Supported"))
         if family not in self.relay_ips:
             raise errors.AddressFamilyNotSupported
+        # A node that only spreads clients over others (RFC 8489 §10 ALTERNATE-SERVER).
+        if self.redirects:
+            raise errors.TryAlternate(attributes=[self._next_redirect(client)])
         # Step 7: quotas, for the whole node (pyturn/core/node.py). Held from here: the
         # steps below give the place back if they refuse.
         quotas = self.config.quotas
@@ -187,6 +195,15 @@ class AllocateRequests(ServerState):
         if reservation is not None:
             attributes.append(ReservationToken(reservation))
         return attributes + extra
+
+    def _next_redirect(self, client: Address) -> AlternateServer:
+        """The next of `redirect_allocations` in turn, among those of the client's family
+        (coturn's rule: a client is sent where it can go)."""
+        usable = [r for r in self.redirects if (":" in r[0]) == (":" in client[0])]
+        choices = usable or self.redirects
+        self.redirect_turn += 1
+        host, port = choices[self.redirect_turn % len(choices)]
+        return AlternateServer(host, port)
 
     def _bind_relays(
         self,

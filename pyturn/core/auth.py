@@ -64,13 +64,14 @@ def rest_password(secret: str, username: str) -> str:
     return base64.b64encode(mac).decode("ascii")
 
 
-def rest_username(expires_at: int, user: str | None = None) -> str:
-    return f"{expires_at}:{user}" if user else str(expires_at)
+def rest_username(expires_at: int, user: str | None = None, separator: str = ":") -> str:
+    return f"{expires_at}{separator}{user}" if user else str(expires_at)
 
 
-def parse_rest_username(username: str) -> tuple[int, str] | None:
-    """`<unix-expiry>[:<user>]` -> (expiry, user part or ""), or None if not of that form."""
-    stamp, _, user = username.partition(":")
+def parse_rest_username(username: str, separator: str = ":") -> tuple[int, str] | None:
+    """`<unix-expiry>[:<user>]` -> (expiry, user part or ""), or None if not of that form
+    (coturn's rest-api-separator may replace the ":")."""
+    stamp, _, user = username.partition(separator)
     if not (1 <= len(stamp) <= 12 and stamp.isascii() and stamp.isdigit()):
         return None
     return int(stamp), user
@@ -94,11 +95,13 @@ class Authenticator:
         nonce_lifetime: float = 600.0,
         nonce_secret: bytes | None = None,
         stored: Mapping[str, UserKeys] | None = None,
+        rest_separator: str = ":",
     ) -> None:
         """`users` and `secrets_` come from the config, `stored` users from the store
         (pyturn/store); a name in both is the config's."""
         self.realm = realm
         self.secrets = tuple(secrets_)
+        self.rest_separator = rest_separator
         self.nonce_lifetime = nonce_lifetime
         self._nonce_secret = nonce_secret or secrets.token_bytes(32)
         self._keys: dict[str, bytes] = {}
@@ -200,7 +203,7 @@ class Authenticator:
                 return static
         if not self.secrets:
             return AuthFailure.UNKNOWN_USER
-        parsed = parse_rest_username(username)
+        parsed = parse_rest_username(username, self.rest_separator)
         if parsed is None:
             return AuthFailure.UNKNOWN_USER
         expires_at, user = parsed

@@ -80,6 +80,28 @@ _V4Nets = tuple[ipaddress.IPv4Network, ...]
 _V6Nets = tuple[ipaddress.IPv6Network, ...]
 
 
+def parse_peers(text: str) -> tuple[IPNetwork, ...]:
+    """The networks an operator's entry names: a network (see `parse_network`) or an
+    inclusive range ``"10.0.0.0-10.255.255.255"`` (coturn's spelling), which becomes the
+    fewest networks that cover exactly that range.
+
+    Raises ValueError naming the offending text when it is neither.
+    """
+    first, dash, last = text.strip().partition("-")
+    if not dash:
+        return (parse_network(text),)
+    try:
+        start, end = ipaddress.ip_address(first.strip()), ipaddress.ip_address(last.strip())
+    except ValueError:
+        raise ValueError(
+            f"invalid range {text!r}: expected two addresses of one family, such as "
+            "'10.0.0.0-10.255.255.255'"
+        ) from None
+    if start.version != end.version or int(start) > int(end):
+        raise ValueError(f"invalid range {text!r}: it must go from a lower to a higher address")
+    return tuple(ipaddress.summarize_address_range(start, end))
+
+
 def parse_network(text: str) -> IPNetwork:
     """Parse an operator-supplied network such as ``"10.0.0.0/8"``, ``"127.0.0.1"`` or ``"::1"``.
 
@@ -135,12 +157,18 @@ def _split(networks: Iterable[IPNetwork | str]) -> tuple[_V4Nets, _V6Nets]:
     v4: list[ipaddress.IPv4Network] = []
     v6: list[ipaddress.IPv6Network] = []
     for item in networks:
-        network = parse_network(item) if isinstance(item, str) else item
-        if isinstance(network, ipaddress.IPv4Network):
-            v4.append(network)
-        else:
-            v6.append(network)
+        for network in parse_peers(item) if isinstance(item, str) else (item,):
+            if isinstance(network, ipaddress.IPv4Network):
+                v4.append(network)
+            else:
+                v6.append(network)
     return tuple(v4), tuple(v6)
+
+
+def _longest(address: IPAddress, v4: _V4Nets, v6: _V6Nets) -> int:
+    """The prefix length of the most specific network holding `address`; -1: none."""
+    networks: _V4Nets | _V6Nets = v4 if isinstance(address, ipaddress.IPv4Address) else v6
+    return max((n.prefixlen for n in networks if address in n), default=-1)
 
 
 def _contains(address: IPAddress, v4: _V4Nets, v6: _V6Nets) -> bool:
@@ -168,18 +196,23 @@ class PeerPolicy:
 
     1. Build the candidate set: the address itself (with any IPv6 zone id such as
        ``%eth0`` removed) plus, for IPv6, every address from :func:`embedded_ipv4`.
-    2. If any candidate falls in the operator's ``deny`` list, refuse.  ``deny``
-       therefore always beats ``allow``.
-    3. Otherwise every candidate must be acceptable: either inside the operator's
-       ``allow`` list, or outside :data:`DEFAULT_DENY`.  If all are, permit.
+    2. Each candidate is judged by the most specific of the operator's entries that
+       holds it, as routers pick a route (the longest prefix): ``allow`` or ``deny``,
+       and ``deny`` when an allowed and a denied network of the same length both hold
+       it. Without such an entry, :data:`DEFAULT_DENY` judges it: the built-in list is
+       the least specific layer, below every operator entry.
+    3. Every candidate must be allowed.
 
-    ``allow`` only punches holes in :data:`DEFAULT_DENY`; it is not an allow-only
-    list.  Because IPv4 entries are also matched against embedded IPv4 addresses,
+    So ``allow=["10.0.0.0/8"], deny=["10.9.0.0/16"]`` opens the private network but
+    one subnet, ``deny=["0.0.0.0/0"], allow=["192.0.2.7"]`` relays to one host only
+    (BigBlueButton's setup), and an allow entry opens a built-in denied range.
+    Because IPv4 entries are also matched against embedded IPv4 addresses,
     ``allow=["127.0.0.0/8"]`` opens both ``127.0.0.1`` and ``::ffff:127.0.0.1``, and
     ``deny=["198.51.100.0/24"]`` closes both spellings too.
 
-    Networks may be given as ``ipaddress`` objects or strings accepted by
-    :func:`parse_network` (which raises ValueError on bad input).
+    Entries may be ``ipaddress`` networks or strings accepted by :func:`parse_peers`
+    (networks, and ranges such as ``"10.0.0.0-10.255.255.255"``), which raises
+    ValueError on bad input.
     """
 
     __slots__ = ("_allow_v4", "_allow_v6", "_deny_v4", "_deny_v6")
@@ -208,10 +241,11 @@ class PeerPolicy:
             candidates = (parsed, *embedded_ipv4(parsed))
         else:
             candidates = (parsed,)
-        if any(_contains(c, self._deny_v4, self._deny_v6) for c in candidates):
-            return False
-        return all(
-            _contains(c, self._allow_v4, self._allow_v6)
-            or not _contains(c, _DEFAULT_DENY_V4, _DEFAULT_DENY_V6)
-            for c in candidates
-        )
+        return all(self._judge(candidate) for candidate in candidates)
+
+    def _judge(self, address: IPAddress) -> bool:
+        denied = _longest(address, self._deny_v4, self._deny_v6)
+        allowed = _longest(address, self._allow_v4, self._allow_v6)
+        if denied >= 0 or allowed >= 0:
+            return allowed > denied
+        return not _contains(address, _DEFAULT_DENY_V4, _DEFAULT_DENY_V6)

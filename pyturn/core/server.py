@@ -20,7 +20,7 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from pyturn.config import Config
+from pyturn.config import Config, split_host_port
 from pyturn.core import errors
 from pyturn.core.actions import (
     Action,
@@ -155,6 +155,7 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
         self.table = table if table is not None else ForwardingTable(self.random)
         self.allocations: dict[FiveTuple, Allocation] = {}
         self.draining = False
+        self.redirect_turn = 0
         # Allocations and reserved ports per user and in all, source budgets and relay
         # ports: counted for the node, whatever the number of workers.
         ports = config.relay.max_port - config.relay.min_port + 1
@@ -189,6 +190,8 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
             Method.CHANNEL_BIND: self._channel_bind,
             Method.CONNECT: self._connect,
             Method.CONNECTION_BIND: self._connection_bind,
+            # Only with auth.secure_stun: else Binding is answered before handlers.
+            Method.BINDING: self._binding,
         }
         self.peer_connections: dict[int, PeerConnection] = {}
         # `pyturn revoke`: user (or REST username) -> when the revocation ends.
@@ -209,6 +212,7 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
             nonce_lifetime=config.auth.nonce_lifetime,
             nonce_secret=self._nonce_secret,
             stored=users,
+            rest_separator=config.auth.rest_separator,
         )
 
     def _rebucket(self, user: str, bucket: int) -> None:
@@ -235,6 +239,8 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
         self.config = config
         self.use_stored(self._stored_users, self._stored_secrets)
         self.policy = PeerPolicy(config.peers.allow, config.peers.deny)
+        self._secure_stun = config.auth.secure_stun
+        self.redirects = [split_host_port(s) for s in config.redirect_allocations]
         self._end_expired = config.auth.end_expired_sessions
         if self._end_expired:
             # Allocations made before the switch get their credential's end as a deadline.
@@ -273,7 +279,7 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
         kind = data[:2]
         # Binding first: it is what most clients send most (a Binding request is never
         # ChannelData, whose first byte is 0x40-0x7F, so the order changes no outcome).
-        if kind == _BINDING_REQUEST_TYPE:
+        if kind == _BINDING_REQUEST_TYPE and not self._secure_stun:
             answer = self._answer_binding(data, five_tuple[1])
             if answer is not None:
                 return answer
@@ -471,7 +477,7 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
     def _request(self, msg: Message, five_tuple: FiveTuple, now: float) -> Reply | None:
         client = five_tuple[1]
         fingerprint = msg.fingerprint_offset is not None
-        if msg.method == Method.BINDING:
+        if msg.method == Method.BINDING and not self._secure_stun:
             unknown = msg.unknown_comprehension_required()
             if unknown:
                 exc = errors.UnknownAttributesError(attributes=[UnknownAttributes(unknown)])
@@ -638,6 +644,12 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
                 return candidate
         self._out.append(AuthFailed(client, name, AuthFailure.BAD_PASSWORD))
         raise errors.Unauthorized
+
+    def _binding(
+        self, msg: Message, five_tuple: FiveTuple, candidate: Candidate, now: float
+    ) -> list[Attribute]:
+        """RFC 8489 §7.3 with the long-term credentials (coturn's secure-stun)."""
+        return [XorMappedAddress(*five_tuple[1])]
 
     def _is_revoked(self, candidate: Candidate, now: float) -> bool:
         revoked = self.revoked

@@ -32,6 +32,9 @@ class ServerState:
     # Which worker process this is (0 for a single process): CONNECTION-IDs carry it.
     worker_index: int
     draining: bool
+    # redirect_allocations, parsed; and how many Allocates were sent on so far.
+    redirects: list[tuple[str, int]]
+    redirect_turn: int
     ports: RelayPorts
     relay_ips: dict[int, str]
     table: ForwardingTable

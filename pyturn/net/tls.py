@@ -70,12 +70,30 @@ def check_certificate_pair(
 class TlsContext:
     """One server-side SSLContext for every TLS listener, TLS 1.2 and newer only."""
 
-    def __init__(self, certificate: str, private_key: str) -> None:
+    def __init__(
+        self,
+        certificate: str,
+        private_key: str,
+        *,
+        ciphers: str | None = None,
+        min_version: str = "1.2",
+    ) -> None:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         self.context.options |= ssl.OP_NO_COMPRESSION
         self.warnings: list[str] = []
+        self.configure(ciphers, min_version)
         self.load(certificate, private_key)
+
+    def configure(self, ciphers: str | None, min_version: str) -> None:
+        """The protocol versions and TLS 1.2 ciphers offered from the next handshake on."""
+        self.context.minimum_version = (
+            ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+        )
+        if ciphers is not None:
+            try:
+                self.context.set_ciphers(ciphers)
+            except ssl.SSLError:
+                raise TlsError(f"tls.ciphers: OpenSSL knows none of {ciphers!r}") from None
 
     def load(self, certificate: str, private_key: str) -> None:
         """Check, then load the pair; on error the previous pair stays in use."""

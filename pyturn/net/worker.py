@@ -474,9 +474,13 @@ class Worker:
         """Load (or, on reload, replace) the certificate pair of the TLS listeners."""
         certificate, private_key = config.tls.certificate, config.tls.private_key
         assert certificate is not None and private_key is not None  # the config checks it
+        tls = config.tls
         if self.tls is None:
-            self.tls = TlsContext(certificate, private_key)
+            self.tls = TlsContext(
+                certificate, private_key, ciphers=tls.ciphers, min_version=tls.min_version
+            )
         else:
+            self.tls.configure(tls.ciphers, tls.min_version)
             self.tls.load(certificate, private_key)
         for warning in self.tls.warnings:
             log.warning("%s", warning)
@@ -543,7 +547,15 @@ class Worker:
         for action in self.server.reconfigure(new):
             self._wire(action)
         self.connections.limit = new.limits.connections_per_source
-        configure_logging(new.logging.level, new.logging.format)
+        try:
+            configure_logging(
+                new.logging.level,
+                new.logging.format,
+                file=new.logging.file,
+                syslog=new.logging.syslog,
+            )
+        except OSError as exc:
+            log.error("logging: %s; logging goes on as before", exc)
         self.stats.config_reloads["success"] += 1
         log_event(
             log,

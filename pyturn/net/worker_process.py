@@ -49,7 +49,13 @@ async def serve_as_worker(control_fd: int) -> None:
     if first is None or first.get("op") != "start":
         raise StartupError("worker: no start message from the supervisor")
     config = parse_config(first["config"], source=f"supervisor (worker {first['index']})")
-    configure_logging(config.logging.level, config.logging.format)
+    logging_config = config.logging
+    configure_logging(
+        logging_config.level,
+        logging_config.format,
+        file=logging_config.file,
+        syslog=logging_config.syslog,
+    )
     # Workers share the nonce and reservation-token secret: a client's next 5-tuple
     # may hash to another worker.
     secret = bytes.fromhex(first["secret"])

@@ -558,3 +558,54 @@ def test_draining_server_without_alternate_gets_508(server: TurnServer) -> None:
     """RFC 8656 §7.2: a server taking no new allocations answers 508."""
     server.draining = True
     assert TurnTestClient(server).allocate().code == 508
+
+
+# -- options that coturn deployments set --------------------------------------------------
+
+
+def test_tcp_relaying_can_be_switched_off(make_server: MakeServer) -> None:
+    """coturn's no-tcp-relay: RFC 6062 allocations get 442, UDP ones go on."""
+    server = make_server({"allocations": {"tcp_relay": False}})
+    tcp = TurnTestClient(server, transport="tcp")
+    assert tcp.allocate(transport=TRANSPORT_TCP).code == 442
+    assert TurnTestClient(server, transport="tcp", client=OTHER_CLIENT).allocate().ok
+
+
+def test_keep_gives_an_ipv6_client_an_ipv6_relay(make_server: MakeServer) -> None:
+    """coturn's keep-address-family; RFC 8656's default (IPv4) otherwise."""
+    v6_client = ("2001:db8::7", 40001)
+    keep = make_server(
+        {"relay": {"address6": "::"}, "allocations": {"default_family": "keep"}},
+        relay_ipv6="2001:db8::10",
+    )
+    result = TurnTestClient(keep, client=v6_client).allocate()
+    assert result.need(XorRelayedAddress).address[0] == "2001:db8::10"
+    result = TurnTestClient(keep, client=OTHER_CLIENT).allocate()
+    assert result.need(XorRelayedAddress).address[0] == RELAY_IP
+    plain = make_server({"relay": {"address6": "::"}}, relay_ipv6="2001:db8::10")
+    result = TurnTestClient(plain, client=v6_client).allocate()
+    assert result.need(XorRelayedAddress).address[0] == RELAY_IP
+    # Without an IPv6 relay, keep falls back to IPv4.
+    only_v4 = make_server({"allocations": {"default_family": "keep"}})
+    assert TurnTestClient(only_v4, client=v6_client).allocate().ok
+
+
+def test_redirect_allocations_sends_every_allocate_elsewhere_in_turn(
+    make_server: MakeServer,
+) -> None:
+    """coturn's alternate-server (load sharing): 300, round robin, the client's family."""
+    server = make_server(
+        {"redirect_allocations": ["192.0.2.21:3478", "[2001:db8::3]:3478", "192.0.2.22:5000"]}
+    )
+    sent_to = []
+    for number in range(4):
+        client = TurnTestClient(server, client=("203.0.113.50", 41000 + number))
+        result = client.allocate()
+        assert result.code == 300
+        assert result.has(MessageIntegrity)  # only after the client proved its key
+        sent_to.append(result.need(AlternateServer).address)
+    assert sent_to == [("192.0.2.22", 5000), ("192.0.2.21", 3478)] * 2
+    assert server.allocations == {}
+    v6 = TurnTestClient(server, client=("2001:db8::9", 41000)).allocate()
+    assert v6.need(AlternateServer).address == ("2001:db8::3", 3478)
+    assert TurnTestClient(server).binding().code == 0

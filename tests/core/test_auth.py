@@ -508,3 +508,17 @@ def test_userhash_cannot_name_a_rest_user(server: TurnServer) -> None:
     carol = rest_client(server, rest_username(FUTURE, "carol"))
     carol.use_userhash = True
     assert carol.allocate().code == 401
+
+
+def test_another_rest_separator_splits_the_user_part(make_server: MakeServer) -> None:
+    """coturn's rest-api-separator, as auth.rest_separator."""
+    server = make_server({"auth": {"rest_separator": "-"}})
+    name = rest_username(FUTURE, "carol", separator="-")
+    assert name == f"{FUTURE}-carol"
+    assert rest_client(server, name).allocate().ok
+    assert next(iter(server.allocations.values())).quota_user == "carol"
+    # With "-", a ":" name is no REST username at all.
+    assert (
+        rest_client(server, rest_username(FUTURE, "dave"), client=OTHER_CLIENT).allocate().code
+        == 401
+    )

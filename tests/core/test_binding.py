@@ -6,7 +6,7 @@ from pyturn.core.server import RequestHandled, TurnServer
 from pyturn.wire import integrity
 from pyturn.wire.attributes import Fingerprint, XorMappedAddress
 from pyturn.wire.message import Method
-from tests.core.turn_client import CLIENT, OTHER_CLIENT, TurnTestClient
+from tests.core.turn_client import CLIENT, OTHER_CLIENT, MakeServer, TurnTestClient
 
 
 def test_binding_request_gets_the_client_address_in_xor_mapped_address(
@@ -50,3 +50,22 @@ def test_binding_emits_request_handled_with_code_zero(client: TurnTestClient) ->
     """RFC 8489 §6.3.1: one success response, reported as RequestHandled(code=0)."""
     result = client.binding()
     assert result.events == [RequestHandled(Method.BINDING, 0, CLIENT)]
+
+
+def test_secure_stun_answers_binding_only_with_credentials(make_server: MakeServer) -> None:
+    """coturn's secure-stun, as auth.secure_stun."""
+    server = make_server({"auth": {"secure_stun": True}})
+    client = TurnTestClient(server)
+    assert client.binding().code == 401
+    assert client.binding(fingerprint=True).code == 401
+    result = client.request(Method.BINDING)
+    assert result.code == 0
+    assert result.need(XorMappedAddress).address == CLIENT
+    assert (
+        TurnTestClient(server, password="wrong", client=OTHER_CLIENT).request(Method.BINDING).code
+        == 401
+    )
+
+
+def test_without_secure_stun_binding_needs_no_credentials(server: TurnServer) -> None:
+    assert TurnTestClient(server).binding().code == 0

@@ -13,6 +13,7 @@ from pyturn.core.policy import (
     PeerPolicy,
     embedded_ipv4,
     parse_network,
+    parse_peers,
 )
 
 V4 = ipaddress.IPv4Address
@@ -284,12 +285,67 @@ def test_deny_adds_a_public_range_in_every_spelling() -> None:
     assert policy.is_allowed("1.1.1.1")
 
 
-def test_deny_beats_allow() -> None:
+def test_a_narrower_deny_beats_a_wider_allow_and_deny_wins_a_tie() -> None:
     policy = PeerPolicy(allow=["127.0.0.0/8", "8.8.8.0/24"], deny=["127.0.0.53", "8.8.8.0/24"])
     assert not policy.is_allowed("127.0.0.53")
     assert not policy.is_allowed("::ffff:127.0.0.53")
     assert not policy.is_allowed("8.8.8.8")
     assert policy.is_allowed("127.0.0.1")
+
+
+def test_a_narrower_allow_beats_a_wider_deny() -> None:
+    """coturn lets allowed-peer-ip win over denied-peer-ip; deployments rely on it."""
+    policy = PeerPolicy(allow=["10.1.0.0/16"], deny=["10.0.0.0/8"])
+    assert policy.is_allowed("10.1.2.3")
+    assert not policy.is_allowed("10.2.0.1")
+    # Operator entries are all more specific than the built-in list: 10.1/16 is open
+    # although 10/8 is built-in denied, and a public /8 can be denied but one host.
+    policy = PeerPolicy(allow=["8.8.8.8"], deny=["8.0.0.0/8"])
+    assert policy.is_allowed("8.8.8.8")
+    assert not policy.is_allowed("8.8.4.4")
+
+
+def test_deny_everything_but_one_host_as_bigbluebutton_does() -> None:
+    policy = PeerPolicy(
+        allow=["198.51.100.20", "10.0.0.5"],
+        deny=["0.0.0.0-255.255.255.255", "::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"],
+    )
+    assert policy.is_allowed("198.51.100.20")
+    assert policy.is_allowed("10.0.0.5")
+    assert policy.is_allowed("::ffff:10.0.0.5") is False  # the IPv6 spelling is denied itself
+    for other in ("8.8.8.8", "10.0.0.6", "127.0.0.1", "2606:4700::1111"):
+        assert not policy.is_allowed(other), other
+
+
+def test_an_allow_entry_does_not_open_another_built_in_denied_range() -> None:
+    policy = PeerPolicy(allow=["10.0.0.0/8"], deny=["10.9.0.0/16"])
+    assert policy.is_allowed("10.1.1.1")
+    assert not policy.is_allowed("10.9.1.1")
+    assert not policy.is_allowed("192.168.1.1")
+
+
+@pytest.mark.parametrize(
+    ("text", "networks"),
+    [
+        ("10.0.0.0-10.255.255.255", ["10.0.0.0/8"]),
+        ("192.168.1.10-192.168.1.13", ["192.168.1.10/31", "192.168.1.12/31"]),
+        ("0.0.0.0-255.255.255.255", ["0.0.0.0/0"]),
+        ("::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", ["::/0"]),
+        ("fc00::-fdff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", ["fc00::/7"]),
+        ("8.8.8.8", ["8.8.8.8/32"]),
+        (" 10.0.0.1 - 10.0.0.1 ", ["10.0.0.1/32"]),
+    ],
+)
+def test_ranges_become_the_networks_that_cover_exactly_them(text: str, networks: list[str]) -> None:
+    assert [str(n) for n in parse_peers(text)] == networks
+
+
+@pytest.mark.parametrize(
+    "text", ["10.0.0.9-10.0.0.1", "10.0.0.1-::1", "10.0.0.1-", "a-b", "10.0.0.0/8-10.1.0.0"]
+)
+def test_bad_ranges_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid"):
+        parse_peers(text)
 
 
 def test_deny_can_close_an_ipv6_carrier_prefix_outright() -> None:

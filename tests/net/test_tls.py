@@ -57,3 +57,58 @@ def test_reload_keeps_the_old_pair_when_the_new_one_is_bad(tmp_path: Path) -> No
     new_cert, new_key = make_certificate(tmp_path, name="renewed")
     context.load(str(new_cert), str(new_key))
     assert context.certificate == str(new_cert)
+
+
+def _handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> str:
+    """A whole handshake in memory; the protocol version agreed, or the error's reason."""
+    pipes = [ssl.MemoryBIO() for _ in range(4)]
+    s = server.wrap_bio(pipes[0], pipes[1], server_side=True)
+    c = client.wrap_bio(pipes[2], pipes[3], server_hostname="localhost")
+    for _ in range(10):
+        for side, outgoing, incoming in ((c, pipes[3], pipes[0]), (s, pipes[1], pipes[2])):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as exc:
+                return str(exc.reason)
+            incoming.write(outgoing.read())
+        if c.version() and s.version():
+            return str(c.version())
+    return "no handshake"
+
+
+def _client(maximum: ssl.TLSVersion, ciphers: str | None = None) -> ssl.SSLContext:
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    client.maximum_version = maximum
+    if ciphers is not None:
+        client.set_ciphers(ciphers)
+    return client
+
+
+def test_tls_1_3_only_refuses_a_tls_1_2_client(tmp_path: Path) -> None:
+    """coturn's no-tlsv1_2, as tls.min_version "1.3"."""
+    cert, key = make_certificate(tmp_path)
+    strict = TlsContext(str(cert), str(key), min_version="1.3").context
+    assert _handshake(strict, _client(ssl.TLSVersion.TLSv1_3)) == "TLSv1.3"
+    assert _handshake(strict, _client(ssl.TLSVersion.TLSv1_2)) != "TLSv1.2"
+    lenient = TlsContext(str(cert), str(key)).context
+    assert _handshake(lenient, _client(ssl.TLSVersion.TLSv1_2)) == "TLSv1.2"
+
+
+def test_a_cipher_list_limits_what_tls_1_2_clients_may_use(tmp_path: Path) -> None:
+    """coturn's cipher-list, as tls.ciphers (the test key is ECDSA)."""
+    cert, key = make_certificate(tmp_path)
+    context = TlsContext(str(cert), str(key), ciphers="ECDHE-ECDSA-AES256-GCM-SHA384").context
+    wanted = _client(ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES256-GCM-SHA384")
+    other = _client(ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-AES128-GCM-SHA256")
+    assert _handshake(context, wanted) == "TLSv1.2"
+    assert _handshake(context, other) != "TLSv1.2"
+
+
+def test_a_cipher_list_openssl_does_not_know_is_refused(tmp_path: Path) -> None:
+    cert, key = make_certificate(tmp_path)
+    with pytest.raises(TlsError, match=r"tls\.ciphers: OpenSSL knows none of"):
+        TlsContext(str(cert), str(key), ciphers="NOT-A-CIPHER")

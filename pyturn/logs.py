@@ -306,6 +306,9 @@ def configure_logging(
     handlers[0].setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     if syslog:
         try:
+            if not os.path.exists(SYSLOG_SOCKET):
+                # SysLogHandler would only complain at every line.
+                raise FileNotFoundError(f"syslog: no socket at {SYSLOG_SOCKET}")
             system = logging.handlers.SysLogHandler(
                 address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON
             )

@@ -7,8 +7,10 @@ import io
 import json
 import logging
 import signal
+import socket
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -28,7 +30,7 @@ from pyturn.probe import ProbeClient
 from pyturn.wire.attributes import RequestedTransport
 from pyturn.wire.message import Method
 from tests.ops.conftest import StartServer
-from tests.ops.helpers import Peer, lines, relay_round_trip
+from tests.ops.helpers import Peer, lines, relay_round_trip, wait_until
 
 
 def local_address(client: ProbeClient) -> tuple[str, int]:
@@ -291,3 +293,68 @@ def test_session_lines_without_a_record_are_what_the_formatter_writes(
     direct, via_record = stream.getvalue().splitlines()
     assert direct == via_record
     assert "allocation created" in direct
+
+
+# -- logging.file and logging.syslog -----------------------------------------------------
+
+
+def test_a_reload_reopens_the_log_file_after_logrotate_moved_it(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """coturn's log-file, as logging.file: `systemctl reload` in logrotate's postrotate."""
+    path = tmp_path / "pyturn.log"
+    server = start_server({"workers": 2})
+    server.wait_for_log(r"ready in \d+ ms: 2 workers", timeout=15)
+    # A reload moves the log to the file (the test harness reads stderr until then).
+    config = dict(server.config, logging={"file": str(path)})
+    server.config_path.write_text(yaml.safe_dump(config))
+    mark = server.log_mark()
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: path.exists() and "config reload" in path.read_text(), timeout=10)
+    assert "config reload" not in server.log_since(mark)
+    rotated = tmp_path / "pyturn.log.1"
+    path.rename(rotated)
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: path.exists() and path.read_text().count("config reload") >= 3, 10)
+    server.client().allocate()  # a session line, in the new file
+    wait_until(lambda: "allocation created" in path.read_text(), timeout=5)
+    assert "allocation created" not in rotated.read_text()
+    assert rotated.read_text().count("config reloaded file=") == 2  # one per worker
+
+
+def test_syslog_gets_every_line_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """coturn's syslog, as logging.syslog: to the local syslog socket, facility daemon."""
+    address = str(tmp_path / "log")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(address)
+    listener.settimeout(5)
+    monkeypatch.setattr(logs, "SYSLOG_SOCKET", address)
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    try:
+        configure_logging("info", "text", syslog=True)
+        logging.getLogger("pyturn.test").info("hello %s", "syslog")
+        datagram = listener.recv(4096).decode()
+        # <priority>: daemon (3) * 8 + info (6) = 30.
+        assert datagram.startswith("<30>pyturn[")
+        assert datagram.rstrip("\x00").endswith("pyturn.test: hello syslog")
+        assert "hello syslog" in stderr.getvalue()
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        listener.close()
+
+
+def test_without_a_syslog_socket_configure_logging_fails_and_keeps_its_handlers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logs, "SYSLOG_SOCKET", str(tmp_path / "no-such-socket"))
+    root = logging.getLogger()
+    before = root.handlers[:]
+    with pytest.raises(OSError):
+        configure_logging("info", "text", syslog=True)
+    assert root.handlers == before

@@ -217,7 +217,8 @@ def _setter(section: str | None, key: str, parse: Callable[[Option], object]) ->
         value = parse(option)
         target = state.config if section is None else state.section(section)
         target[key] = value
-        return Outcome(option, MAPPED, f"{section + '.' if section else ''}{key}: {value}")
+        shown = str(value).lower() if isinstance(value, bool) else value
+        return Outcome(option, MAPPED, f"{section + '.' if section else ''}{key}: {shown}")
 
     return handle
 
@@ -325,8 +326,7 @@ def _peer_range(text: str) -> str:
     if "/" in text:
         raise ValueError(f"{text!r}: coturn takes IP or IP-IP here, not CIDR")
     parse_peers(text)
-    first, dash, last = text.partition("-")
-    return f"{_ip(first.strip())}-{_ip(last.strip())}" if dash else _ip(first.strip())
+    return "-".join(part.strip() for part in text.split("-"))
 
 
 def _peers(kind: str) -> Handler:
@@ -623,6 +623,15 @@ def _finish(state: _State) -> None:
         if has_tls and "tls" in state.transports:
             listen.append({"transport": "tls", "address": address, "port": state.tls_port})
     config["listen"] = listen
+    if not state.listening_ips:
+        state.outcomes.append(
+            Outcome(
+                Option("listen", None, "listeners"),
+                WARNING,
+                "coturn listened on every IPv6 address too; to serve IPv6 clients, add "
+                "listen entries with address '::'",
+            )
+        )
     relay = state.section("relay")
     v4 = [ip for ip in state.relay_ips if ":" not in ip]
     v6 = [ip for ip in state.relay_ips if ":" in ip]

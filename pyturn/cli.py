@@ -178,7 +178,15 @@ def check_config(config_path: Path, quiet: bool) -> None:
     metavar="URL",
     help="ICE server URL(s) to include, e.g. turn:turn.example.org:3478.",
 )
-def credentials(secret: str, user: str | None, ttl: int, urls: tuple[str, ...]) -> None:
+@click.option(
+    "--separator",
+    default=":",
+    show_default=True,
+    help="Between the expiry and --user: the server's auth.rest_separator.",
+)
+def credentials(
+    secret: str, user: str | None, ttl: int, urls: tuple[str, ...], separator: str
+) -> None:
     """Print TURN REST API credentials as JSON for RTCPeerConnection's iceServers.
 
     Allocation quotas and the bandwidth.per_user limit count every credential made with
@@ -186,7 +194,7 @@ def credentials(secret: str, user: str | None, ttl: int, urls: tuple[str, ...]) 
     credential is a user of its own, held only by bandwidth.per_allocation and
     bandwidth.total.
     """
-    username = rest_username(int(time.time()) + ttl, user)
+    username = rest_username(int(time.time()) + ttl, user, separator)
     entry = {
         "urls": list(urls),
         "username": username,

@@ -638,14 +638,18 @@ def _finish(state: _State) -> None:
     for public, private in state.external:
         key = "external_address6" if ":" in public else "external_address"
         relay.setdefault(key, public)
+        if relay[key] != public:
+            _one_per_family(state, "external-ip", public, relay[key])
         if private is not None:
             (v6 if ":" in private else v4).append(private)
             if private not in state.allow:
                 state.allow.append(private)
-    if v4:
-        relay["address"] = v4[0]
-    if v6:
-        relay["address6"] = v6[0]
+    for key, found in (("address", v4), ("address6", v6)):
+        if found:
+            relay[key] = found[0]
+        for other in dict.fromkeys(found[1:]):
+            if other != found[0]:
+                _one_per_family(state, "relay-ip", other, found[0])
     if not relay:
         del config["relay"]
     auth: dict[str, Any] = state.section("auth")
@@ -665,6 +669,17 @@ _COTURN_REFUSES = tuple(
     for n in ("0.0.0.0/32", "::/128", "169.254.0.0/16", "fe80::/10", "fc00::/7", "fec0::/10")
 )
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def _one_per_family(state: _State, name: str, ignored: str, kept: str) -> None:
+    state.outcomes.append(
+        Outcome(
+            Option(name, ignored, "relay addresses"),
+            UNSUPPORTED,
+            f"{ignored}: pyturn relays from one address per family, here {kept}; run a "
+            "pyturn per address (or a node per address in a fleet) for more",
+        )
+    )
 
 
 def _peer_policy(state: _State) -> None:

@@ -241,3 +241,20 @@ def test_standard_input_and_no_input(tmp_path: Path) -> None:
     assert result.returncode == 0
     assert yaml.safe_load(result.stdout)["realm"] == "piped"
     assert pyturn("import-coturn").returncode == 2
+
+
+def test_dual_stack_external_addresses_map_and_a_second_of_one_family_is_unsupported() -> None:
+    config, outcomes = convert(
+        read_file(
+            "external-ip=192.0.2.7\nexternal-ip=2001:db8::7\nrelay-ip=10.0.0.2\n"
+            "relay-ip=10.0.0.3\nexternal-ip=198.51.100.9/10.0.0.4\n",
+            "t.conf",
+        )
+    )
+    assert config["relay"] == {
+        "external_address": "192.0.2.7",
+        "external_address6": "2001:db8::7",
+        "address": "10.0.0.2",
+    }
+    refused = [o.option.value for o in outcomes if o.kind == UNSUPPORTED]
+    assert refused == ["198.51.100.9", "10.0.0.3", "10.0.0.4"]

@@ -657,6 +657,15 @@ def _finish(state: _State) -> None:
         auth["users"] = state.users
     if state.secrets:
         auth["secrets"] = state.secrets
+    elif state.use_auth_secret and "store" not in config:
+        state.outcomes.append(
+            Outcome(
+                state.seen["use-auth-secret"],
+                UNSUPPORTED,
+                "REST API credentials without a static-auth-secret: give the secret in "
+                "auth.secrets, auth.secret_files or auth.secret_env",
+            )
+        )
     if not auth:
         del config["auth"]
     _peer_policy(state)

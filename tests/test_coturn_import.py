@@ -258,3 +258,10 @@ def test_dual_stack_external_addresses_map_and_a_second_of_one_family_is_unsuppo
     }
     refused = [o.option.value for o in outcomes if o.kind == UNSUPPORTED]
     assert refused == ["198.51.100.9", "10.0.0.3", "10.0.0.4"]
+
+
+def test_use_auth_secret_without_a_secret_asks_for_one() -> None:
+    _, outcomes = convert(read_file("use-auth-secret\nrealm=x\n", "t.conf"))
+    assert (outcomes[0].option.where, outcomes[0].kind) == ("t.conf:1", MAPPED)
+    (refused,) = [o for o in outcomes if o.kind == UNSUPPORTED]
+    assert "without a static-auth-secret" in refused.detail

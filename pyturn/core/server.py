@@ -394,10 +394,12 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
     def set_revocations(self, revoked: Mapping[str, float], now: float) -> list[Action]:
         """Refuse these users (401) until each one's time (`pyturn revoke`), and end the
         allocations they hold."""
-        self.revoked = active_revocations(revoked, now)
+        self.revoked = revoked = active_revocations(revoked, now)
         out: list[Action] = []
-        for user in self.revoked:
-            out += self.kick(SessionMatch(user=user), now, "revoked")
+        if revoked:
+            for allocation in list(self.allocations.values()):
+                if allocation.username in revoked or allocation.quota_user in revoked:
+                    out += self._delete(allocation, "revoked", now)
         return out
 
     def sessions(self, match: SessionMatch, now: float) -> list[dict[str, Any]]:

@@ -37,7 +37,7 @@ from pyturn.config import (
 )
 from pyturn.control_commands import drain, kick, reload_command, revoke, sessions
 from pyturn.core.auth import rest_password, rest_username
-from pyturn.logs import configure_logging
+from pyturn.logs import use_logging_config
 from pyturn.store.commands import secret, user
 
 
@@ -113,12 +113,7 @@ def serve(config_path: Path | None) -> None:
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from exc
     try:
-        configure_logging(
-            config.logging.level,
-            config.logging.format,
-            file=config.logging.file,
-            syslog=config.logging.syslog,
-        )
+        use_logging_config(config.logging)
     except OSError as exc:
         raise click.ClickException(f"logging: {exc}") from exc
     for warning in config_warnings(config):

@@ -21,7 +21,10 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
-from typing import NamedTuple, TextIO
+from typing import TYPE_CHECKING, NamedTuple, TextIO
+
+if TYPE_CHECKING:
+    from pyturn.config import LoggingConfig
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -290,6 +293,11 @@ class LoopBatchingHandler(logging.StreamHandler[TextIO]):
 
 
 SYSLOG_SOCKET = "/dev/log"
+
+
+def use_logging_config(settings: LoggingConfig) -> None:
+    """configure_logging with what the config's `logging` section says."""
+    configure_logging(settings.level, settings.format, file=settings.file, syslog=settings.syslog)
 
 
 def configure_logging(

@@ -39,7 +39,7 @@ from prometheus_client.registry import Collector
 
 from pyturn.config import MAX_WORKERS, Config, Listener, config_to_dict
 from pyturn.core.sessions import revocations_to_json
-from pyturn.logs import configure_logging, format_address
+from pyturn.logs import format_address, use_logging_config
 from pyturn.net import batch
 from pyturn.net.control import LINE_LIMIT, Message, read_message, write_message
 from pyturn.net.errors import StartupError
@@ -477,12 +477,7 @@ class Supervisor:
         self.config = new
         try:
             # The supervisor's own lines: a new level, and a log file reopened (logrotate).
-            configure_logging(
-                new.logging.level,
-                new.logging.format,
-                file=new.logging.file,
-                syslog=new.logging.syslog,
-            )
+            use_logging_config(new.logging)
         except OSError as exc:
             log.error("logging: %s; logging goes on as before", exc)
         self.notifier.ready(f"config reloaded from {self.config_path}")

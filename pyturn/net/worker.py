@@ -59,7 +59,7 @@ from pyturn.core.server import (
     TurnServer,
 )
 from pyturn.core.sessions import SessionMatch, revocations_from_json, revocations_to_json
-from pyturn.logs import configure_logging, format_address, log_event
+from pyturn.logs import format_address, log_event, use_logging_config
 from pyturn.metrics import Stats, TurnCollector, make_registry, render
 from pyturn.net import batch, fastpath
 from pyturn.net.addresses import default_relay_ipv4, default_relay_ipv6
@@ -548,12 +548,7 @@ class Worker:
             self._wire(action)
         self.connections.limit = new.limits.connections_per_source
         try:
-            configure_logging(
-                new.logging.level,
-                new.logging.format,
-                file=new.logging.file,
-                syslog=new.logging.syslog,
-            )
+            use_logging_config(new.logging)
         except OSError as exc:
             log.error("logging: %s; logging goes on as before", exc)
         self.stats.config_reloads["success"] += 1

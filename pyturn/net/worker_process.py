@@ -18,7 +18,7 @@ import socket
 import time
 
 from pyturn.config import parse_config
-from pyturn.logs import configure_logging
+from pyturn.logs import use_logging_config
 from pyturn.metrics import render
 from pyturn.net.control import LINE_LIMIT, Message, read_message, write_message
 from pyturn.net.errors import StartupError
@@ -49,13 +49,7 @@ async def serve_as_worker(control_fd: int) -> None:
     if first is None or first.get("op") != "start":
         raise StartupError("worker: no start message from the supervisor")
     config = parse_config(first["config"], source=f"supervisor (worker {first['index']})")
-    logging_config = config.logging
-    configure_logging(
-        logging_config.level,
-        logging_config.format,
-        file=logging_config.file,
-        syslog=logging_config.syslog,
-    )
+    use_logging_config(config.logging)
     # Workers share the nonce and reservation-token secret: a client's next 5-tuple
     # may hash to another worker.
     secret = bytes.fromhex(first["secret"])

@@ -6,8 +6,6 @@ their value shapes (rendered with example values where the original is a templat
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from pyturn.coturn_import import (
     read_file,
     split_args,
 )
+from tests.interop.server_process import run_pyturn as pyturn
 
 CONFIGS = Path(__file__).parent / "coturn_configs"
 DEPLOYMENTS = sorted(path.stem for path in CONFIGS.glob("*.conf"))
@@ -43,17 +42,6 @@ def converted(name: str) -> tuple[dict[str, Any], list[Outcome]]:
 def policy_of(config: dict[str, Any]) -> PeerPolicy:
     peers = config.get("peers", {})
     return PeerPolicy(peers.get("allow", ()), peers.get("deny", ()))
-
-
-def pyturn(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pyturn", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def test_the_published_configs_are_all_here() -> None:

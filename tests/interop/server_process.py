@@ -411,6 +411,19 @@ class ServerProcess:
         self.stop()
 
 
+def run_pyturn(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """`python -m pyturn ARGS` in a process of its own (as an operator runs a command),
+    its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pyturn", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 def running_server(config: Mapping[str, Any], workdir: Path) -> Iterator[ServerProcess]:
     """Generator for fixtures: yields a started server, stops it afterwards."""
     with ServerProcess(config, workdir) as server:

@@ -5,8 +5,6 @@ that node B holds within a second, and B's users must be listed on A."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +14,7 @@ import pytest
 
 from pyturn.probe import ProbeClient, ProbeError
 from tests.interop.server_process import PASSWORD, USER, ServerFactory, ServerProcess
+from tests.interop.server_process import run_pyturn as pyturn
 from tests.interop.turn_wire_client import open_client
 from tests.redis_server import RedisServer
 
@@ -24,16 +23,6 @@ pytestmark = pytest.mark.interop
 WITHIN = 1.0  # seconds a kick or revocation may take to reach another node
 CLIENTS = 4
 OPEN_BUDGET = {"unauthenticated_burst": 100_000, "unauthenticated_rate": 100_000.0}
-
-
-def pyturn(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pyturn", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +31,9 @@ from tests.interop.server_process import (
     base_config,
     merge_config,
 )
+from tests.interop.server_process import (
+    run_pyturn as pyturn,
+)
 from tests.interop.test_turnutils import assert_all_echoed, run_uclient, turnutils_peer
 from tests.interop.turn_wire_client import error_code, open_client
 from tests.redis_server import RedisServer
@@ -45,17 +47,6 @@ POLL_SLACK = 4.5
 CLIENTS = 6  # 5-tuples per check: with two workers, both are all but surely among them
 # Every check starts with 401s from one source address: more than the default budget.
 OPEN_BUDGET = {"unauthenticated_burst": 100_000, "unauthenticated_rate": 100_000.0}
-
-
-def pyturn(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pyturn", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 @pytest.fixture

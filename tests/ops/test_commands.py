@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 from click.testing import CliRunner
 
 from pyturn.cli import cli
+from tests.interop.server_process import run_pyturn as pyturn
 
 LOOPBACK = "127.0.0.1"
-
-
-def pyturn(*args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m pyturn ARGS` in a process of its own, its output captured."""
-    return subprocess.run(
-        [sys.executable, "-m", "pyturn", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def test_check_config_quiet_prints_nothing_for_a_good_file(tmp_path: Path) -> None:

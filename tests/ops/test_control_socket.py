@@ -13,8 +13,6 @@ import os
 import signal
 import socket
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from pyturn.core.auth import rest_password, rest_username
 from pyturn.net.control_socket import IDLE_TIMEOUT, MAX_CLIENTS, REQUEST_LIMIT
 from pyturn.probe import ProbeClient, ProbeError
 from tests.interop.server_process import REST_SECRET, USER, ServerStartError
+from tests.interop.server_process import run_pyturn as pyturn
 from tests.ops.conftest import StartServer
 from tests.ops.helpers import OpsServer, Peer, ops_config, value, wait_until
 
@@ -40,16 +39,6 @@ def control(tmp_path: Path, workers: int = 2, **extra: Any) -> dict[str, Any]:
         "limits": OPEN_BUDGET,
         **extra,
     }
-
-
-def pyturn(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pyturn", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def ask(path: Path, payload: bytes, timeout: float = 5.0) -> dict[str, Any]:

@@ -290,6 +290,8 @@ def import_coturn(source: str | None, args_text: str | None) -> None:
     argv_options: list[coturn_import.Option] = []
     if args_text is not None:
         argv_options, named, no_file = coturn_import.read_args(coturn_import.split_args(args_text))
+        if no_file and source is not None:
+            raise click.UsageError("--args says -n (no config file): coturn reads no FILE")
         if source is None and named is not None and not no_file:
             source = named
     if source is not None:

@@ -576,11 +576,14 @@ def convert(options: Iterable[Option]) -> tuple[dict[str, Any], list[Outcome]]:
 def _one(state: _State, option: Option) -> Outcome:
     name = option.name
     value = option.value
+    note = ""
     if value is not None and (comment := _TRAILING_COMMENT.search(value)):
         # coturn keeps a trailing " # ..." as part of the value; deployments' docs put
         # comments there all the same, and mean them as comments.
         value = value[: comment.start()] or None
         option = Option(name, value, option.where)
+        if name not in _VALUED:
+            note = " (coturn itself stops at this line: the comment is a bad flag value to it)"
     if value is not None and _PLACEHOLDER.search(value.strip().strip("'\"")):
         return Outcome(option, UNSUPPORTED, f"{value!r} is a placeholder: fill it in first")
     if name not in _LISTS and name in state.seen:
@@ -591,7 +594,8 @@ def _one(state: _State, option: Option) -> Outcome:
             option, outcome.kind, f"{outcome.detail} (given twice: this one wins over {earlier})"
         )
     state.seen[name] = option
-    return _apply(state, option)
+    outcome = _apply(state, option)
+    return Outcome(outcome.option, outcome.kind, outcome.detail + note) if note else outcome
 
 
 def _apply(state: _State, option: Option) -> Outcome:
@@ -652,8 +656,28 @@ def _finish(state: _State) -> None:
                 _one_per_family(state, "relay-ip", other, found[0])
     if not relay:
         del config["relay"]
+    # coturn binds channels 0x4000-0x7FFF (RFC 5766), and its own turnutils_uclient,
+    # among other old clients, picks numbers above 0x4FFF.
+    state.section("allocations")["legacy_channel_numbers"] = True
+    state.outcomes.append(
+        Outcome(
+            Option("channel numbers", None, "coturn's defaults"),
+            MAPPED,
+            "allocations.legacy_channel_numbers: true (coturn accepts 0x5000-0x7FFF too)",
+        )
+    )
     auth: dict[str, Any] = state.section("auth")
-    if state.users:
+    secret_mode = state.use_auth_secret or bool(state.secrets)
+    if state.users and secret_mode:
+        # "Shared secret overrides username/password based auth method" (coturn).
+        state.outcomes.append(
+            Outcome(
+                state.seen["user"],
+                DROPPED,
+                "coturn ignores user= lines when REST API secrets are on, so pyturn gets none",
+            )
+        )
+    elif state.users:
         auth["users"] = state.users
     if state.secrets:
         auth["secrets"] = state.secrets
@@ -671,12 +695,11 @@ def _finish(state: _State) -> None:
     _peer_policy(state)
 
 
-# Peers coturn refuses whatever its allowed-peer-ip says (loopback only without
-# allow-loopback-peers), as of coturn 4.13.1.
-_COTURN_REFUSES = tuple(
-    ipaddress.ip_network(n)
-    for n in ("0.0.0.0/32", "::/128", "169.254.0.0/16", "fe80::/10", "fc00::/7", "fec0::/10")
-)
+# Peers every coturn refuses whatever its allowed-peer-ip says (loopback only without
+# allow-loopback-peers). coturn 4.13.1 and newer also refuse link-local, unique-local
+# and site-local peers; older ones (Debian's 4.6, say) relay to them, which is what
+# the import compares with: pyturn refuses them, and the import says so.
+_COTURN_REFUSES = tuple(ipaddress.ip_network(n) for n in ("0.0.0.0/32", "::/128"))
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
@@ -697,8 +720,8 @@ def _peer_policy(state: _State) -> None:
     - in coturn an allowed-peer-ip wins over any denied-peer-ip; pyturn's most specific
       range wins, which agrees except for a denied range inside an allowed one: that
       part of the deny list is left out;
-    - coturn refuses loopback (without allow-loopback-peers), link-local, unique-local
-      and site-local peers even when allowed: such allow entries are left out.
+    - coturn refuses loopback peers (without allow-loopback-peers) even when allowed:
+      such allow entries are left out.
 
     Then say where pyturn's built-in list refuses peers coturn would have relayed to.
     """
@@ -738,12 +761,25 @@ def _peer_policy(state: _State) -> None:
             peers["allow"] = kept_allow
         if kept_deny:
             peers["deny"] = kept_deny
+    if any(":" not in entry for entry in kept_deny):
+        state.outcomes.append(
+            Outcome(
+                Option("peers", None, "peer policy"),
+                WARNING,
+                "pyturn applies IPv4 entries to the IPv4 address an IPv6 peer carries "
+                "(::ffff:a.b.c.d, 64:ff9b::/96, 2002::/16, Teredo) and coturn did not: "
+                "those spellings of denied IPv4 peers are refused here",
+            )
+        )
     policy = PeerPolicy(kept_allow, kept_deny)
     stricter = [
         str(network)
         for network in DEFAULT_DENY
-        if _coturn_relays(_sample(network), allow_networks, kept_deny, state)
-        and not policy.is_allowed(_sample(network))
+        if any(
+            _coturn_relays(sample, allow_networks, kept_deny, state)
+            and not policy.is_allowed(sample)
+            for sample in _samples(network)
+        )
     ]
     if stricter:
         state.outcomes.append(
@@ -761,9 +797,12 @@ def _inside(inner: IPNetwork, outer: IPNetwork) -> bool:
     return inner.version == outer.version and inner.subnet_of(outer)  # type: ignore[arg-type]
 
 
-def _sample(network: IPNetwork) -> str:
-    """An address of `network` that stands for it (not its first: 0.0.0.0 is special)."""
-    return str(network.network_address + (1 if network.num_addresses > 1 else 0))
+def _samples(network: IPNetwork) -> list[str]:
+    """Addresses that stand for `network`: near its start, middle and end (not its very
+    first: 0.0.0.0 is special), so a deny list that covers part of it shows."""
+    size = network.num_addresses
+    offsets = {1, size // 2, size - 2} if size > 2 else {0}
+    return [str(network.network_address + offset) for offset in sorted(offsets)]
 
 
 def _coturn_relays(address: str, allow: list[IPNetwork], deny: list[str], state: _State) -> bool:

@@ -27,8 +27,6 @@ from typing import Any, Literal, cast, get_args, get_origin, get_type_hints
 
 import yaml
 
-from pyturn.core.policy import parse_peers
-
 __all__ = [
     "REDACTED",
     "AllocationsConfig",
@@ -58,6 +56,8 @@ Transport = Literal["udp", "tcp", "tls"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 AddressFamily = Literal["ipv4", "keep"]
+# An operator's peers entry, parsed (peers.allow, peers.deny).
+PeerNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(Exception):
@@ -119,6 +119,50 @@ def _ip(version: int | None = None, *, specific: bool = False) -> Callable[[str]
         return None
 
     return check
+
+
+def parse_peers(text: str) -> tuple[PeerNetwork, ...]:
+    """The networks an operator's entry names: a network (see `parse_network`) or an
+    inclusive range ``"10.0.0.0-10.255.255.255"`` (coturn's spelling), which becomes the
+    fewest networks that cover exactly that range.
+
+    Raises ValueError naming the offending text when it is neither.
+    """
+    first, dash, last = text.strip().partition("-")
+    if not dash:
+        return (parse_network(text),)
+    try:
+        start, end = ipaddress.ip_address(first.strip()), ipaddress.ip_address(last.strip())
+    except ValueError:
+        raise ValueError(
+            f"invalid range {text!r}: expected two addresses of one family, such as "
+            "'10.0.0.0-10.255.255.255'"
+        ) from None
+    if start.version != end.version or int(start) > int(end):
+        raise ValueError(f"invalid range {text!r}: it must go from a lower to a higher address")
+    return tuple(ipaddress.summarize_address_range(start, end))
+
+
+def parse_network(text: str) -> PeerNetwork:
+    """Parse an operator-supplied network such as ``"10.0.0.0/8"``, ``"127.0.0.1"`` or ``"::1"``.
+
+    A bare host becomes a /32 or /128.  Host bits are masked off rather than rejected
+    (``strict=False``) because ``"10.1.2.3/8"`` in a config file plainly means 10.0.0.0/8.
+    An IPv6 zone id is dropped: an allow or deny entry applies to the address, whatever
+    interface it is reached through.
+
+    Raises ValueError naming the offending text when it is not a network.
+    """
+    try:
+        network = ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError as exc:
+        raise ValueError(
+            f"invalid network {text!r}: expected an IPv4/IPv6 address or CIDR "
+            f"such as '10.0.0.0/8' or '2001:db8::/32' ({exc})"
+        ) from None
+    if isinstance(network, ipaddress.IPv6Network) and network.network_address.scope_id:
+        return ipaddress.IPv6Network((int(network.network_address), network.prefixlen))
+    return network
 
 
 def _network(text: str) -> str | None:

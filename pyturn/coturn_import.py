@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyturn.config import default_config
-from pyturn.core.policy import DEFAULT_DENY, IPNetwork, PeerPolicy, parse_peers
+from pyturn.config import default_config, parse_peers
+from pyturn.core.policy import DEFAULT_DENY, IPNetwork, PeerPolicy
 
 MAPPED = "mapped"
 DROPPED = "dropped"

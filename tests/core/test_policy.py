@@ -7,13 +7,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pyturn.config import parse_network, parse_peers
 from pyturn.core.policy import (
     DEFAULT_DENY,
     IPNetwork,
     PeerPolicy,
     embedded_ipv4,
-    parse_network,
-    parse_peers,
 )
 
 V4 = ipaddress.IPv4Address

@@ -22,7 +22,8 @@ The total is shared fairly. A bucket alone lets through whichever packet comes f
 once it has room, and senders with a steady beat can then win every time: two calls
 at the same rate were seen to split the total 90/10. So each allocation also has a
 fair-share bucket at `total / n`, n the allocations that sent in the previous second
-(counted in bucket 1, per one-second window); an allocation over its fair share may use
+or so far in this one, if more (counted in bucket 1, per one-second window); an
+allocation over its fair share may use
 only the first half of the total's burst, and leaves the rest to those within theirs.
 Light senders keep what they send, heavy ones share what is left about equally, and
 nothing of the total is left unused while someone wants it.
@@ -146,17 +147,21 @@ def admit(  # noqa: PLR0917 (the native admit's signature)
 
 
 def sending(counters: Counters, buckets: Words, now: int) -> int:
-    """How many allocations sent in the window before `now`'s (at least 1), once this
-    one is counted in `now`'s."""
+    """How many allocations are sending: those counted in the window before `now`'s, or
+    so far in `now`'s if more (this one among them). The window so far matters when
+    sending starts: with the window before's count alone, the first second would be
+    first come, first served, and one of two calls starting together could take it all."""
     window = now // WINDOW_NS
+    current = buckets[SENDING + (window & 1)]
     if counters[SEEN_WINDOW] != window:
         counters[SEEN_WINDOW] = window
-        word = SENDING + (window & 1)
-        old = buckets[word]
-        count = (old & _COUNT_MASK) + 1 if old >> _COUNT_BITS == window else 1
-        buckets[word] = (window << _COUNT_BITS) | count
+        count = (current & _COUNT_MASK) + 1 if current >> _COUNT_BITS == window else 1
+        current = (window << _COUNT_BITS) | count
+        buckets[SENDING + (window & 1)] = current
+    so_far = current & _COUNT_MASK if current >> _COUNT_BITS == window else 0
     before = buckets[SENDING + ((window - 1) & 1)]
-    return max(before & _COUNT_MASK if before >> _COUNT_BITS == window - 1 else 0, 1)
+    counted = before & _COUNT_MASK if before >> _COUNT_BITS == window - 1 else 0
+    return max(counted, so_far, 1)
 
 
 def _charged(tat: int, now: int, size: int, rate: int) -> int:

@@ -102,23 +102,30 @@ charge_shared(u64 *word, u64 now, size_t size, u64 rate)
         ;
 }
 
-/* bandwidth.sending: the allocations that sent in the window before now's (at least 1),
- * once this one (counters c) is counted in now's. The node's words need SENDING + 2. */
+/* bandwidth.sending: the allocations counted in the window before now's, or so far in
+ * now's if more, once this one (counters c) is counted in now's (at least 1). The
+ * node's words need SENDING + 2. */
 static u64
 sending(u64 *c, u64 *buckets, u64 now)
 {
     u64 window = now / WINDOW_NS;
+    u64 *word = &buckets[SENDING + (window & 1)];
+    u64 current = __atomic_load_n(word, __ATOMIC_RELAXED);
     if (c[SEEN_WINDOW] != window) {
         c[SEEN_WINDOW] = window;
-        u64 *word = &buckets[SENDING + (window & 1)];
-        u64 old = __atomic_load_n(word, __ATOMIC_RELAXED), count;
+        u64 count, next;
         do {
-            count = (old >> COUNT_BITS) == window ? (old & COUNT_MASK) + 1 : 1;
-        } while (!__atomic_compare_exchange_n(word, &old, (window << COUNT_BITS) | count, 1,
-                                              __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+            count = (current >> COUNT_BITS) == window ? (current & COUNT_MASK) + 1 : 1;
+            next = (window << COUNT_BITS) | count;
+        } while (!__atomic_compare_exchange_n(word, &current, next, 1, __ATOMIC_RELAXED,
+                                              __ATOMIC_RELAXED));
+        current = next;
     }
+    u64 so_far = (current >> COUNT_BITS) == window ? current & COUNT_MASK : 0;
     u64 before = __atomic_load_n(&buckets[SENDING + ((window - 1) & 1)], __ATOMIC_RELAXED);
     u64 n = (before >> COUNT_BITS) == window - 1 ? before & COUNT_MASK : 0;
+    if (so_far > n)
+        n = so_far;
     return n ? n : 1;
 }
 

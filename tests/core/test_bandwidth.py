@@ -229,21 +229,23 @@ def test_allocate_gets_508_while_the_total_limit_drops(make_server: MakeServer) 
     assert newcomer.allocate(now=T0 + 3).ok
 
 
-def share_the_total(offers: list[tuple[float, int]], seconds: int = 10) -> list[int]:
-    """Allocations offering (rate in bytes/s, phase in ns) in 1000-byte packets with a
+def share_the_total(
+    offers: list[tuple[float, int]], seconds: int = 10, size: int = 1000
+) -> list[int]:
+    """Allocations offering (rate in bytes/s, phase in ns) in `size`-byte packets with a
     steady beat, against a total of RATE: the bytes each gets through."""
     rates = bandwidth.new_rates(0, 0, RATE)
     buckets = bandwidth.new_buckets()
     senders = [new_counters() for _ in offers]
     arrivals = sorted(
-        (100 * SECOND + phase + n * int(SECOND * 1000 / rate), i)
+        (100 * SECOND + phase + n * int(SECOND * size / rate), i)
         for i, (rate, phase) in enumerate(offers)
-        for n in range(int(seconds * rate / 1000))
+        for n in range(int(seconds * rate / size))
     )
     got = [0] * len(offers)
     for at, i in arrivals:
-        if bandwidth.admit(senders[i], rates, buckets, TO_PEER, 1000, at) == ADMITTED:
-            got[i] += 1000
+        if bandwidth.admit(senders[i], rates, buckets, TO_PEER, size, at) == ADMITTED:
+            got[i] += size
     return got
 
 
@@ -252,6 +254,14 @@ def test_allocations_over_the_total_share_it_about_equally() -> None:
     # to come would take nearly all of it; the fair share keeps them within 10%.
     got = share_the_total([(1.5 * RATE, 0), (1.5 * RATE, 300_000)])
     assert 0.95 * RATE * 10 <= sum(got) <= 1.05 * RATE * 10
+    assert min(got) >= 0.45 * sum(got), got
+
+
+def test_two_calls_starting_together_share_from_their_first_second() -> None:
+    """No window counted before them: the fair share comes from the window so far. With
+    the window before's count alone, their first second was first come, first served:
+    the one whose packets came first took it, two thirds of 3 s in all."""
+    got = share_the_total([(1.5 * RATE, 0), (1.5 * RATE, 0)], seconds=3, size=100)
     assert min(got) >= 0.45 * sum(got), got
 
 

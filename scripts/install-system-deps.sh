@@ -1,13 +1,15 @@
 #!/bin/sh
 # Installs the Debian packages the test suite uses: coturn, for its client tools
 # (turnutils_stunclient, turnutils_uclient, turnutils_peer, turnadmin) and its server,
-# which benchmarks run side by side with pyturn; and redis-server, the Redis the store
-# tests start on a loopback port. Nothing here is shipped with pyturn.
+# which benchmarks run side by side with pyturn; redis-server, the Redis the store
+# tests start on a loopback port; and prometheus (with promtool), which a test runs
+# against a pyturn with deploy/prometheus's rules. Nothing here is shipped with pyturn.
 set -eu
 
 missing=""
 command -v turnutils_uclient >/dev/null 2>&1 || missing="$missing coturn"
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
 if [ -z "$missing" ]; then
     exit 0
 fi

@@ -18,8 +18,8 @@ import click
 
 from pyturn.config import ConfigError, ControlConfig, load_config
 from pyturn.core.sessions import SessionMatch, parse_duration
+from pyturn.store.commands import DEFAULT_CONFIG
 
-DEFAULT_CONFIG = Path("/etc/pyturn/pyturn.yaml")
 TIMEOUT = 15.0
 _ANSWER_LIMIT = 256 * 1024 * 1024
 

@@ -76,10 +76,10 @@ from tests.interop.server_process import (
 from tests.interop.test_turnutils import (
     CLIENTS,
     MESSAGES,
-    TOOL_TIMEOUT,
     UclientRun,
     assert_all_echoed,
     turnutils_peer,
+    uclient_at,
 )
 from tests.interop.turn_wire_client import WireClient, error_code, open_client
 
@@ -571,34 +571,14 @@ def test_pyturn_with_the_converted_config_grants_and_refuses_the_peers_coturn_do
 
 def run_uclient_at(port: int, peer_port: int, credential: Credential, *flags: str) -> UclientRun:
     """turnutils_uclient against 127.0.0.1:`port` with the deployment's credential."""
-    tool = require_tool("turnutils_uclient")
-    login = ["-u", credential.user]
-    if credential.secret is not None:
-        login += ["-W", credential.secret]
-    else:
-        login += ["-w", credential.password or ""]
-    command = [
-        tool,
+    return uclient_at(
+        port,
+        peer_port,
         *flags,
-        "-p",
-        str(port),
-        "-e",
-        LOOPBACK,
-        "-r",
-        str(peer_port),
-        *login,
-        "-n",
-        str(MESSAGES),
-        "-m",
-        str(CLIENTS),
-        "-l",
-        "170",
-        LOOPBACK,
-    ]
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=TOOL_TIMEOUT, check=False
+        user=credential.user,
+        password=credential.password,
+        secret=credential.secret,
     )
-    return UclientRun(result.returncode, result.stdout + result.stderr)
 
 
 class EchoCollector(asyncio.DatagramProtocol):

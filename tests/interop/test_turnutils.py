@@ -129,8 +129,20 @@ def run_uclient(
     password: str | None = PASSWORD,
     secret: str | None = None,
 ) -> UclientRun:
-    tool = require_tool("turnutils_uclient")
     port = server.tcp_port if "-t" in flags else server.udp_port
+    return uclient_at(port, peer_port, *flags, user=user, password=password, secret=secret)
+
+
+def uclient_at(
+    port: int,
+    peer_port: int,
+    *flags: str,
+    user: str = USER,
+    password: str | None = PASSWORD,
+    secret: str | None = None,
+) -> UclientRun:
+    """turnutils_uclient against 127.0.0.1:`port` (any TURN server: pyturn or coturn)."""
+    tool = require_tool("turnutils_uclient")
     credentials = ["-u", user]
     credentials += ["-W", secret] if secret is not None else ["-w", password or ""]
     command = [

@@ -119,6 +119,14 @@ class SessionMatch:
             user=data.get("user"), client=data.get("client"), relayed=data.get("relayed")
         )
 
+    @classmethod
+    def of_request(cls, request: Mapping[str, Any]) -> SessionMatch:
+        """The "match" of a control request or order (none: every session)."""
+        match = request.get("match") or {}
+        if not isinstance(match, Mapping):
+            raise ValueError("match must be an object")
+        return cls.from_dict(match)
+
 
 def names_user(allocation: Allocation, user: str) -> bool:
     """`user` is the allocation's username, or the user part of its REST username (what

@@ -208,15 +208,8 @@ class NodeControl:
             return {"ok": True, "message": "draining: new allocations refused"}
         raise ValueError(f"unknown op {op!r}")
 
-    @staticmethod
-    def _match(request: Message) -> SessionMatch:
-        match = request.get("match") or {}
-        if not isinstance(match, dict):
-            raise ValueError("match must be an object")
-        return SessionMatch.from_dict(match)
-
     async def _sessions(self, request: Message) -> Message:
-        match = self._match(request)
+        match = SessionMatch.of_request(request)
         if request.get("fleet"):
             if self._fleet is None:
                 raise ValueError("--fleet needs a Redis store (store: redis://...)")
@@ -246,7 +239,7 @@ class NodeControl:
         return rows, missing
 
     async def _kick(self, request: Message) -> Message:
-        match = self._match(request)
+        match = SessionMatch.of_request(request)
         if match.empty:
             raise ValueError("kick needs --user, --client or --relayed")
         kicked, missing = await self._kick_here(match)

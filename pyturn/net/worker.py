@@ -354,9 +354,9 @@ class Worker:
         op = order.get("op")
         now = self.now()
         if op == "sessions":
-            return {"sessions": self.server.sessions(_match(order), now)}
+            return {"sessions": self.server.sessions(SessionMatch.of_request(order), now)}
         if op == "kick":
-            actions = self.server.kick(_match(order), now)
+            actions = self.server.kick(SessionMatch.of_request(order), now)
         elif op == "revocations":
             actions = self.server.set_revocations(revocations_from_json(order.get("revoked")), now)
         else:
@@ -643,13 +643,6 @@ class Worker:
 def node_name(pid: int) -> str:
     """How the fleet (and `pyturn sessions`) names this node: host and main process."""
     return f"{socket.gethostname()}:{pid}"
-
-
-def _match(order: Message) -> SessionMatch:
-    match = order.get("match") or {}
-    if not isinstance(match, dict):
-        raise ValueError("match must be an object")
-    return SessionMatch.from_dict(match)
 
 
 class _ThisWorker:

@@ -587,12 +587,7 @@ def _one(state: _State, option: Option) -> Outcome:
     if value is not None and _PLACEHOLDER.search(value.strip().strip("'\"")):
         return Outcome(option, UNSUPPORTED, f"{value!r} is a placeholder: fill it in first")
     if name not in _LISTS and name in state.seen:
-        earlier = state.seen[name].where
-        state.seen[name] = option
-        outcome = _apply(state, option)
-        return Outcome(
-            option, outcome.kind, f"{outcome.detail} (given twice: this one wins over {earlier})"
-        )
+        note += f" (given twice: this one wins over {state.seen[name].where})"
     state.seen[name] = option
     outcome = _apply(state, option)
     return Outcome(outcome.option, outcome.kind, outcome.detail + note) if note else outcome

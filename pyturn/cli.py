@@ -36,7 +36,7 @@ from pyturn.config import (
     load_config,
 )
 from pyturn.control_commands import drain, kick, reload_command, revoke, sessions
-from pyturn.core.auth import rest_password, rest_username
+from pyturn.core.auth import mint_rest_credential, rest_password, rest_username
 from pyturn.logs import use_logging_config
 from pyturn.store.commands import secret, user
 
@@ -189,13 +189,8 @@ def credentials(
     credential is a user of its own, held only by bandwidth.per_allocation and
     bandwidth.total.
     """
-    username = rest_username(int(time.time()) + ttl, user, separator)
-    entry = {
-        "urls": list(urls),
-        "username": username,
-        "credential": rest_password(secret, username),
-        "ttl": ttl,
-    }
+    minted = mint_rest_credential(secret, int(time.time()) + ttl, user, separator)
+    entry = {"urls": list(urls), **minted, "ttl": ttl}
     click.echo(json.dumps(entry, indent=2))
 
 

@@ -409,6 +409,10 @@ class MetricsConfig:
     enabled: bool = True
     address: str = field(default="127.0.0.1", metadata=_rule(check=_ip()))
     port: int = field(default=9641, metadata=_rule(low=0, high=65535))
+    # HTTP basic authentication from a file of `user:password` lines (pyturn/web/
+    # basic_auth.py), for when the port is reachable from other hosts; /live and /ready
+    # stay open. null: no authentication.
+    auth: str | None = field(default=None, metadata=_rule(check=_absolute_path))
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,13 +3,15 @@
 # (turnutils_stunclient, turnutils_uclient, turnutils_peer, turnadmin) and its server,
 # which benchmarks run side by side with pyturn; redis-server, the Redis the store
 # tests start on a loopback port; and prometheus (with promtool), which a test runs
-# against a pyturn with deploy/prometheus's rules. Nothing here is shipped with pyturn.
+# against a pyturn with deploy/prometheus's rules; and chromium, the headless browser the
+# status and test page tests drive. Nothing here is shipped with pyturn.
 set -eu
 
 missing=""
 command -v turnutils_uclient >/dev/null 2>&1 || missing="$missing coturn"
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 if [ -z "$missing" ]; then
     exit 0
 fi

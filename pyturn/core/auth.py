@@ -68,6 +68,14 @@ def rest_username(expires_at: int, user: str | None = None, separator: str = ":"
     return f"{expires_at}{separator}{user}" if user else str(expires_at)
 
 
+def mint_rest_credential(
+    secret: str, expires_at: int, user: str | None = None, separator: str = ":"
+) -> dict[str, str]:
+    """A TURN REST API credential, as RTCPeerConnection's iceServers entries name it."""
+    username = rest_username(expires_at, user, separator)
+    return {"username": username, "credential": rest_password(secret, username)}
+
+
 def parse_rest_username(username: str, separator: str = ":") -> tuple[int, str] | None:
     """`<unix-expiry>[:<user>]` -> (expiry, user part or ""), or None if not of that form
     (coturn's rest-api-separator may replace the ":")."""

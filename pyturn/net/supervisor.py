@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -39,17 +40,19 @@ from prometheus_client.registry import Collector
 
 from pyturn.config import MAX_WORKERS, Config, Listener, config_to_dict
 from pyturn.core.sessions import revocations_to_json
-from pyturn.logs import format_address, use_logging_config
+from pyturn.logs import use_logging_config
 from pyturn.net import batch
 from pyturn.net.control import LINE_LIMIT, Message, read_message, write_message
 from pyturn.net.errors import StartupError
 from pyturn.net.handover import HandoverRelay
-from pyturn.net.http import OpsApp, start_ops_server
+from pyturn.net.http import OpsApp, log_ops_endpoint, start_ops_server
 from pyturn.net.node_control import NodeControl
 from pyturn.net.node_state import NodeLayout, SupervisorRegion
 from pyturn.net.sdnotify import SystemdNotifier
 from pyturn.net.sockets import listener_sockets
 from pyturn.net.worker import install_event_loop_policy, load_for_reload, node_name
+from pyturn.web.basic_auth import AuthFileError, BasicAuth
+from pyturn.web.status import listener_facts, relay_facts
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +171,7 @@ class Supervisor:
         self.node: SupervisorRegion | None = None
         self.secret = secrets.token_bytes(32)
         self.control: NodeControl | None = None
+        self.ops_app: OpsApp | None = None
 
     def _spawn_task(self, coro: Coroutine[object, object, None]) -> None:
         task = self.loop.create_task(coro)
@@ -400,13 +404,13 @@ class Supervisor:
 
     async def _start_ops_endpoint(self) -> None:
         metrics = self.config.metrics
-        app = OpsApp(lambda: b"", self.readiness, gather=self.gather_metrics)
-        server, address = await start_ops_server(app, metrics.address, metrics.port)
+        try:
+            self.ops_app = OpsApp(self, auth=BasicAuth.load(metrics.auth))
+        except AuthFileError as exc:
+            raise StartupError(str(exc)) from None
+        server, address = await start_ops_server(self.ops_app, metrics.address, metrics.port)
         self._closers.append(server.close)
-        log.info(
-            "metrics on http://%s/metrics (all workers), health checks on /live and /ready",
-            format_address(address),
-        )
+        log_ops_endpoint(address, metrics.auth)
 
     def readiness(self) -> str | None:
         if self.state != "serving":
@@ -415,6 +419,37 @@ class Supervisor:
             w.ready.done() and w.ready.result() for w in self.workers.values()
         ):
             return "restarting a worker"
+        return None
+
+    # -- what the ops endpoint reads (see http.NodeView) -----------------------------------
+
+    async def exposition(self) -> bytes:
+        return await self.gather_metrics()
+
+    def facts(self) -> dict[str, Any]:
+        workers = [
+            {
+                "index": worker.index,
+                "pid": worker.process.pid,
+                "ready": worker.ready.done() and worker.ready.result(),
+            }
+            for worker in sorted(self.workers.values(), key=lambda w: w.index)
+        ]
+        listeners = [(lst.transport, lst.address, lst.port) for lst in self.listen]
+        return {
+            "state": self.state,
+            "workers": workers,
+            "workers_configured": self.count,
+            "listeners": listener_facts(listeners),
+            "relay": relay_facts(self.config.relay),
+        }
+
+    async def test_credential(self, ttl: int, user: str) -> dict[str, Any] | None:
+        """Minted by a worker: it holds the secrets in use (config, files and store)."""
+        for answer in await self.ask({"op": "credential", "ttl": ttl, "user": user}):
+            minted = answer.get("minted")
+            if isinstance(minted, dict):
+                return minted
         return None
 
     async def gather_metrics(self) -> bytes:
@@ -475,6 +510,8 @@ class Supervisor:
             store=self.config.store,
         )
         self.config = new
+        if self.ops_app is not None:
+            self.ops_app.reload_auth(new.metrics.auth)
         try:
             # The supervisor's own lines: a new level, and a log file reopened (logrotate).
             use_logging_config(new.logging)

@@ -32,9 +32,11 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from pyturn.config import Config, ConfigError, Listener, load_config
 from pyturn.core.allocation import Allocation, FiveTuple
+from pyturn.core.auth import mint_rest_credential
 from pyturn.core.forwarding import ForwardingTable
 from pyturn.core.node import NodeState
 from pyturn.core.randomness import SystemRandom
@@ -67,7 +69,7 @@ from pyturn.net.clients import Clients
 from pyturn.net.control_socket import Message
 from pyturn.net.errors import StartupError
 from pyturn.net.handover import Handover
-from pyturn.net.http import OpsApp, start_ops_server
+from pyturn.net.http import OpsApp, log_ops_endpoint, start_ops_server
 from pyturn.net.memory import MemoryReturner
 from pyturn.net.node_control import NodeControl
 from pyturn.net.relay import UdpRelayBinder
@@ -80,6 +82,8 @@ from pyturn.net.tcp_relay import TcpRelay
 from pyturn.net.tls import TlsContext, TlsError
 from pyturn.net.udp import UdpListener
 from pyturn.store import StoreError
+from pyturn.web.basic_auth import AuthFileError, BasicAuth
+from pyturn.web.status import listener_facts, relay_facts
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +203,7 @@ class Worker:
         self.state = "starting"
         self.bound: list[tuple[str, str, int]] = []
         self.metrics_address: tuple[str, int] | None = None
+        self.ops_app: OpsApp | None = None
         self.tls: TlsContext | None = None
         self._closers: list[Callable[[], None]] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -213,6 +218,30 @@ class Worker:
     def readiness(self) -> str | None:
         """None when ready for new clients, else the state that keeps us from it."""
         return None if self.state == "serving" else self.state
+
+    # -- what the ops endpoint reads (a single process; see http.NodeView) ---------------
+
+    async def exposition(self) -> bytes:
+        return render(self.registry)
+
+    def facts(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "workers": [{"index": 0, "pid": os.getpid(), "ready": self.state == "serving"}],
+            "listeners": listener_facts(self.bound),
+            "relay": relay_facts(self.config.relay),
+        }
+
+    async def test_credential(self, ttl: int, user: str) -> dict[str, Any] | None:
+        return self.mint_credential(ttl, user)
+
+    def mint_credential(self, ttl: int, user: str) -> dict[str, str] | None:
+        """A REST credential from the first secret in use (config, files or store)."""
+        secrets = self.server.auth.secrets
+        if not secrets:
+            return None
+        expires_at = int(self.now()) + ttl
+        return mint_rest_credential(secrets[0], expires_at, user, self.server.auth.rest_separator)
 
     # -- actions and events from the core ------------------------------------------------
 
@@ -353,6 +382,8 @@ class Worker:
         them, kick them, or take the node's revocations."""
         op = order.get("op")
         now = self.now()
+        if op == "credential":
+            return {"minted": self.mint_credential(int(order["ttl"]), str(order["user"]))}
         if op == "sessions":
             return {"sessions": self.server.sessions(SessionMatch.of_request(order), now)}
         if op == "kick":
@@ -370,16 +401,15 @@ class Worker:
 
     async def _start_ops_endpoint(self) -> None:
         metrics = self.config.metrics
-        registry = self.registry
-        app = OpsApp(lambda: render(registry), self.readiness)
+        try:
+            self.ops_app = OpsApp(self, auth=BasicAuth.load(metrics.auth))
+        except AuthFileError as exc:
+            raise StartupError(str(exc)) from None
         ops_server, self.metrics_address = await start_ops_server(
-            app, metrics.address, metrics.port
+            self.ops_app, metrics.address, metrics.port
         )
         self._closers.append(ops_server.close)
-        log.info(
-            "metrics on http://%s/metrics, health checks on /live and /ready",
-            format_address(self.metrics_address),
-        )
+        log_ops_endpoint(self.metrics_address, metrics.auth)
 
     async def _bind(self, position: int, listener: Listener) -> None:
         """Serve `listen[position]`: on the socket the supervisor handed over, or on one
@@ -544,6 +574,8 @@ class Worker:
             store=old.store,
         )
         self.config = new
+        if self.ops_app is not None:
+            self.ops_app.reload_auth(new.metrics.auth)
         for action in self.server.reconfigure(new):
             self._wire(action)
         self.connections.limit = new.limits.connections_per_source

@@ -114,7 +114,7 @@ async def _obey(worker: Worker, reader: asyncio.StreamReader, writer: asyncio.St
         elif op == "drain":
             if worker.state == "serving":
                 worker.drain("supervisor")
-        elif op in ("sessions", "kick", "revocations"):
+        elif op in ("sessions", "kick", "revocations", "credential"):
             try:
                 answer = worker.obey(message)
             except ValueError as exc:

@@ -45,8 +45,8 @@ class OpsServer(ServerProcess):
 
     @property
     def metrics_address(self) -> tuple[str, int]:
-        match = _METRICS_LINE.search(self.log_text)
-        assert match is not None, f"no metrics line in the log:\n{self.log_text}"
+        # With workers, the supervisor binds it after the workers are ready.
+        match = self.wait_for_log(_METRICS_LINE.pattern, timeout=10)
         return match["host"], int(match["port"])
 
     def target(self, transport: str = "udp") -> ProbeTarget:

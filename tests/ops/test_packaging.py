@@ -7,14 +7,18 @@ paths point at this virtualenv's `pyturn`, which is otherwise the same file.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
+
+from pyturn import web
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "pyturn.service"
@@ -112,3 +116,28 @@ def test_the_readme_explains_host_networking_for_docker() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "--network host" in readme
     assert "--stop-timeout" in readme
+
+
+def test_the_wheel_carries_the_pages(tmp_path: Path) -> None:
+    """The status and test pages are files beside pyturn/web, served from the install."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=120,
+        env={**os.environ, "PYTURN_NO_NATIVE": "1"},
+    )
+    (wheel,) = tmp_path.glob("pyturn-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    for name in set(web._ROUTES.values()):
+        assert f"pyturn/web/{name}" in names

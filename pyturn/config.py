@@ -39,6 +39,7 @@ __all__ = [
     "MetricsConfig",
     "PeersConfig",
     "QuotasConfig",
+    "RelayAddress",
     "RelayConfig",
     "TlsConfig",
     "UserEntry",
@@ -305,6 +306,20 @@ class TlsConfig:
     min_version: str = field(default="1.2", metadata=_rule(parse=_tls_version))
 
 
+# Relay addresses of one family, relay.address(6) included: a RESERVATION-TOKEN names
+# one in three bits (pyturn/core/relay_ports.py).
+MAX_RELAY_ADDRESSES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class RelayAddress:
+    """One more address to relay from (coturn: a second relay-ip, external-ip=PUB/PRIV)."""
+
+    address: str = field(metadata=_rule(check=_ip(specific=True)))
+    # What clients are told, when the address is behind a 1:1 NAT; same family.
+    external_address: str | None = field(default=None, metadata=_rule(check=_ip(specific=True)))
+
+
 @dataclass(frozen=True, slots=True)
 class RelayConfig:
     address: str = field(default="0.0.0.0", metadata=_rule(check=_ip(4)))  # noqa: S104
@@ -313,6 +328,24 @@ class RelayConfig:
     external_address6: str | None = field(default=None, metadata=_rule(check=_ip(6, specific=True)))
     min_port: int = field(default=49152, metadata=_rule(low=1, high=65535))
     max_port: int = field(default=65535, metadata=_rule(low=1, high=65535))
+    # Allocations take the addresses of their family in turn; a port number is in use on
+    # one of them at a time, so min_port..max_port bounds the allocations of a family.
+    more_addresses: tuple[RelayAddress, ...] = ()
+
+    def more_of(self, version: int) -> tuple[RelayAddress, ...]:
+        """The more_addresses of IP `version` (4 or 6), in order."""
+        return tuple(
+            extra
+            for extra in self.more_addresses
+            if ipaddress.ip_address(extra.address).version == version
+        )
+
+    def bind_addresses(self, version: int) -> tuple[str, ...]:
+        """Where relay sockets of IP `version` bind: index 0 is address (address6)."""
+        first = self.address if version == 4 else self.address6
+        if first is None:
+            return ()
+        return (first, *(extra.address for extra in self.more_of(version)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -514,6 +547,32 @@ def _relay_problems(relay: RelayConfig) -> _Problems:
         yield "min_port", f"must not exceed max_port ({relay.min_port} > {relay.max_port})"
     if relay.external_address6 is not None and relay.address6 is None:
         yield "external_address6", "requires address6 (IPv6 relaying is off without it)"
+    seen = {relay.address, relay.address6}
+    for position, extra in enumerate(relay.more_addresses):
+        where = f"more_addresses[{position}]"
+        version = ipaddress.ip_address(extra.address).version
+        external = extra.external_address
+        if external is not None and ipaddress.ip_address(external).version != version:
+            yield f"{where}.external_address", f"must be an IPv{version} address like address"
+        if version == 6 and relay.address6 is None:
+            yield f"{where}.address", "an IPv6 relay address requires address6"
+        primary = relay.address if version == 4 else relay.address6
+        if primary is not None and ipaddress.ip_address(primary).is_unspecified:
+            yield (
+                f"{where}.address",
+                f"needs a specific {'address' if version == 4 else 'address6'} (not "
+                f"{primary}): a wildcard relay socket would take every address's traffic",
+            )
+        if extra.address in seen:
+            yield f"{where}.address", f"{extra.address} is already a relay address"
+        seen.add(extra.address)
+    for version in (4, 6):
+        if len(relay.bind_addresses(version)) > MAX_RELAY_ADDRESSES:
+            yield (
+                "more_addresses",
+                f"at most {MAX_RELAY_ADDRESSES} IPv{version} relay addresses, address"
+                f"{'6' if version == 6 else ''} included",
+            )
 
 
 def _allocations_problems(allocations: AllocationsConfig) -> _Problems:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyturn.config import default_config, parse_peers
+from pyturn.config import MAX_RELAY_ADDRESSES, default_config, parse_peers
 from pyturn.core.policy import DEFAULT_DENY, IPNetwork, PeerPolicy
 
 MAPPED = "mapped"
@@ -257,8 +257,9 @@ def _no_transport(transport: str) -> Handler:
 
 def _relay_ip(state: _State, option: Option) -> Outcome:
     ip = _ip(_text(option))
+    first = not any((":" in seen) == (":" in ip) for seen in state.relay_ips)
     state.relay_ips.append(ip)
-    key = "relay.address6" if ":" in ip else "relay.address"
+    key = ("relay.address6" if ":" in ip else "relay.address") if first else "relay.more_addresses"
     return Outcome(option, MAPPED, f"{key}: {ip}")
 
 
@@ -272,8 +273,9 @@ def _external_ip(state: _State, option: Option) -> Outcome:
     return Outcome(
         option,
         MAPPED,
-        f"{key}: {pair[0]}, relaying from {pair[1]} (and, as in coturn, {pair[1]} "
-        "is allowed as a peer)",
+        f"relay address {pair[1]}, told to clients as {pair[0]} (relay.address and "
+        "external_address, or an entry of relay.more_addresses; as in coturn, "
+        f"{pair[1]} is allowed as a peer)",
     )
 
 
@@ -632,23 +634,7 @@ def _finish(state: _State) -> None:
             )
         )
     relay = state.section("relay")
-    v4 = [ip for ip in state.relay_ips if ":" not in ip]
-    v6 = [ip for ip in state.relay_ips if ":" in ip]
-    for public, private in state.external:
-        key = "external_address6" if ":" in public else "external_address"
-        relay.setdefault(key, public)
-        if relay[key] != public:
-            _one_per_family(state, "external-ip", public, relay[key])
-        if private is not None:
-            (v6 if ":" in private else v4).append(private)
-            if private not in state.allow:
-                state.allow.append(private)
-    for key, found in (("address", v4), ("address6", v6)):
-        if found:
-            relay[key] = found[0]
-        for other in dict.fromkeys(found[1:]):
-            if other != found[0]:
-                _one_per_family(state, "relay-ip", other, found[0])
+    _relay_addresses(state, relay)
     if not relay:
         del config["relay"]
     # coturn binds channels 0x4000-0x7FFF (RFC 5766), and its own turnutils_uclient,
@@ -698,15 +684,79 @@ _COTURN_REFUSES = tuple(ipaddress.ip_network(n) for n in ("0.0.0.0/32", "::/128"
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
-def _one_per_family(state: _State, name: str, ignored: str, kept: str) -> None:
-    state.outcomes.append(
-        Outcome(
-            Option(name, ignored, "relay addresses"),
-            UNSUPPORTED,
-            f"{ignored}: pyturn relays from one address per family, here {kept}; run a "
-            "pyturn per address (or a node per address in a fleet) for more",
+def _relay_addresses(state: _State, relay: dict[str, Any]) -> None:
+    """relay-ip (each one) and external-ip (PUBLIC, or PUBLIC/PRIVATE for each relay
+    address behind a 1:1 NAT): the first address of a family is relay.address(6), the
+    others relay.more_addresses, which allocations take in turn as coturn's do."""
+    ordered: dict[int, list[str]] = {4: [], 6: []}
+    for ip in state.relay_ips:
+        version = 6 if ":" in ip else 4
+        if ip not in ordered[version]:
+            ordered[version].append(ip)
+    public_of: dict[str, str] = {}
+    bare: dict[int, str] = {}
+    for public, private in state.external:
+        version = 6 if ":" in public else 4
+        if private is None:
+            if bare.setdefault(version, public) != public:
+                _refuse_relay_address(
+                    state,
+                    "external-ip",
+                    public,
+                    f"a second external-ip without /PRIVATE; {bare[version]} is kept for the "
+                    "first relay address: give each relay address its own PUBLIC/PRIVATE pair",
+                )
+            continue
+        if private not in ordered[version]:
+            ordered[version].append(private)
+        public_of[private] = public
+        if private not in state.allow:
+            state.allow.append(private)
+    more: list[dict[str, str]] = []
+    for version, key, external_key in (
+        (4, "address", "external_address"),
+        (6, "address6", "external_address6"),
+    ):
+        found = ordered[version]
+        if version in bare:
+            relay[external_key] = bare[version]
+        if not found:
+            if version == 6 and version in bare:
+                # coturn relays IPv6 from the addresses it listens on, every one by default.
+                relay[key] = "::"
+            continue
+        relay[key] = found[0]
+        if found[0] in public_of:
+            relay[external_key] = public_of[found[0]]
+        for position, ip in enumerate(found[1:], start=1):
+            if position >= MAX_RELAY_ADDRESSES:
+                _refuse_relay_address(
+                    state,
+                    "relay-ip",
+                    ip,
+                    f"pyturn relays from at most {MAX_RELAY_ADDRESSES} IPv{version} addresses "
+                    "per node: run another node for the rest",
+                )
+                continue
+            entry = {"address": ip}
+            if ip in public_of:
+                entry["external_address"] = public_of[ip]
+            more.append(entry)
+    if more:
+        relay["more_addresses"] = more
+        state.outcomes.append(
+            Outcome(
+                Option("relay-ip", None, "relay addresses"),
+                WARNING,
+                "relay.more_addresses: allocations take the relay addresses in turn, as in "
+                "coturn, but they share one port range (min_port..max_port) where coturn "
+                "gives each address its own: widen the range if it held many allocations",
+            )
         )
-    )
+
+
+def _refuse_relay_address(state: _State, name: str, ignored: str, why: str) -> None:
+    state.outcomes.append(Outcome(Option(name, ignored, "relay addresses"), UNSUPPORTED, why))
 
 
 def _peer_policy(state: _State) -> None:

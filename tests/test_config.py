@@ -426,6 +426,70 @@ def test_an_external_ipv6_address_requires_an_ipv6_relay_address(tmp_path: Path)
     assert "requires address6" in str(error)
 
 
+def test_more_relay_addresses_parse_with_their_external_addresses() -> None:
+    config = parse_config(
+        {
+            "relay": {
+                "address": "10.0.0.2",
+                "address6": "2001:db8::2",
+                "more_addresses": [
+                    {"address": "10.0.0.3", "external_address": "203.0.113.3"},
+                    {"address": "2001:db8::3"},
+                ],
+            }
+        }
+    )
+    assert config.relay.bind_addresses(4) == ("10.0.0.2", "10.0.0.3")
+    assert config.relay.bind_addresses(6) == ("2001:db8::2", "2001:db8::3")
+    assert config.relay.more_of(4)[0].external_address == "203.0.113.3"
+
+
+@pytest.mark.parametrize(
+    ("relay", "path", "problem"),
+    [
+        (
+            "{more_addresses: [{address: 10.0.0.3}]}",
+            "relay.more_addresses[0].address",
+            "needs a specific address (not 0.0.0.0)",
+        ),
+        (
+            "{address: 10.0.0.2, more_addresses: [{address: '2001:db8::3'}]}",
+            "relay.more_addresses[0].address",
+            "requires address6",
+        ),
+        (
+            "{address: 10.0.0.2, more_addresses: [{address: 10.0.0.2}]}",
+            "relay.more_addresses[0].address",
+            "already a relay address",
+        ),
+        (
+            "{address: 10.0.0.2, more_addresses: [{address: 10.0.0.3, "
+            "external_address: '2001:db8::3'}]}",
+            "relay.more_addresses[0].external_address",
+            "must be an IPv4 address",
+        ),
+        (
+            "{address: 10.0.0.1, more_addresses: ["
+            + ", ".join(f"{{address: 10.0.0.{i}}}" for i in range(2, 10))
+            + "]}",
+            "relay.more_addresses",
+            "at most 8 IPv4 relay addresses",
+        ),
+        (
+            "{address: 10.0.0.2, more_addresses: [{address: 0.0.0.0}]}",
+            "relay.more_addresses[0].address",
+            "other than the unspecified address",
+        ),
+    ],
+)
+def test_more_relay_addresses_that_cannot_work_are_refused(
+    tmp_path: Path, relay: str, path: str, problem: str
+) -> None:
+    error = config_error(tmp_path, f"relay: {relay}\n")
+    assert error.path == path
+    assert problem in str(error)
+
+
 def test_a_tls_listener_without_a_certificate_is_rejected(tmp_path: Path) -> None:
     error = config_error(
         tmp_path,

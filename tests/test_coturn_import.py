@@ -232,7 +232,7 @@ def test_standard_input_and_no_input(tmp_path: Path) -> None:
     assert pyturn("import-coturn").returncode == 2
 
 
-def test_dual_stack_external_addresses_map_and_a_second_of_one_family_is_unsupported() -> None:
+def test_every_relay_ip_and_external_ip_pair_becomes_a_relay_address() -> None:
     config, outcomes = convert(
         read_file(
             "external-ip=192.0.2.7\nexternal-ip=2001:db8::7\nrelay-ip=10.0.0.2\n"
@@ -241,12 +241,36 @@ def test_dual_stack_external_addresses_map_and_a_second_of_one_family_is_unsuppo
         )
     )
     assert config["relay"] == {
-        "external_address": "192.0.2.7",
-        "external_address6": "2001:db8::7",
         "address": "10.0.0.2",
+        "external_address": "192.0.2.7",
+        # coturn relays IPv6 from every address it listens on.
+        "address6": "::",
+        "external_address6": "2001:db8::7",
+        "more_addresses": [
+            {"address": "10.0.0.3"},
+            {"address": "10.0.0.4", "external_address": "198.51.100.9"},
+        ],
     }
+    assert [o for o in outcomes if o.kind == UNSUPPORTED] == []
+    details = {o.option.value: o.detail for o in outcomes}
+    assert details["10.0.0.2"] == "relay.address: 10.0.0.2"
+    assert details["10.0.0.3"] == "relay.more_addresses: 10.0.0.3"
+    (shared,) = [o for o in outcomes if o.option.where == "relay addresses"]
+    assert "share one port range" in shared.detail
+    parse_config(config)  # what check-config checks
+
+
+def test_relay_addresses_that_pyturn_cannot_take_are_unsupported() -> None:
+    lines = "".join(f"relay-ip=10.0.0.{i}\n" for i in range(1, 11))
+    config, outcomes = convert(
+        read_file(lines + "external-ip=192.0.2.1\nexternal-ip=192.0.2.2\n", "t.conf")
+    )
+    assert config["relay"]["address"] == "10.0.0.1"
+    assert config["relay"]["external_address"] == "192.0.2.1"
+    assert len(config["relay"]["more_addresses"]) == 7
     refused = [o.option.value for o in outcomes if o.kind == UNSUPPORTED]
-    assert refused == ["198.51.100.9", "10.0.0.3", "10.0.0.4"]
+    assert refused == ["192.0.2.2", "10.0.0.9", "10.0.0.10"]
+    parse_config(config)
 
 
 def test_use_auth_secret_without_a_secret_asks_for_one() -> None:

@@ -113,7 +113,7 @@ class AllocateRequests(ServerState):
             reserved = self.ports.read_token(token.value, now)
             if reserved is None:
                 raise errors.InsufficientCapacity("unknown or expired RESERVATION-TOKEN")
-            family = reserved[1]
+            family = reserved.family
         if requested_family is not None:
             family = requested_family.family
             if family not in (FAMILY_IPV4, FAMILY_IPV6) or family not in self.relay_ips:
@@ -145,7 +145,7 @@ class AllocateRequests(ServerState):
             self._out.append(QuotaRejected(client, candidate.username))
             raise errors.AllocationQuotaReached
         try:
-            relay, reservation, relay6, relayed6 = self._bind_relays(
+            relayed, relay, reservation, relay6, relayed6 = self._bind_relays(
                 family=family,
                 tcp=tcp,
                 token=token,
@@ -160,7 +160,6 @@ class AllocateRequests(ServerState):
             self.node.release(user)
             raise
         lifetime = self._lifetime(msg, zero_deletes=False)
-        relayed = (self.relay_ips[family], relay.port)
         allocation = Allocation(
             five_tuple=five_tuple,
             username=candidate.username,
@@ -217,8 +216,9 @@ class AllocateRequests(ServerState):
         extra: list[Attribute],
         user: str,
         now: float,
-    ) -> tuple[RelaySocket, bytes | None, RelaySocket | None, Address | None]:
-        """Steps 8-9: the relay socket(s) of a new allocation, and its reservation token."""
+    ) -> tuple[Address, RelaySocket, bytes | None, RelaySocket | None, Address | None]:
+        """Steps 8-9: the relay socket(s) of a new allocation with the relayed addresses
+        clients are told, and its reservation token."""
         # Step 8: a node taken out of rotation sends new clients elsewhere.
         if self.draining:
             alternate = self.config.alternate_server
@@ -227,24 +227,41 @@ class AllocateRequests(ServerState):
                 raise errors.TryAlternate(attributes=[AlternateServer(host, port)])
             raise errors.InsufficientCapacity("server is draining")
         dont_fragment = msg.get(DontFragment) is not None
+        if token is not None:
+            # The reserved port is on the address its pair was given.
+            reserved = self.ports.read_token(token.value, now)
+            index = reserved.index if reserved is not None else 0
+        else:
+            index = self._next_relay_index(family)
         if tcp:
-            relay, reservation = self.ports.bind_tcp(family), None
+            relay, reservation = self.ports.bind_tcp(family, index), None
         else:
             relay, reservation = self.ports.bind_udp(
-                family, token, even_port, dont_fragment, now, quota_user=user
+                family, index, token, even_port, dont_fragment, now=now, quota_user=user
             )
+        relayed = (self.relay_choices[family][index], relay.port)
         relay6: RelaySocket | None = None
         relayed6: Address | None = None
         if dual_stack:
+            index6 = self._next_relay_index(FAMILY_IPV6)
             try:
                 relay6, _ = self.ports.bind_udp(
-                    FAMILY_IPV6, None, None, dont_fragment, now, quota_user=user
+                    FAMILY_IPV6, index6, None, None, dont_fragment, now=now, quota_user=user
                 )
             except errors.InsufficientCapacity:
                 extra.append(AddressErrorCode(FAMILY_IPV6, 508, "Insufficient Capacity"))
             else:
-                relayed6 = (self.relay_ips[FAMILY_IPV6], relay6.port)
-        return relay, reservation, relay6, relayed6
+                relayed6 = (self.relay_choices[FAMILY_IPV6][index6], relay6.port)
+        return relayed, relay, reservation, relay6, relayed6
+
+    def _next_relay_index(self, family: int) -> int:
+        """Which of the family's relay addresses the next allocation gets: each in turn."""
+        count = len(self.relay_choices[family])
+        if count == 1:
+            return 0
+        turn = self.relay_turns.get(family, -1) + 1
+        self.relay_turns[family] = turn
+        return turn % count
 
     def _refresh(
         self, msg: Message, five_tuple: FiveTuple, candidate: Candidate, now: float

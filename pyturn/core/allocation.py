@@ -38,10 +38,14 @@ __all__ = ["FiveTuple", "RelaySocket"]
 class RelayBinder(Protocol):
     """Binds and releases relay ports for the core (the I/O layer implements it)."""
 
-    def bind(self, family: int, port: int, dont_fragment: bool) -> RelaySocket | None:
-        """A socket bound to `port`, or None when the port is taken by someone else."""
+    def bind(
+        self, family: int, port: int, dont_fragment: bool, index: int = 0
+    ) -> RelaySocket | None:
+        """A socket bound to `port` on the family's relay address `index` (0:
+        relay.address or address6, then relay.more_addresses of that family), or None
+        when the port is taken by someone else."""
 
-    def bind_tcp(self, family: int, port: int) -> RelaySocket | None:
+    def bind_tcp(self, family: int, port: int, index: int = 0) -> RelaySocket | None:
         """A TCP socket listening on `port` for an RFC 6062 allocation, or None."""
 
     def release(self, relay: RelaySocket) -> None: ...

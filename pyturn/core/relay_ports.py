@@ -26,7 +26,21 @@ from pyturn.wire.attributes import (
 )
 
 RESERVATION_LIFETIME = 30.0  # RFC 8656 §7.2: a reserved port is held for about 30 s
+# A token's expiry is kept modulo 4096 s, far beyond RESERVATION_LIFETIME; the three bits
+# above it name the relay address (config.MAX_RELAY_ADDRESSES of a family).
+_EXPIRY_MASK = 0x0FFF
+_INDEX_SHIFT = 12
 _BIND_ATTEMPTS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Reserved:
+    """What a RESERVATION-TOKEN names: a port on one relay address of a family."""
+
+    port: int
+    family: int
+    # Which of the family's relay addresses (see RelayBinder.bind).
+    index: int
 
 
 @dataclass(slots=True)
@@ -60,27 +74,28 @@ class RelayPorts:
     def bind_udp(
         self,
         family: int,
+        index: int,
         token: ReservationToken | None,
         even_port: EvenPort | None,
         dont_fragment: bool,
-        now: float,
         *,
+        now: float,
         quota_user: str,
     ) -> tuple[RelaySocket, bytes | None]:
         pool = self.pools[family]
         if token is not None:
             reserved = self.read_token(token.value, now)
-            if reserved is None or reserved[1] != family:
+            if reserved is None or reserved.family != family or reserved.index != index:
                 raise errors.InsufficientCapacity("unknown or expired RESERVATION-TOKEN")
             held = self.reservations.pop(token.value, None)
             if held is not None:
                 self._node.release(held.quota_user)
-            if not pool.claim_reserved(reserved[0]):
+            if not pool.claim_reserved(reserved.port):
                 # No longer reserved, by this worker or another: it was used already.
                 raise errors.InsufficientCapacity("RESERVATION-TOKEN already used")
-            relay = self.binder.bind(family, reserved[0], dont_fragment)
+            relay = self.binder.bind(family, reserved.port, dont_fragment, index)
             if relay is None:
-                pool.put(reserved[0])
+                pool.put(reserved.port)
                 raise errors.InsufficientCapacity("reserved port could not be bound")
             return relay, None
         busy: list[int] = []
@@ -97,7 +112,7 @@ class RelayPorts:
                 if even_port is not None and even_port.reserve and not pool.reserve(port + 1):
                     pool.put(port)
                     continue  # another worker took the successor in between
-                relay = self.binder.bind(family, port, dont_fragment)
+                relay = self.binder.bind(family, port, dont_fragment, index)
                 if relay is None:
                     # Someone outside pyturn holds it: try another (this one is set aside, so
                     # the next pick cannot be it again), and give it back to the pool after,
@@ -107,7 +122,7 @@ class RelayPorts:
                         pool.unreserve(port + 1)
                     continue
                 if even_port is not None and even_port.reserve:
-                    reservation = self._make_token(port + 1, family, now)
+                    reservation = self._make_token(port + 1, family, index, now)
                     self.reservations[reservation] = _Reservation(
                         port + 1, family, now + RESERVATION_LIFETIME, quota_user
                     )
@@ -119,39 +134,43 @@ class RelayPorts:
                 pool.put(port)
         raise errors.InsufficientCapacity("no relay port free")
 
-    def _make_token(self, port: int, family: int, now: float) -> bytes:
+    def _make_token(self, port: int, family: int, index: int, now: float) -> bytes:
         """A RESERVATION-TOKEN any worker process can redeem (they share the secret).
 
-        Port, then 15 bits of the expiry time and the family bit, then a 4-byte MAC: a
-        client on another 5-tuple may land on another worker than the one that reserved.
+        Port, then a 16-bit word (the family bit, 3 bits of relay address index, 12 bits
+        of the expiry time), then a 4-byte MAC: a client on another 5-tuple may land on
+        another worker than the one that reserved.
         """
-        expiry = (int(now + RESERVATION_LIFETIME) & 0x7FFF) | (
-            0x8000 if family == FAMILY_IPV6 else 0
+        word = (
+            (int(now + RESERVATION_LIFETIME) & _EXPIRY_MASK)
+            | (index << _INDEX_SHIFT)
+            | (0x8000 if family == FAMILY_IPV6 else 0)
         )
-        body = port.to_bytes(2, "big") + expiry.to_bytes(2, "big")
+        body = port.to_bytes(2, "big") + word.to_bytes(2, "big")
         return body + self._token_mac(body)
 
     def _token_mac(self, body: bytes) -> bytes:
         return hmac.new(self._secret, b"reservation" + body, hashlib.sha256).digest()[:4]
 
-    def read_token(self, token: bytes, now: float) -> tuple[int, int] | None:
-        """(port, family) of a valid, unexpired token of ours, else None."""
+    def read_token(self, token: bytes, now: float) -> Reserved | None:
+        """What a valid, unexpired token of ours reserves, else None."""
         body, mac = token[:4], token[4:]
         if not hmac.compare_digest(mac, self._token_mac(body)):
             return None
         word = int.from_bytes(body[2:4], "big")
-        if ((word & 0x7FFF) - int(now)) & 0x7FFF > RESERVATION_LIFETIME:
+        if ((word & _EXPIRY_MASK) - int(now)) & _EXPIRY_MASK > RESERVATION_LIFETIME:
             return None  # past its expiry (the difference wraps around)
         family = FAMILY_IPV6 if word & 0x8000 else FAMILY_IPV4
-        return int.from_bytes(body[:2], "big"), family
+        index = (word >> _INDEX_SHIFT) & 0x7
+        return Reserved(int.from_bytes(body[:2], "big"), family, index)
 
-    def bind_tcp(self, family: int) -> RelaySocket:
+    def bind_tcp(self, family: int, index: int = 0) -> RelaySocket:
         pool = self.pools[family]
         for _ in range(_BIND_ATTEMPTS):
             port = pool.take_random()
             if port is None:
                 break
-            relay = self.binder.bind_tcp(family, port)
+            relay = self.binder.bind_tcp(family, port, index)
             if relay is not None:
                 return relay
             pool.put(port)

@@ -156,6 +156,7 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
         self.allocations: dict[FiveTuple, Allocation] = {}
         self.draining = False
         self.redirect_turn = 0
+        self.relay_turns: dict[int, int] = {}
         # Allocations and reserved ports per user and in all, source budgets and relay
         # ports: counted for the node, whatever the number of workers.
         ports = config.relay.max_port - config.relay.min_port + 1
@@ -266,6 +267,16 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
         v6 = relay.external_address6 or self._relay_ipv6
         if v6 and relay.address6:
             self.relay_ips[FAMILY_IPV6] = v6
+        self.relay_choices: dict[int, tuple[str, ...]] = {
+            family: (
+                primary,
+                *(
+                    extra.external_address or extra.address
+                    for extra in relay.more_of(4 if family == FAMILY_IPV4 else 6)
+                ),
+            )
+            for family, primary in self.relay_ips.items()
+        }
         self._software = (Software(config.software),) if config.software else ()
         # The constant attributes of replies, encoded once.
         self._software_tlv = tuple(encode_tlv(a) for a in self._software)

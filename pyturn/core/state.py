@@ -36,7 +36,12 @@ class ServerState:
     redirects: list[tuple[str, int]]
     redirect_turn: int
     ports: RelayPorts
+    # The address clients are told, by family: relay.address's (or its external one).
     relay_ips: dict[int, str]
+    # Every relay address clients may be told, by family, index 0 first (relay_ips');
+    # allocations take them in turn, counted in relay_turns.
+    relay_choices: dict[int, tuple[str, ...]]
+    relay_turns: dict[int, int]
     table: ForwardingTable
     node: NodeState
     # The output of the request being handled (see TurnServer.receive).

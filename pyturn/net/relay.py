@@ -20,12 +20,13 @@ import logging
 import select
 import socket
 import time
+from collections.abc import Sequence
 
 from pyturn.core.forwarding import Flow, ForwardingTable
 from pyturn.net.clients import Clients
 from pyturn.net.fastpath import Datagram, serve_relay, serve_relays
 from pyturn.net.tcp_relay import TcpRelayListener, bind_tcp_listener
-from pyturn.wire.attributes import FAMILY_IPV4, Address
+from pyturn.wire.attributes import FAMILY_IPV4, FAMILY_IPV6, Address
 
 log = logging.getLogger(__name__)
 
@@ -213,25 +214,30 @@ class UdpRelayBinder:
         loop: asyncio.AbstractEventLoop,
         table: ForwardingTable,
         clients: Clients,
-        address4: str,
-        address6: str | None = None,
+        addresses4: Sequence[str],
+        addresses6: Sequence[str] = (),
     ) -> None:
+        """`addresses4` and `addresses6`: where each family's sockets bind, by the index
+        the core passes (relay.address or address6 first, then relay.more_addresses)."""
         self.loop = loop
-        self.address4 = address4
-        self.address6 = address6
+        self.addresses = {FAMILY_IPV4: tuple(addresses4), FAMILY_IPV6: tuple(addresses6)}
         self.poller = RelayPoller(loop, table, clients)
 
     def close(self) -> None:
         """At shutdown, once every allocation has been released."""
         self.poller.close()
 
-    def bind(self, family: int, port: int, dont_fragment: bool) -> RelayEndpoint | None:
-        if family == FAMILY_IPV4:
-            af, host = socket.AF_INET, self.address4
-        else:
-            if self.address6 is None:
-                return None
-            af, host = socket.AF_INET6, self.address6
+    def _host(self, family: int, index: int) -> str | None:
+        hosts = self.addresses.get(family, ())
+        return hosts[index] if index < len(hosts) else None
+
+    def bind(
+        self, family: int, port: int, dont_fragment: bool, index: int = 0
+    ) -> RelayEndpoint | None:
+        host = self._host(family, index)
+        if host is None:
+            return None
+        af = socket.AF_INET if family == FAMILY_IPV4 else socket.AF_INET6
         # The C socket type itself: socket.socket adds a Python __init__ and close that
         # cost more than a microsecond per Allocate, for features a relay port never uses.
         sock = _socket.socket(af, socket.SOCK_DGRAM)
@@ -251,12 +257,9 @@ class UdpRelayBinder:
             return None
         return RelayEndpoint(sock, port, self.poller)
 
-    def bind_tcp(self, family: int, port: int) -> TcpRelayListener | None:
-        if family == FAMILY_IPV4:
-            host = self.address4
-        elif self.address6 is not None:
-            host = self.address6
-        else:
+    def bind_tcp(self, family: int, port: int, index: int = 0) -> TcpRelayListener | None:
+        host = self._host(family, index)
+        if host is None:
             return None
         return bind_tcp_listener(self.loop, host, port)
 

@@ -158,7 +158,11 @@ class Worker:
         # Listeners register here; relayed data finds its client by 5-tuple.
         self.clients = Clients()
         self.binder = UdpRelayBinder(
-            self.loop, table, self.clients, config.relay.address, config.relay.address6
+            self.loop,
+            table,
+            self.clients,
+            config.relay.bind_addresses(4),
+            config.relay.bind_addresses(6),
         )
         self.server = TurnServer(
             config,
@@ -523,7 +527,7 @@ class Worker:
             "ready in %.0f ms: realm=%s relay=%s ports %d-%d",
             (time.perf_counter() - started) * 1000,
             self.config.realm,
-            self.server.relay_ips,
+            ",".join(ip for choices in self.server.relay_choices.values() for ip in choices),
             self.config.relay.min_port,
             self.config.relay.max_port,
         )

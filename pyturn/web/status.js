@@ -102,6 +102,9 @@ function render(s) {
   const relay = s.relay;
   const relayRows = [["address", relay.external_address ? `${relay.external_address} (bound ${relay.address})` : relay.address]];
   if (relay.address6) relayRows.push(["IPv6", relay.external_address6 ? `${relay.external_address6} (bound ${relay.address6})` : relay.address6]);
+  for (const extra of relay.more_addresses || []) {
+    relayRows.push(["also", extra.external_address ? `${extra.external_address} (bound ${extra.address})` : extra.address]);
+  }
   relayRows.push(["ports", `${relay.ports[0]}–${relay.ports[1]}`]);
   for (const [family, free] of Object.entries(s.relay_ports_available)) relayRows.push([`free ${family} ports`, free]);
   fillTable("relay", null, relayRows);

@@ -127,4 +127,8 @@ def relay_facts(relay: RelayConfig) -> dict[str, Any]:
         "address6": relay.address6,
         "external_address6": relay.external_address6,
         "ports": [relay.min_port, relay.max_port],
+        "more_addresses": [
+            {"address": extra.address, "external_address": extra.external_address}
+            for extra in relay.more_addresses
+        ],
     }

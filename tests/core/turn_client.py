@@ -111,6 +111,8 @@ class FakeRelay:
     port: int
     family: int
     dont_fragment: bool
+    # Which of the family's relay addresses it is bound on.
+    index: int = 0
     key: int = field(default_factory=lambda: next(_RELAY_KEYS))
 
     def sendto(self, data: bytes, peer: Address, /) -> None:
@@ -130,16 +132,18 @@ class FakeBinder:
     attempts: list[int] = field(default_factory=list)
     tcp_ports: set[int] = field(default_factory=set)
 
-    def bind(self, family: int, port: int, dont_fragment: bool) -> RelaySocket | None:
+    def bind(
+        self, family: int, port: int, dont_fragment: bool, index: int = 0
+    ) -> RelaySocket | None:
         self.attempts.append(port)
         if port in self.taken:
             return None
-        relay = FakeRelay(port, family, dont_fragment)
+        relay = FakeRelay(port, family, dont_fragment, index)
         self.bound.append(relay)
         return relay
 
-    def bind_tcp(self, family: int, port: int) -> RelaySocket | None:
-        relay = self.bind(family, port, False)
+    def bind_tcp(self, family: int, port: int, index: int = 0) -> RelaySocket | None:
+        relay = self.bind(family, port, False, index)
         if relay is not None:
             self.tcp_ports.add(port)
         return relay

@@ -74,11 +74,13 @@ def test_allocation_churn_returns_memory_to_baseline(soak_report: SoakReport) ->
 class ForgetfulBinder:
     """A RelayBinder that keeps no record of what it bound (FakeBinder keeps lists)."""
 
-    def bind(self, family: int, port: int, dont_fragment: bool) -> RelaySocket | None:
-        return FakeRelay(port, family, dont_fragment)
+    def bind(
+        self, family: int, port: int, dont_fragment: bool, index: int = 0
+    ) -> RelaySocket | None:
+        return FakeRelay(port, family, dont_fragment, index)
 
-    def bind_tcp(self, family: int, port: int) -> RelaySocket | None:
-        return FakeRelay(port, family, False)
+    def bind_tcp(self, family: int, port: int, index: int = 0) -> RelaySocket | None:
+        return FakeRelay(port, family, False, index)
 
     def release(self, relay: RelaySocket) -> None:
         pass

@@ -31,7 +31,7 @@ def test_relay_sockets_deliver_until_closed(monkeypatch: pytest.MonkeyPatch, mod
 
     async def scenario() -> None:
         table, clients = ForwardingTable(SystemRandom()), Clients()
-        binder = UdpRelayBinder(asyncio.get_running_loop(), table, clients, "127.0.0.1")
+        binder = UdpRelayBinder(asyncio.get_running_loop(), table, clients, ["127.0.0.1"])
         endpoints = [binder.bind(FAMILY_IPV4, 0, dont_fragment=False) for _ in range(3)]
         received: list[tuple[int, bytes]] = []
 

@@ -6,7 +6,9 @@ The invariant, for any input bytes:
   verified (MESSAGE-INTEGRITY, -SHA256, FINGERPRINT) without raising, re-encodes, and
   the re-encoding decodes to an equal message;
 * `decode_channel_data` returns (channel, data) or raises `DecodeError`;
-* `StreamFramer` fed the input in two chunks yields frames or raises `DecodeError`.
+* `StreamFramer` fed the input in two chunks yields frames or raises `DecodeError`;
+* `parse_proxy_header` returns None (more bytes needed), a header no longer than the
+  input, or raises `ProxyHeaderError`.
 
 `DecodeError` is the codec saying "malformed" and is fine; any other exception
 propagates and libFuzzer reports it as a crash, saving the input as crash-<sha1>.
@@ -40,6 +42,7 @@ if atheris is not None:
             verify_integrity_sha256,
         )
         from pyturn.wire.message import decode, encode
+        from pyturn.wire.proxy_protocol import ProxyHeaderError, parse_proxy_header
 else:
     from pyturn.wire.channel_data import StreamFramer, decode_channel_data
     from pyturn.wire.errors import DecodeError
@@ -49,6 +52,7 @@ else:
         verify_integrity_sha256,
     )
     from pyturn.wire.message import decode, encode
+    from pyturn.wire.proxy_protocol import ProxyHeaderError, parse_proxy_header
 
 KEY = b"fuzz-key"
 
@@ -94,10 +98,20 @@ def _check_framer(data: bytes) -> None:
         return
 
 
+def _check_proxy_header(data: bytes) -> None:
+    try:
+        header = parse_proxy_header(data)
+    except ProxyHeaderError:
+        return
+    if header is not None and not 0 < header.length <= len(data):
+        raise InvariantBroken(f"PROXY header length outside the input: {data.hex()}")
+
+
 def TestOneInput(data: bytes) -> None:
     _check_message(data)
     _check_channel_data(data)
     _check_framer(data)
+    _check_proxy_header(data)
 
 
 def main() -> None:

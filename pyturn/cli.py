@@ -61,9 +61,11 @@ def _embedded_default() -> tuple[Config, str, str]:
 def _ice_server_hint(config: Config, host: str, username: str, password: str) -> str:
     urls = []
     for listener in config.listen:
-        if listener.transport == "tls":
+        if listener.transport in ("tls", "auto"):
             urls.append(f"turns:{host}:{listener.port}?transport=tcp")
-        else:
+        if listener.transport == "auto":
+            urls.append(f"turn:{host}:{listener.port}?transport=tcp")
+        elif listener.transport != "tls":
             urls.append(f"turn:{host}:{listener.port}?transport={listener.transport}")
     entry = {"urls": urls, "username": username, "credential": password}
     return json.dumps(entry)

@@ -53,7 +53,8 @@ __all__ = [
 
 REDACTED = "<redacted>"
 
-Transport = Literal["udp", "tcp", "tls"]
+# auto: TCP and TLS on one port, told apart by the first byte.
+Transport = Literal["udp", "tcp", "tls", "auto"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 AddressFamily = Literal["ipv4", "keep"]
@@ -287,6 +288,16 @@ class Listener:
     address: str = field(metadata=_rule(check=_ip()))
     # 0 asks the OS for a free port, which tests rely on.
     port: int = field(metadata=_rule(low=0, high=65535))
+    # Every connection starts with a PROXY protocol header (v1 or v2) naming the client;
+    # only trusted_proxies may connect (tcp, tls and auto listeners).
+    proxy_protocol: bool = False
+    trusted_proxies: tuple[str, ...] = field(default=(), metadata=_rule(check=_network))
+
+    def trusted_networks(self) -> tuple[PeerNetwork, ...] | None:
+        """trusted_proxies parsed, or None when the listener takes no PROXY header."""
+        if not self.proxy_protocol:
+            return None
+        return tuple(network for text in self.trusted_proxies for network in parse_peers(text))
 
 
 def _tls_version(value: object) -> str:
@@ -591,11 +602,24 @@ MAX_WORKERS = 254
 def _config_problems(config: Config) -> _Problems:
     if config.workers > MAX_WORKERS:
         yield "workers", f"must be at most {MAX_WORKERS}, got {config.workers}"
-    tls_users = [i for i, listener in enumerate(config.listen) if listener.transport == "tls"]
+    tls_users = [
+        i for i, listener in enumerate(config.listen) if listener.transport in ("tls", "auto")
+    ]
     if tls_users:
+        first = config.listen[tls_users[0]].transport
         for name in ("certificate", "private_key"):
             if getattr(config.tls, name) is None:
-                yield f"tls.{name}", f"is required by the tls listener listen[{tls_users[0]}]"
+                yield f"tls.{name}", f"is required by the {first} listener listen[{tls_users[0]}]"
+    for i, listener in enumerate(config.listen):
+        if listener.proxy_protocol and listener.transport == "udp":
+            yield f"listen[{i}].proxy_protocol", "is for tcp, tls and auto listeners only"
+        elif listener.proxy_protocol and not listener.trusted_proxies:
+            yield (
+                f"listen[{i}].trusted_proxies",
+                "must name the proxies (addresses or networks) allowed to send PROXY headers",
+            )
+        elif listener.trusted_proxies and not listener.proxy_protocol:
+            yield f"listen[{i}].trusted_proxies", "has no effect without proxy_protocol: true"
     # Two identical sockets would only fail later, at bind time, with a vaguer error.
     # tcp and tls share the TCP port space; port 0 never clashes.
     seen: dict[tuple[bool, ipaddress.IPv4Address | ipaddress.IPv6Address, int], int] = {}

@@ -4,7 +4,9 @@
 # which benchmarks run side by side with pyturn; redis-server, the Redis the store
 # tests start on a loopback port; and prometheus (with promtool), which a test runs
 # against a pyturn with deploy/prometheus's rules; and chromium, the headless browser the
-# status and test page tests drive. Nothing here is shipped with pyturn.
+# status and test page tests drive; and haproxy and nginx (with its stream module),
+# which tests put in front of pyturn with the PROXY protocol and ALPN routing. Nothing
+# here is shipped with pyturn.
 set -eu
 
 missing=""
@@ -12,6 +14,8 @@ command -v turnutils_uclient >/dev/null 2>&1 || missing="$missing coturn"
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+command -v haproxy >/dev/null 2>&1 || missing="$missing haproxy"
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing="$missing nginx-light libnginx-mod-stream"
 if [ -z "$missing" ]; then
     exit 0
 fi

@@ -271,7 +271,8 @@ def test_the_unknown_key_message_has_the_documented_form(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(info.value) == (
-        f"{path}: listen[1].transprt: unknown key (expected one of: transport, address, port)"
+        f"{path}: listen[1].transprt: unknown key (expected one of: transport, address, port, "
+        "proxy_protocol, trusted_proxies)"
     )
 
 
@@ -299,7 +300,7 @@ def test_the_unknown_key_message_has_the_documented_form(tmp_path: Path) -> None
         (
             "listen: [{transport: sctp, address: 0.0.0.0, port: 1}]",
             "listen[0].transport",
-            "must be one of 'udp', 'tcp', 'tls', got 'sctp'",
+            "must be one of 'udp', 'tcp', 'tls', 'auto', got 'sctp'",
         ),
         ("logging: {level: verbose}", "logging.level", "'debug', 'info', 'warning', 'error'"),
         ("logging: {format: xml}", "logging.format", "must be one of 'text', 'json'"),
@@ -490,6 +491,66 @@ def test_more_relay_addresses_that_cannot_work_are_refused(
     assert problem in str(error)
 
 
+@pytest.mark.parametrize(
+    ("listener", "path", "problem"),
+    [
+        (
+            "{transport: udp, address: 0.0.0.0, port: 3478, proxy_protocol: true, "
+            "trusted_proxies: [10.0.0.1]}",
+            "listen[0].proxy_protocol",
+            "for tcp, tls and auto listeners only",
+        ),
+        (
+            "{transport: tcp, address: 0.0.0.0, port: 3478, proxy_protocol: true}",
+            "listen[0].trusted_proxies",
+            "must name the proxies",
+        ),
+        (
+            "{transport: tcp, address: 0.0.0.0, port: 3478, trusted_proxies: [10.0.0.1]}",
+            "listen[0].trusted_proxies",
+            "has no effect without proxy_protocol",
+        ),
+        (
+            "{transport: tcp, address: 0.0.0.0, port: 3478, proxy_protocol: true, "
+            "trusted_proxies: [10.0.0.300]}",
+            "listen[0].trusted_proxies[0]",
+            "must be an IP address, a CIDR network",
+        ),
+        (
+            "{transport: auto, address: 0.0.0.0, port: 443}",
+            "tls.certificate",
+            "is required by the auto listener listen[0]",
+        ),
+    ],
+)
+def test_listener_options_that_cannot_work_are_refused(
+    tmp_path: Path, listener: str, path: str, problem: str
+) -> None:
+    error = config_error(tmp_path, f"listen: [{listener}]\n")
+    assert error.path == path
+    assert problem in str(error)
+
+
+def test_a_proxy_protocol_listener_parses_its_trusted_networks() -> None:
+    config = parse_config(
+        {
+            "listen": [
+                {
+                    "transport": "tcp",
+                    "address": "0.0.0.0",
+                    "port": 3478,
+                    "proxy_protocol": True,
+                    "trusted_proxies": ["10.0.0.0/8", "192.0.2.1-192.0.2.2", "::1"],
+                }
+            ]
+        }
+    )
+    networks = config.listen[0].trusted_networks()
+    assert networks is not None
+    assert [str(n) for n in networks] == ["10.0.0.0/8", "192.0.2.1/32", "192.0.2.2/32", "::1/128"]
+    assert parse_config({}).listen[0].trusted_networks() is None
+
+
 def test_a_tls_listener_without_a_certificate_is_rejected(tmp_path: Path) -> None:
     error = config_error(
         tmp_path,
@@ -654,11 +715,12 @@ def test_fully_customised_config_differs_from_the_default_in_every_field() -> No
 def test_config_to_dict_gives_plain_data_in_schema_order() -> None:
     data = config_to_dict(fully_customised(), redact=False)
     assert list(data) == [field.name for field in dataclasses.fields(Config)]
+    plain = {"proxy_protocol": False, "trusted_proxies": []}
     assert data["listen"] == [
-        {"transport": "udp", "address": "192.0.2.10", "port": 3478},
-        {"transport": "tcp", "address": "2001:db8::10", "port": 3478},
-        {"transport": "tls", "address": "::", "port": 5349},
-        {"transport": "udp", "address": "127.0.0.1", "port": 0},
+        {"transport": "udp", "address": "192.0.2.10", "port": 3478, **plain},
+        {"transport": "tcp", "address": "2001:db8::10", "port": 3478, **plain},
+        {"transport": "tls", "address": "::", "port": 5349, **plain},
+        {"transport": "udp", "address": "127.0.0.1", "port": 0, **plain},
     ]
     assert data["auth"] == {
         "users": {"alice": "correct horse", "bob": {"key": KEY_HEX}},

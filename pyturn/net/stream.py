@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
-from pyturn.config import LimitsConfig
+from pyturn.config import LimitsConfig, PeerNetwork
 from pyturn.core.allocation import FiveTuple, PeerConnection
 from pyturn.core.server import JoinPeerConnection, TurnServer
 from pyturn.net.clients import Clients
@@ -26,6 +27,7 @@ from pyturn.net.udp import ActionHandler
 from pyturn.wire.attributes import Address
 from pyturn.wire.channel_data import StreamFramer, is_channel_data
 from pyturn.wire.errors import DecodeError
+from pyturn.wire.proxy_protocol import V2_MAX, ProxyHeader, ProxyHeaderError, parse_proxy_header
 
 log = logging.getLogger(__name__)
 
@@ -299,57 +301,162 @@ class StreamConnection(asyncio.Protocol):
         self.transport = None
 
 
-class TlsAcceptor:
-    """Accepts TLS connections itself so they count against their source at once.
+class StreamAcceptor:
+    """Accepts stream connections itself, for what `create_server` cannot do:
 
-    With `create_server(ssl=...)` a connection reaches the protocol only after its TLS
-    handshake, so connections that never start one would escape the per-source cap
-    until the handshake timeout.
+    - count a TLS connection against its source at once (with `create_server(ssl=...)`
+      a connection reaches the protocol only after its handshake, so connections that
+      never start one would escape the per-source cap until the handshake timeout);
+    - read a PROXY protocol header first (`trusted`: the proxies allowed to send one),
+      whose client address then stands for the connection everywhere: 5-tuple,
+      XOR-MAPPED-ADDRESS, nonces, per-source limits, logs, sessions;
+    - tell TLS from plain TCP by the first byte (`detect_tls`, transport auto): a TLS
+      record starts with 0x16, a STUN message with 0x00 or 0x01, ChannelData 0x40-0x7F.
+
+    Nothing is read past the header: the socket goes on to the event loop's transport
+    (and its TLS) with the client's bytes untouched. A header that is bad, missing or
+    not whole within `timeout` closes the connection.
     """
 
     def __init__(
         self,
         sock: socket.socket,
-        context: ssl.SSLContext,
         counter: ConnectionCounter,
-        handshake_timeout: float,
-        make_protocol: Callable[[], StreamConnection],
+        timeout: float,
+        make_protocol: Callable[[str, FiveTuple], StreamConnection],
+        *,
+        tls: ssl.SSLContext | None = None,
+        detect_tls: bool = False,
+        trusted: Sequence[PeerNetwork] | None = None,
     ) -> None:
         self.sock = sock
-        self.context = context
         self.counter = counter
-        self.handshake_timeout = handshake_timeout
+        self.timeout = timeout
         self.make_protocol = make_protocol
+        self.tls = tls
+        self.detect_tls = detect_tls
+        self.trusted = tuple(trusted) if trusted is not None else None
         self.loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._refusals = _LogGate()
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._accept)
 
     def _accept(self) -> None:
-        for conn, (ip, _) in accept_ready(self.sock, 64, "a TLS listener"):
-            if not self.counter.admit(ip):
+        for conn, peer in accept_ready(self.sock, 64, "a TCP or TLS listener"):
+            ip = str(peer[0])
+            if self.trusted is not None:
+                if not _trusted(ip, self.trusted):
+                    self._refusals.warn(
+                        "connection from %s refused: not in the listener's trusted_proxies "
+                        "(proxy_protocol is on)",
+                        ip,
+                    )
+                    conn.close()
+                    continue
+            elif not self.counter.admit(ip):
                 log.debug("connection from %s refused: too many from that address", ip)
                 conn.close()
                 continue
             conn.setblocking(False)
-            task = self.loop.create_task(self._handshake(conn, ip))
+            task = self.loop.create_task(self._serve(conn, (ip, int(peer[1]))))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _handshake(self, conn: socket.socket, ip: str) -> None:
-        def protocol() -> StreamConnection:
-            made = self.make_protocol()
-            made.admitted = True
-            return made
-
+    async def _serve(self, conn: socket.socket, peer: Address) -> None:
+        counted = None if self.trusted is not None else peer[0]
+        deadline = self.loop.time() + self.timeout
         try:
+            client = peer
+            if self.trusted is not None:
+                header = await asyncio.wait_for(self._read_header(conn), self.timeout)
+                if header.source is not None:
+                    client = header.source
+                if not self.counter.admit(client[0]):
+                    log.debug("connection from %s refused: too many from that address", client)
+                    conn.close()
+                    return
+                counted = client[0]
+            context = self.tls
+            if self.detect_tls:
+                remaining = max(deadline - self.loop.time(), 0.001)
+                first = await asyncio.wait_for(self._peek(conn), remaining)
+                if first != b"\x16":
+                    context = None
+            name = "tls" if context is not None else "tcp"
+            local = conn.getsockname()
+            five_tuple: FiveTuple = (name, client, (str(local[0]), int(local[1])))
+
+            def protocol() -> StreamConnection:
+                made = self.make_protocol(name, five_tuple)
+                made.admitted = True
+                return made
+
+            remaining = max(deadline - self.loop.time(), 0.001)
             await self.loop.connect_accepted_socket(
-                protocol, conn, ssl=self.context, ssl_handshake_timeout=self.handshake_timeout
+                protocol,
+                conn,
+                ssl=context,
+                ssl_handshake_timeout=remaining if context is not None else None,
             )
+        except ProxyHeaderError as exc:
+            log.warning("connection from %s closed: %s", peer[0], exc)
+            self._drop(conn, counted)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            log.debug("TLS handshake with %s failed: %s", ip, exc)
-            conn.close()
-            self.counter.release(ip)
+            log.debug("connection from %s closed before it was served: %r", peer[0], exc)
+            self._drop(conn, counted)
+        except asyncio.CancelledError:
+            self._drop(conn, counted)
+            raise
+
+    def _drop(self, conn: socket.socket, counted: str | None) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(conn.fileno())
+        conn.close()
+        if counted is not None:
+            self.counter.release(counted)
+
+    async def _readable(self, conn: socket.socket) -> None:
+        ready: asyncio.Future[None] = self.loop.create_future()
+        fd = conn.fileno()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        self.loop.add_reader(fd, wake)
+        try:
+            await ready
+        finally:
+            self.loop.remove_reader(fd)
+
+    async def _read_header(self, conn: socket.socket) -> ProxyHeader:
+        """The PROXY header, taken off the socket and not one byte more: it is peeked
+        at until whole, then read by its exact length."""
+        seen = -1
+        while True:
+            await self._readable(conn)
+            data = conn.recv(V2_MAX, socket.MSG_PEEK)
+            if not data:
+                raise ConnectionError("closed before its PROXY header")
+            header = parse_proxy_header(data)
+            if header is not None:
+                taken = conn.recv(header.length)
+                if len(taken) != header.length:
+                    raise ConnectionError("PROXY header could not be read whole")
+                return header
+            if len(data) == seen:
+                # Peeking leaves the bytes in place, so the socket stays readable: wait
+                # for the rest instead of spinning on what is already there.
+                await asyncio.sleep(_HEADER_POLL)
+            seen = len(data)
+
+    async def _peek(self, conn: socket.socket) -> bytes:
+        await self._readable(conn)
+        first = conn.recv(1, socket.MSG_PEEK)
+        if not first:
+            raise ConnectionError("closed before its first byte")
+        return first
 
     def close(self) -> None:
         with contextlib.suppress(ValueError, OSError):
@@ -357,3 +464,40 @@ class TlsAcceptor:
         self.sock.close()
         for task in self._tasks:
             task.cancel()
+
+
+# How often a PROXY header cut in two is looked at again (within the first-message timeout).
+_HEADER_POLL = 0.02
+
+
+def _trusted(ip: str, networks: Sequence[PeerNetwork]) -> bool:
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    candidates = (address, mapped) if mapped is not None else (address,)
+    return any(
+        a in network for a in candidates for network in networks if a.version == network.version
+    )
+
+
+class _LogGate:
+    """One warning line per interval at most, saying how many it stood for: an untrusted
+    source knocking at a PROXY listener must not flood the log."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self.next_at = 0.0
+        self.held = 0
+
+    def warn(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.held += 1
+            return
+        if self.held:
+            message += f" (and {self.held} more in the last {self.interval:.0f} s)"
+        log.warning(message, *args)
+        self.next_at = now + self.interval
+        self.held = 0

@@ -67,6 +67,9 @@ def check_certificate_pair(
     return warnings
 
 
+ALPN_PROTOCOLS = ["stun.turn", "stun.nat-discovery"]
+
+
 class TlsContext:
     """One server-side SSLContext for every TLS listener, TLS 1.2 and newer only."""
 
@@ -80,6 +83,9 @@ class TlsContext:
     ) -> None:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.options |= ssl.OP_NO_COMPRESSION
+        # RFC 7443: a proxy in front (nginx ssl_preread, HAProxy) can route by these;
+        # a client that offers neither still gets its handshake, without ALPN.
+        self.context.set_alpn_protocols(ALPN_PROTOCOLS)
         self.warnings: list[str] = []
         self.configure(ciphers, min_version)
         self.load(certificate, private_key)

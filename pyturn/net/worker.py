@@ -77,7 +77,7 @@ from pyturn.net.sdnotify import SystemdNotifier
 from pyturn.net.session_log import SessionLog
 from pyturn.net.sockets import LISTEN_BACKLOG, listener_sockets
 from pyturn.net.store_follow import StoreFollower
-from pyturn.net.stream import ConnectionCounter, StreamConnection, TlsAcceptor
+from pyturn.net.stream import ConnectionCounter, StreamAcceptor, StreamConnection
 from pyturn.net.tcp_relay import TcpRelay
 from pyturn.net.tls import TlsContext, TlsError
 from pyturn.net.udp import UdpListener
@@ -359,7 +359,7 @@ class Worker:
             await self._start_control()
         if self.config.metrics.enabled:
             await self._start_ops_endpoint()
-        if any(listener.transport == "tls" for listener in self.config.listen):
+        if any(listener.transport in ("tls", "auto") for listener in self.config.listen):
             try:
                 self._load_tls(self.config)
             except TlsError as exc:
@@ -432,29 +432,34 @@ class Worker:
                     clients=self.clients,
                 )
                 self._closers.append(udp.close)
-            else:  # tcp, or tls: the same framing over TLS (RFC 8656 §3.1)
-                transport_name = listener.transport
+            else:  # tcp, tls or both: the same framing over TLS (RFC 8656 §3.1)
 
-                def make_stream() -> StreamConnection:
+                def make_stream(
+                    name: str = "tcp", five_tuple: FiveTuple | None = None
+                ) -> StreamConnection:
                     return StreamConnection(
                         self.server,
                         self.now,
                         self.handle_actions,
-                        transport_name,
+                        name,
                         counter=self.connections,
                         first_frame_timeout=self.config.limits.first_message_timeout,
                         clients=self.clients,
                         hand_over=None if self.handover is None else self.handover.hand_over,
+                        five_tuple=five_tuple,
                     )
 
-                if transport_name == "tls":
-                    assert self.tls is not None
-                    acceptor = TlsAcceptor(
+                tls = listener.transport in ("tls", "auto")
+                if tls or listener.proxy_protocol:
+                    assert self.tls is not None or not tls
+                    acceptor = StreamAcceptor(
                         sock,
-                        self.tls.context,
                         self.connections,
                         self.config.limits.first_message_timeout,
                         make_stream,
+                        tls=self.tls.context if tls and self.tls is not None else None,
+                        detect_tls=listener.transport == "auto",
+                        trusted=listener.trusted_networks(),
                     )
                     self._closers.append(acceptor.close)
                 else:

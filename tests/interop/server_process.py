@@ -47,7 +47,7 @@ REST_SECRET = "rest-secret"
 
 # `key=value` fields of an event line; values with spaces or quotes are JSON strings.
 _FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
-_LISTENING = re.compile(r"listening on (?P<transport>udp|tcp|tls) (?P<host>\S+):(?P<port>\d+)")
+_LISTENING = re.compile(r"listening on (?P<transport>udp|tcp|tls|auto) (?P<host>\S+):(?P<port>\d+)")
 
 # Relay port blocks of 1000 in 40000-59999, handed out in a random order so that
 # servers started by one test session (and parallel sessions) rarely share a block.

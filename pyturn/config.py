@@ -331,17 +331,78 @@ class RelayAddress:
     external_address: str | None = field(default=None, metadata=_rule(check=_ip(specific=True)))
 
 
+AUTO = "auto"
+
+
+def _ip_or_auto(version: int) -> Callable[[str], str | None]:
+    check = _ip(version, specific=True)
+
+    def check_or_auto(text: str) -> str | None:
+        if text == AUTO:
+            return None
+        problem = check(text)
+        return None if problem is None else f'{problem}, or "auto" (see relay.discover)'
+
+    return check_or_auto
+
+
+def _stun_url(text: str) -> str | None:
+    try:
+        parse_stun_url(text)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def parse_stun_url(text: str) -> tuple[str, int]:
+    """``"stun:HOST[:PORT]"`` (RFC 7064; IPv6 in brackets) -> (host, port), port 3478 by
+    default. Raises ValueError saying what is wrong."""
+    scheme, colon, rest = text.partition(":")
+    if scheme != "stun" or not colon or not rest:
+        raise ValueError("must be a STUN URL such as stun:stun.example.org:3478")
+    if rest.startswith("["):
+        host, bracket, tail = rest[1:].partition("]")
+        if not bracket or (tail and not tail.startswith(":")):
+            raise ValueError("must be stun:[IPv6]:PORT or stun:[IPv6]")
+        port_text = tail[1:] if tail else ""
+    else:
+        host, _, port_text = rest.partition(":")
+    if not host:
+        raise ValueError("names no host")
+    if port_text and not (port_text.isdigit() and 1 <= int(port_text) <= 65535):
+        raise ValueError(f"port must be 1-65535, got {port_text!r}")
+    return host, int(port_text) if port_text else 3478
+
+
 @dataclass(frozen=True, slots=True)
 class RelayConfig:
     address: str = field(default="0.0.0.0", metadata=_rule(check=_ip(4)))  # noqa: S104
-    external_address: str | None = field(default=None, metadata=_rule(check=_ip(4, specific=True)))
+    # "auto": learnt from the STUN servers in `discover`, at start and every
+    # discover_interval seconds.
+    external_address: str | None = field(default=None, metadata=_rule(check=_ip_or_auto(4)))
     address6: str | None = field(default=None, metadata=_rule(check=_ip(6)))
-    external_address6: str | None = field(default=None, metadata=_rule(check=_ip(6, specific=True)))
+    external_address6: str | None = field(default=None, metadata=_rule(check=_ip_or_auto(6)))
     min_port: int = field(default=49152, metadata=_rule(low=1, high=65535))
     max_port: int = field(default=65535, metadata=_rule(low=1, high=65535))
     # Allocations take the addresses of their family in turn; a port number is in use on
     # one of them at a time, so min_port..max_port bounds the allocations of a family.
     more_addresses: tuple[RelayAddress, ...] = ()
+    # STUN servers asked, in order until one answers, for an external address "auto".
+    discover: tuple[str, ...] = field(default=(), metadata=_rule(check=_stun_url))
+    discover_interval: int = field(default=300, metadata=_rule(low=1))
+
+    def fixed_external(self, version: int) -> str | None:
+        """external_address (or 6) when it is an address, not "auto" or unset."""
+        value = self.external_address if version == 4 else self.external_address6
+        return None if value == AUTO else value
+
+    def discovered(self) -> tuple[int, ...]:
+        """The IP versions whose external address is "auto"."""
+        return tuple(
+            version
+            for version, value in ((4, self.external_address), (6, self.external_address6))
+            if value == AUTO
+        )
 
     def more_of(self, version: int) -> tuple[RelayAddress, ...]:
         """The more_addresses of IP `version` (4 or 6), in order."""
@@ -558,6 +619,10 @@ def _relay_problems(relay: RelayConfig) -> _Problems:
         yield "min_port", f"must not exceed max_port ({relay.min_port} > {relay.max_port})"
     if relay.external_address6 is not None and relay.address6 is None:
         yield "external_address6", "requires address6 (IPv6 relaying is off without it)"
+    if relay.discovered() and not relay.discover:
+        yield "discover", 'must list STUN servers (stun:HOST:PORT) for an external address "auto"'
+    if relay.discover and not relay.discovered():
+        yield "discover", 'has no effect unless external_address or external_address6 is "auto"'
     seen = {relay.address, relay.address6}
     for position, extra in enumerate(relay.more_addresses):
         where = f"more_addresses[{position}]"

@@ -31,6 +31,7 @@ from pyturn.config import (
     default_config,
     load_config,
     parse_config,
+    parse_stun_url,
     split_host_port,
 )
 
@@ -549,6 +550,46 @@ def test_a_proxy_protocol_listener_parses_its_trusted_networks() -> None:
     assert networks is not None
     assert [str(n) for n in networks] == ["10.0.0.0/8", "192.0.2.1/32", "192.0.2.2/32", "::1/128"]
     assert parse_config({}).listen[0].trusted_networks() is None
+
+
+@pytest.mark.parametrize(
+    ("relay", "path", "problem"),
+    [
+        ("{external_address: auto}", "relay.discover", "must list STUN servers"),
+        ("{discover: ['stun:192.0.2.1']}", "relay.discover", "has no effect unless"),
+        (
+            "{external_address: auto, discover: ['turn:192.0.2.1']}",
+            "relay.discover[0]",
+            "must be a STUN URL",
+        ),
+        (
+            "{external_address: auto, discover: ['stun:192.0.2.1:99999']}",
+            "relay.discover[0]",
+            "port must be 1-65535",
+        ),
+        ("{external_address: otto}", "relay.external_address", 'or "auto"'),
+        (
+            "{external_address6: auto, discover: ['stun:[2001:db8::1]']}",
+            "relay.external_address6",
+            "requires address6",
+        ),
+    ],
+)
+def test_an_external_address_auto_needs_stun_servers(
+    tmp_path: Path, relay: str, path: str, problem: str
+) -> None:
+    error = config_error(tmp_path, f"relay: {relay}\n")
+    assert error.path == path
+    assert problem in str(error)
+
+
+def test_stun_urls_parse_with_the_default_port() -> None:
+    assert parse_stun_url("stun:stun.example.org") == ("stun.example.org", 3478)
+    assert parse_stun_url("stun:192.0.2.1:19302") == ("192.0.2.1", 19302)
+    assert parse_stun_url("stun:[2001:db8::1]:3479") == ("2001:db8::1", 3479)
+    config = parse_config({"relay": {"external_address": "auto", "discover": ["stun:192.0.2.1"]}})
+    assert config.relay.discovered() == (4,)
+    assert config.relay.fixed_external(4) is None
 
 
 def test_a_tls_listener_without_a_certificate_is_rejected(tmp_path: Path) -> None:

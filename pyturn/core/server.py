@@ -20,7 +20,7 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from pyturn.config import Config, split_host_port
+from pyturn.config import Config, RelayConfig, split_host_port
 from pyturn.core import errors
 from pyturn.core.actions import (
     Action,
@@ -259,12 +259,20 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
                 if not self.policy.is_allowed(connection.peer[0]):
                     self._forget_connection(connection)
                     closed.append(ClosePeerConnection(connection))
-        relay = config.relay
+        self._tell_relay_addresses(config.relay)
+        self._software = (Software(config.software),) if config.software else ()
+        # The constant attributes of replies, encoded once.
+        self._software_tlv = tuple(encode_tlv(a) for a in self._software)
+        self._challenge_realm = encode_tlv(Realm(config.realm))
+        return closed
+
+    def _tell_relay_addresses(self, relay: RelayConfig) -> None:
+        """What clients are told in XOR-RELAYED-ADDRESS, by family and address index."""
         self.relay_ips: dict[int, str] = {}
-        v4 = relay.external_address or self._relay_ipv4
+        v4 = relay.fixed_external(4) or self._relay_ipv4
         if v4:
             self.relay_ips[FAMILY_IPV4] = v4
-        v6 = relay.external_address6 or self._relay_ipv6
+        v6 = relay.fixed_external(6) or self._relay_ipv6
         if v6 and relay.address6:
             self.relay_ips[FAMILY_IPV6] = v6
         self.relay_choices: dict[int, tuple[str, ...]] = {
@@ -277,11 +285,15 @@ class TurnServer(AllocateRequests, RelayingRequests, TcpRelaying):
             )
             for family, primary in self.relay_ips.items()
         }
-        self._software = (Software(config.software),) if config.software else ()
-        # The constant attributes of replies, encoded once.
-        self._software_tlv = tuple(encode_tlv(a) for a in self._software)
-        self._challenge_realm = encode_tlv(Realm(config.realm))
-        return closed
+
+    def use_discovered_address(self, family: int, ip: str) -> None:
+        """relay.external_address(6) "auto": the address a STUN server saw, for the
+        allocations made from now on (those made before keep theirs)."""
+        if family == FAMILY_IPV4:
+            self._relay_ipv4 = ip
+        else:
+            self._relay_ipv6 = ip
+        self._tell_relay_addresses(self.config.relay)
 
     # -- entry points --------------------------------------------------------------------
 

@@ -21,8 +21,8 @@ log = logging.getLogger("pyturn.net.worker")
 def default_relay_ipv4(config: Config) -> str:
     """The IPv4 address to advertise in XOR-RELAYED-ADDRESS when none is configured."""
     relay = config.relay
-    if relay.external_address:
-        return relay.external_address
+    if relay.fixed_external(4):
+        return str(relay.fixed_external(4))
     if relay.address != "0.0.0.0":  # noqa: S104 (comparing, not binding)
         return relay.address
     for listener in config.listen:
@@ -59,8 +59,8 @@ def interface_ipv4_addresses() -> list[str]:
 def default_relay_ipv6(config: Config) -> str | None:
     """The IPv6 address to advertise for IPv6 relaying, if `relay.address6` is set."""
     relay = config.relay
-    if relay.external_address6:
-        return relay.external_address6
+    if relay.fixed_external(6):
+        return relay.fixed_external(6)
     if relay.address6 is None:
         return None
     if relay.address6 != "::":

@@ -67,6 +67,7 @@ from pyturn.net import batch, fastpath
 from pyturn.net.addresses import default_relay_ipv4, default_relay_ipv6
 from pyturn.net.clients import Clients
 from pyturn.net.control_socket import Message
+from pyturn.net.discover import DiscoveryError, discover
 from pyturn.net.errors import StartupError
 from pyturn.net.handover import Handover
 from pyturn.net.http import OpsApp, log_ops_endpoint, start_ops_server
@@ -84,6 +85,7 @@ from pyturn.net.udp import UdpListener
 from pyturn.store import StoreError
 from pyturn.web.basic_auth import AuthFileError, BasicAuth
 from pyturn.web.status import listener_facts, relay_facts
+from pyturn.wire.attributes import FAMILY_IPV4, FAMILY_IPV6
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +210,7 @@ class Worker:
         self.bound: list[tuple[str, str, int]] = []
         self.metrics_address: tuple[str, int] | None = None
         self.ops_app: OpsApp | None = None
+        self._rediscovery: asyncio.Task[None] | None = None
         self.tls: TlsContext | None = None
         self._closers: list[Callable[[], None]] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -364,6 +367,10 @@ class Worker:
                 self._load_tls(self.config)
             except TlsError as exc:
                 raise StartupError(str(exc)) from exc
+        if self.config.relay.discovered():
+            await self._discover_relay_addresses(at_start=True)
+            self._rediscovery = self.loop.create_task(self._rediscover_forever())
+            self._closers.append(self._stop_rediscovery)
         for position, listener in enumerate(self.config.listen):
             await self._bind(position, listener)
         self._rearm_timer()
@@ -414,6 +421,48 @@ class Worker:
         )
         self._closers.append(ops_server.close)
         log_ops_endpoint(self.metrics_address, metrics.auth)
+
+    async def _discover_relay_addresses(self, *, at_start: bool) -> None:
+        """relay.external_address(6) "auto": ask relay.discover's STUN servers."""
+        relay = self.config.relay
+        for version in relay.discovered():
+            family = FAMILY_IPV4 if version == 4 else FAMILY_IPV6
+            key = "relay.external_address" + ("6" if version == 6 else "")
+            bind_ip = relay.address if version == 4 else relay.address6
+            assert bind_ip is not None  # the config requires address6 for external_address6
+            try:
+                ip, url = await discover(bind_ip, version, relay.discover)
+            except DiscoveryError as exc:
+                if at_start:
+                    raise StartupError(
+                        f'{key} is "auto" but no STUN server of relay.discover answered: {exc}'
+                    ) from None
+                log.warning("%s: no STUN server answered (%s); keeping the address", key, exc)
+                continue
+            told = self.server.relay_ips.get(family)
+            if at_start:
+                log.info("%s: %s, as %s sees this relay", key, ip, url)
+            elif ip != told:
+                log.warning(
+                    "%s changed from %s to %s (as %s sees this relay): new allocations get it",
+                    key,
+                    told,
+                    ip,
+                    url,
+                )
+            self.server.use_discovered_address(family, ip)
+
+    def _stop_rediscovery(self) -> None:
+        if self._rediscovery is not None:
+            self._rediscovery.cancel()
+
+    async def _rediscover_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.relay.discover_interval)
+            try:
+                await self._discover_relay_addresses(at_start=False)
+            except Exception:
+                log.exception("discovering the relay address failed")
 
     async def _bind(self, position: int, listener: Listener) -> None:
         """Serve `listen[position]`: on the socket the supervisor handed over, or on one

@@ -10,6 +10,7 @@ Everything here talks to loopback only: listeners, relay and peers are 127.0.0.1
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import ipaddress
@@ -20,11 +21,12 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -428,3 +430,37 @@ def running_server(config: Mapping[str, Any], workdir: Path) -> Iterator[ServerP
     """Generator for fixtures: yields a started server, stops it afterwards."""
     with ServerProcess(config, workdir) as server:
         yield server
+
+
+def start_listening(command: list[str], ports: Iterable[int], log: Path) -> subprocess.Popen[bytes]:
+    """Start a third-party server (HAProxy, nginx) in the foreground, its output in `log`,
+    and wait until each of `ports` on 127.0.0.1 accepts a TCP connection."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + READY_TIMEOUT
+    try:
+        for port in ports:
+            while True:
+                with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 0.5):
+                    break
+                assert process.poll() is None, f"{command[0]} exited:\n{log.read_text()}"
+                assert time.monotonic() < deadline, (
+                    f"{command[0]} did not listen:\n{log.read_text()}"
+                )
+                time.sleep(0.05)
+    except BaseException:
+        stop_process(process)
+        raise
+    return process
+
+
+def stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM a process this test started, then SIGKILL if it does not go within 10 s."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=STOP_TIMEOUT)

@@ -4,11 +4,9 @@ protocol: TCP with v2 and v1, and TLS passed through with v2. Clients connect fr
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +16,9 @@ from tests.interop.server_process import (
     LOOPBACK,
     ServerFactory,
     ServerProcess,
-    make_loopback_certificate,
     require_tool,
+    start_listening,
+    stop_process,
 )
 from tests.interop.test_coturn_migration import free_port
 from tests.interop.test_proxy_protocol import closed_by_server, mapped_address, proxied
@@ -65,36 +64,14 @@ class HAProxy:
 
     def start(self) -> HAProxy:
         command = [require_tool("haproxy"), "-f", str(self.config), "-db"]
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_TIMEOUT
-        for port in self.ports.values():
-            while True:
-                with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 0.5):
-                    break
-                assert self.process.poll() is None, self.log.read_text()
-                assert time.monotonic() < deadline, (
-                    f"haproxy did not listen: {self.log.read_text()}"
-                )
-                time.sleep(0.05)
+        self.process = start_listening(command, self.ports.values(), self.log)
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        stop_process(self.process)
 
     def address(self, name: str) -> tuple[str, int]:
         return (LOOPBACK, self.ports[name])
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_loopback_certificate(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture
@@ -126,19 +103,11 @@ def haproxy(server: ServerProcess, tmp_path: Path) -> Iterator[HAProxy]:
     proxy.stop()
 
 
-@pytest.fixture
-def opened() -> Iterator[list[socket.socket]]:
-    sockets: list[socket.socket] = []
-    yield sockets
-    for sock in sockets:
-        sock.close()
-
-
 def through(
-    haproxy: HAProxy, frontend: str, source: str, opened: list[socket.socket]
+    haproxy: HAProxy, frontend: str, source: str, sockets: list[socket.socket]
 ) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    opened.append(sock)
+    sockets.append(sock)
     sock.bind((source, 0))
     sock.settimeout(3.0)
     sock.connect(haproxy.address(frontend))
@@ -147,35 +116,35 @@ def through(
 
 @pytest.mark.parametrize("frontend", ["tcp_v2", "tcp_v1"])
 def test_the_server_sees_the_clients_own_address_and_port(
-    haproxy: HAProxy, opened: list[socket.socket], frontend: str
+    haproxy: HAProxy, sockets: list[socket.socket], frontend: str
 ) -> None:
     for source in (CLIENT_A, CLIENT_B):
-        sock = through(haproxy, frontend, source, opened)
+        sock = through(haproxy, frontend, source, sockets)
         assert mapped_address(sock) == sock.getsockname()
 
 
-def test_tls_passed_through_with_the_header(haproxy: HAProxy, opened: list[socket.socket]) -> None:
-    raw = through(haproxy, "tls_v2", CLIENT_A, opened)
+def test_tls_passed_through_with_the_header(haproxy: HAProxy, sockets: list[socket.socket]) -> None:
+    raw = through(haproxy, "tls_v2", CLIENT_A, sockets)
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     tls = context.wrap_socket(raw, server_hostname="localhost")
-    opened.append(tls)
+    sockets.append(tls)
     assert mapped_address(tls) == tls.getsockname()
 
 
 def test_two_clients_behind_the_proxy_have_budgets_of_their_own(
-    haproxy: HAProxy, opened: list[socket.socket]
+    haproxy: HAProxy, sockets: list[socket.socket]
 ) -> None:
     """connections_per_source: 2. Without the header all of them would be HAProxy's."""
-    three = [through(haproxy, "tcp_v2", CLIENT_A, opened) for _ in range(3)]
+    three = [through(haproxy, "tcp_v2", CLIENT_A, sockets) for _ in range(3)]
     # HAProxy connects them in its own order: whichever came third is the one refused.
     refused = [sock for sock in three if closed_by_server(sock, within=1.0)]
     assert len(refused) == 1
     for sock in three:
         if sock not in refused:
             assert mapped_address(sock) == sock.getsockname()
-    other = through(haproxy, "tcp_v2", CLIENT_B, opened)
+    other = through(haproxy, "tcp_v2", CLIENT_B, sockets)
     assert mapped_address(other) == other.getsockname()
 
 

@@ -6,7 +6,6 @@ connect through it."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import socket
@@ -25,8 +24,9 @@ from tests.interop.server_process import (
     REST_SECRET,
     ServerFactory,
     ServerProcess,
-    make_loopback_certificate,
     require_tool,
+    start_listening,
+    stop_process,
 )
 from tests.interop.test_coturn_migration import free_port
 from tests.interop.test_proxy_protocol import mapped_address, proxied
@@ -103,31 +103,11 @@ http {{
             "-g",
             "daemon off; master_process off;",
         ]
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_TIMEOUT
-        for port in (self.port, self.web_port):
-            while True:
-                with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 0.5):
-                    break
-                assert self.process.poll() is None, self.log.read_text()
-                assert time.monotonic() < deadline, f"nginx did not listen: {self.log.read_text()}"
-                time.sleep(0.05)
+        self.process = start_listening(command, (self.port, self.web_port), self.log)
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_loopback_certificate(tmp_path_factory.mktemp("tls"))
+        stop_process(self.process)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from tests.interop.server_process import (
     LOOPBACK,
     ServerFactory,
     ServerProcess,
-    make_loopback_certificate,
 )
 from tests.interop.turn_wire_client import recv_exactly
 
@@ -44,11 +42,6 @@ def proxied(transport: str) -> dict[str, object]:
     }
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_loopback_certificate(tmp_path_factory.mktemp("tls"))
-
-
 @pytest.fixture
 def server(server_factory: ServerFactory, tls_files: tuple[Path, Path]) -> ServerProcess:
     return server_factory(
@@ -61,19 +54,11 @@ def server(server_factory: ServerFactory, tls_files: tuple[Path, Path]) -> Serve
     )
 
 
-@pytest.fixture
-def opened() -> Iterator[list[socket.socket]]:
-    sockets: list[socket.socket] = []
-    yield sockets
-    for sock in sockets:
-        sock.close()
-
-
 def connect_from(
-    source: str, address: tuple[str, int], opened: list[socket.socket]
+    source: str, address: tuple[str, int], sockets: list[socket.socket]
 ) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    opened.append(sock)
+    sockets.append(sock)
     sock.bind((source, 0))
     sock.settimeout(3.0)
     sock.connect(address)
@@ -109,9 +94,9 @@ def closed_by_server(sock: socket.socket, within: float = 3.0) -> bool:
     ids=["v1", "v2"],
 )
 def test_the_client_a_header_names_is_the_client_the_server_sees(
-    server: ServerProcess, opened: list[socket.socket], header: bytes
+    server: ServerProcess, sockets: list[socket.socket], header: bytes
 ) -> None:
-    sock = connect_from(PROXY, server.tcp_address, opened)
+    sock = connect_from(PROXY, server.tcp_address, sockets)
     # The header and the first request in one segment, as proxies send them.
     sock.sendall(header)
     assert mapped_address(sock) == CLIENT_A
@@ -119,34 +104,34 @@ def test_the_client_a_header_names_is_the_client_the_server_sees(
 
 
 def test_ipv6_clients_and_local_health_checks(
-    server: ServerProcess, opened: list[socket.socket]
+    server: ServerProcess, sockets: list[socket.socket]
 ) -> None:
-    six = connect_from(PROXY, server.tcp_address, opened)
+    six = connect_from(PROXY, server.tcp_address, sockets)
     six.sendall(encode_v2(CLIENT_B, ("2001:db8::1", 3478)))
     assert mapped_address(six) == CLIENT_B
-    local = connect_from(PROXY, server.tcp_address, opened)
+    local = connect_from(PROXY, server.tcp_address, sockets)
     local.sendall(encode_v2(None, None))  # LOCAL: the proxy itself
     assert mapped_address(local) == local.getsockname()
 
 
-def test_tls_follows_the_header(server: ServerProcess, opened: list[socket.socket]) -> None:
-    raw = connect_from(PROXY, server.tls_address, opened)
+def test_tls_follows_the_header(server: ServerProcess, sockets: list[socket.socket]) -> None:
+    raw = connect_from(PROXY, server.tls_address, sockets)
     raw.sendall(encode_v2(CLIENT_A, (LOOPBACK, 5349)))
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     context.set_alpn_protocols(["stun.turn"])
     tls = context.wrap_socket(raw, server_hostname="localhost")
-    opened.append(tls)
+    sockets.append(tls)
     assert tls.selected_alpn_protocol() == "stun.turn"
     assert mapped_address(tls) == CLIENT_A
 
 
 def test_only_trusted_proxies_may_send_a_header(
-    server: ServerProcess, opened: list[socket.socket]
+    server: ServerProcess, sockets: list[socket.socket]
 ) -> None:
     mark = server.log_mark()
-    sock = connect_from(UNTRUSTED, server.tcp_address, opened)
+    sock = connect_from(UNTRUSTED, server.tcp_address, sockets)
     sock.sendall(encode_v1(CLIENT_A, (LOOPBACK, 3478)))
     assert closed_by_server(sock)
     server.wait_for_log(
@@ -167,30 +152,30 @@ def test_only_trusted_proxies_may_send_a_header(
     ids=["no-header", "bad-address", "too-long", "v2-too-long", "tls-first"],
 )
 def test_a_bad_or_missing_header_closes_the_connection(
-    server: ServerProcess, opened: list[socket.socket], first_bytes: bytes
+    server: ServerProcess, sockets: list[socket.socket], first_bytes: bytes
 ) -> None:
     mark = server.log_mark()
-    sock = connect_from(PROXY, server.tcp_address, opened)
+    sock = connect_from(PROXY, server.tcp_address, sockets)
     sock.sendall(first_bytes)
     assert closed_by_server(sock)
     server.wait_for_log(rf"connection from {PROXY} closed: ", since=mark)
     # The server goes on serving.
-    good = connect_from(PROXY, server.tcp_address, opened)
+    good = connect_from(PROXY, server.tcp_address, sockets)
     good.sendall(encode_v1(CLIENT_A, (LOOPBACK, 3478)))
     assert mapped_address(good) == CLIENT_A
 
 
 def test_a_header_cut_short_waits_no_longer_than_the_first_message_timeout(
-    server: ServerProcess, opened: list[socket.socket]
+    server: ServerProcess, sockets: list[socket.socket]
 ) -> None:
     header = encode_v2(CLIENT_A, (LOOPBACK, 3478))
-    sock = connect_from(PROXY, server.tcp_address, opened)
+    sock = connect_from(PROXY, server.tcp_address, sockets)
     started = time.monotonic()
     sock.sendall(header[:10])
     assert closed_by_server(sock, within=TIMEOUT + 3)
     assert time.monotonic() - started < TIMEOUT + 2
     # A header in pieces within the time is fine.
-    slow = connect_from(PROXY, server.tcp_address, opened)
+    slow = connect_from(PROXY, server.tcp_address, sockets)
     for piece in (header[:5], header[5:20], header[20:]):
         slow.sendall(piece)
         time.sleep(0.1)
@@ -198,19 +183,19 @@ def test_a_header_cut_short_waits_no_longer_than_the_first_message_timeout(
 
 
 def test_per_source_limits_count_the_clients_the_headers_name(
-    server_factory: ServerFactory, opened: list[socket.socket]
+    server_factory: ServerFactory, sockets: list[socket.socket]
 ) -> None:
     """connections_per_source is 2 (per worker process: one here), and the proxy's own
     address is not one bucket for all."""
     server = server_factory(
         {"listen": [proxied("tcp")], "workers": 1, "limits": {"connections_per_source": 2}}
     )
-    first, second, third = (connect_from(PROXY, server.tcp_address, opened) for _ in range(3))
+    first, second, third = (connect_from(PROXY, server.tcp_address, sockets) for _ in range(3))
     for sock in (first, second):
         sock.sendall(encode_v1(CLIENT_A, (LOOPBACK, 3478)))
         assert mapped_address(sock) == CLIENT_A
     third.sendall(encode_v1(CLIENT_A, (LOOPBACK, 3478)))
     assert closed_by_server(third)
-    other = connect_from(PROXY, server.tcp_address, opened)
+    other = connect_from(PROXY, server.tcp_address, sockets)
     other.sendall(encode_v1(("192.0.2.45", 1), (LOOPBACK, 3478)))
     assert mapped_address(other) == ("192.0.2.45", 1)

@@ -12,7 +12,6 @@ from tests.interop.server_process import (
     USER,
     ServerFactory,
     ServerProcess,
-    make_loopback_certificate,
 )
 from tests.interop.test_turnutils import (  # echo_peer: a fixture
     assert_all_echoed,
@@ -21,11 +20,6 @@ from tests.interop.test_turnutils import (  # echo_peer: a fixture
 )
 
 pytestmark = pytest.mark.interop
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_loopback_certificate(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture

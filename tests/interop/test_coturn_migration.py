@@ -72,6 +72,7 @@ from tests.interop.server_process import (
     merge_config,
     next_relay_range,
     require_tool,
+    stop_process,
 )
 from tests.interop.test_turnutils import (
     CLIENTS,
@@ -90,7 +91,6 @@ DEPLOYMENTS = sorted(path.stem for path in CONFIGS.glob("*.conf"))
 LOOPBACK6 = "::1"
 
 READY_TIMEOUT = 15.0
-STOP_TIMEOUT = 10.0
 STEP_TIMEOUT = 5.0
 IMPORT_TIMEOUT = 30.0
 SCENARIO_TIMEOUT = 30.0
@@ -387,15 +387,7 @@ class Coturn:
         )
 
     def stop(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=STOP_TIMEOUT)
+        stop_process(self.process)
 
 
 @contextlib.contextmanager

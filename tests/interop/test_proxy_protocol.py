@@ -127,12 +127,17 @@ def test_tls_follows_the_header(server: ServerProcess, sockets: list[socket.sock
     assert mapped_address(tls) == CLIENT_A
 
 
+@pytest.mark.parametrize(
+    "header",
+    [encode_v1(CLIENT_A, (LOOPBACK, 3478)), encode_v2(CLIENT_A, (LOOPBACK, 3478))],
+    ids=["v1", "v2"],
+)
 def test_only_trusted_proxies_may_send_a_header(
-    server: ServerProcess, sockets: list[socket.socket]
+    server: ServerProcess, sockets: list[socket.socket], header: bytes
 ) -> None:
     mark = server.log_mark()
     sock = connect_from(UNTRUSTED, server.tcp_address, sockets)
-    sock.sendall(encode_v1(CLIENT_A, (LOOPBACK, 3478)))
+    sock.sendall(header)
     assert closed_by_server(sock)
     server.wait_for_log(
         rf"connection from {UNTRUSTED} refused: not in the listener's trusted_proxies",

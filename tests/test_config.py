@@ -363,6 +363,85 @@ def test_the_unknown_key_message_has_the_documented_form(tmp_path: Path) -> None
         # secrets
         ("auth: {secrets: abc}", "auth.secrets", "must be a list, got 'abc'"),
         ("auth: {secrets: ['', x]}", "auth.secrets[0]", "must be a non-empty string"),
+        # settings that cannot work together
+        (
+            "relay: {more_addresses: [{address: 10.0.0.3}]}",
+            "relay.more_addresses[0].address",
+            "needs a specific address (not 0.0.0.0)",
+        ),
+        (
+            "relay: {address: 10.0.0.2, more_addresses: [{address: '2001:db8::3'}]}",
+            "relay.more_addresses[0].address",
+            "requires address6",
+        ),
+        (
+            "relay: {address: 10.0.0.2, more_addresses: [{address: 10.0.0.2}]}",
+            "relay.more_addresses[0].address",
+            "already a relay address",
+        ),
+        (
+            "relay: {address: 10.0.0.2, more_addresses: [{address: 10.0.0.3, "
+            "external_address: '2001:db8::3'}]}",
+            "relay.more_addresses[0].external_address",
+            "must be an IPv4 address",
+        ),
+        (
+            "relay: {address: 10.0.0.1, more_addresses: ["
+            + ", ".join(f"{{address: 10.0.0.{i}}}" for i in range(2, 10))
+            + "]}",
+            "relay.more_addresses",
+            "at most 8 IPv4 relay addresses",
+        ),
+        (
+            "relay: {address: 10.0.0.2, more_addresses: [{address: 0.0.0.0}]}",
+            "relay.more_addresses[0].address",
+            "other than the unspecified address",
+        ),
+        ("relay: {external_address: auto}", "relay.discover", "must list STUN servers"),
+        ("relay: {discover: ['stun:192.0.2.1']}", "relay.discover", "has no effect unless"),
+        (
+            "relay: {external_address: auto, discover: ['turn:192.0.2.1']}",
+            "relay.discover[0]",
+            "must be a STUN URL",
+        ),
+        (
+            "relay: {external_address: auto, discover: ['stun:192.0.2.1:99999']}",
+            "relay.discover[0]",
+            "port must be 1-65535",
+        ),
+        ("relay: {external_address: otto}", "relay.external_address", 'or "auto"'),
+        (
+            "relay: {external_address6: auto, discover: ['stun:[2001:db8::1]']}",
+            "relay.external_address6",
+            "requires address6",
+        ),
+        (
+            "listen: [{transport: udp, address: 0.0.0.0, port: 3478, proxy_protocol: true, "
+            "trusted_proxies: [10.0.0.1]}]",
+            "listen[0].proxy_protocol",
+            "for tcp, tls and auto listeners only",
+        ),
+        (
+            "listen: [{transport: tcp, address: 0.0.0.0, port: 3478, proxy_protocol: true}]",
+            "listen[0].trusted_proxies",
+            "must name the proxies",
+        ),
+        (
+            "listen: [{transport: tcp, address: 0.0.0.0, port: 3478, trusted_proxies: [10.0.0.1]}]",
+            "listen[0].trusted_proxies",
+            "has no effect without proxy_protocol",
+        ),
+        (
+            "listen: [{transport: tcp, address: 0.0.0.0, port: 3478, proxy_protocol: true, "
+            "trusted_proxies: [10.0.0.300]}]",
+            "listen[0].trusted_proxies[0]",
+            "must be an IP address, a CIDR network",
+        ),
+        (
+            "listen: [{transport: auto, address: 0.0.0.0, port: 443}]",
+            "tls.certificate",
+            "is required by the auto listener listen[0]",
+        ),
     ],
 )
 def test_bad_values_are_rejected_naming_the_file_and_the_key_path(
@@ -446,92 +525,6 @@ def test_more_relay_addresses_parse_with_their_external_addresses() -> None:
     assert config.relay.more_of(4)[0].external_address == "203.0.113.3"
 
 
-@pytest.mark.parametrize(
-    ("relay", "path", "problem"),
-    [
-        (
-            "{more_addresses: [{address: 10.0.0.3}]}",
-            "relay.more_addresses[0].address",
-            "needs a specific address (not 0.0.0.0)",
-        ),
-        (
-            "{address: 10.0.0.2, more_addresses: [{address: '2001:db8::3'}]}",
-            "relay.more_addresses[0].address",
-            "requires address6",
-        ),
-        (
-            "{address: 10.0.0.2, more_addresses: [{address: 10.0.0.2}]}",
-            "relay.more_addresses[0].address",
-            "already a relay address",
-        ),
-        (
-            "{address: 10.0.0.2, more_addresses: [{address: 10.0.0.3, "
-            "external_address: '2001:db8::3'}]}",
-            "relay.more_addresses[0].external_address",
-            "must be an IPv4 address",
-        ),
-        (
-            "{address: 10.0.0.1, more_addresses: ["
-            + ", ".join(f"{{address: 10.0.0.{i}}}" for i in range(2, 10))
-            + "]}",
-            "relay.more_addresses",
-            "at most 8 IPv4 relay addresses",
-        ),
-        (
-            "{address: 10.0.0.2, more_addresses: [{address: 0.0.0.0}]}",
-            "relay.more_addresses[0].address",
-            "other than the unspecified address",
-        ),
-    ],
-)
-def test_more_relay_addresses_that_cannot_work_are_refused(
-    tmp_path: Path, relay: str, path: str, problem: str
-) -> None:
-    error = config_error(tmp_path, f"relay: {relay}\n")
-    assert error.path == path
-    assert problem in str(error)
-
-
-@pytest.mark.parametrize(
-    ("listener", "path", "problem"),
-    [
-        (
-            "{transport: udp, address: 0.0.0.0, port: 3478, proxy_protocol: true, "
-            "trusted_proxies: [10.0.0.1]}",
-            "listen[0].proxy_protocol",
-            "for tcp, tls and auto listeners only",
-        ),
-        (
-            "{transport: tcp, address: 0.0.0.0, port: 3478, proxy_protocol: true}",
-            "listen[0].trusted_proxies",
-            "must name the proxies",
-        ),
-        (
-            "{transport: tcp, address: 0.0.0.0, port: 3478, trusted_proxies: [10.0.0.1]}",
-            "listen[0].trusted_proxies",
-            "has no effect without proxy_protocol",
-        ),
-        (
-            "{transport: tcp, address: 0.0.0.0, port: 3478, proxy_protocol: true, "
-            "trusted_proxies: [10.0.0.300]}",
-            "listen[0].trusted_proxies[0]",
-            "must be an IP address, a CIDR network",
-        ),
-        (
-            "{transport: auto, address: 0.0.0.0, port: 443}",
-            "tls.certificate",
-            "is required by the auto listener listen[0]",
-        ),
-    ],
-)
-def test_listener_options_that_cannot_work_are_refused(
-    tmp_path: Path, listener: str, path: str, problem: str
-) -> None:
-    error = config_error(tmp_path, f"listen: [{listener}]\n")
-    assert error.path == path
-    assert problem in str(error)
-
-
 def test_a_proxy_protocol_listener_parses_its_trusted_networks() -> None:
     config = parse_config(
         {
@@ -550,37 +543,6 @@ def test_a_proxy_protocol_listener_parses_its_trusted_networks() -> None:
     assert networks is not None
     assert [str(n) for n in networks] == ["10.0.0.0/8", "192.0.2.1/32", "192.0.2.2/32", "::1/128"]
     assert parse_config({}).listen[0].trusted_networks() is None
-
-
-@pytest.mark.parametrize(
-    ("relay", "path", "problem"),
-    [
-        ("{external_address: auto}", "relay.discover", "must list STUN servers"),
-        ("{discover: ['stun:192.0.2.1']}", "relay.discover", "has no effect unless"),
-        (
-            "{external_address: auto, discover: ['turn:192.0.2.1']}",
-            "relay.discover[0]",
-            "must be a STUN URL",
-        ),
-        (
-            "{external_address: auto, discover: ['stun:192.0.2.1:99999']}",
-            "relay.discover[0]",
-            "port must be 1-65535",
-        ),
-        ("{external_address: otto}", "relay.external_address", 'or "auto"'),
-        (
-            "{external_address6: auto, discover: ['stun:[2001:db8::1]']}",
-            "relay.external_address6",
-            "requires address6",
-        ),
-    ],
-)
-def test_an_external_address_auto_needs_stun_servers(
-    tmp_path: Path, relay: str, path: str, problem: str
-) -> None:
-    error = config_error(tmp_path, f"relay: {relay}\n")
-    assert error.path == path
-    assert problem in str(error)
 
 
 def test_stun_urls_parse_with_the_default_port() -> None:

@@ -34,6 +34,7 @@ from tests.interop.server_process import (
     base_config,
     relayed_packets,
     require_tool,
+    stop_process,
 )
 
 pytestmark = pytest.mark.interop
@@ -106,12 +107,7 @@ def turnutils_peer(host: str = LOOPBACK) -> Iterator[int]:
         wait_for_echo(port, host)
         yield port
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ with metrics on (port 0) and `OpsServer` learns the metrics port from the log.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import re
 import socket
@@ -61,8 +62,8 @@ class OpsServer(ServerProcess):
         client.challenge()
         return client
 
-    def get(self, path: str) -> tuple[int, str]:
-        return http_get(self.metrics_address, path)
+    def get(self, path: str, authorization: str | None = None) -> tuple[int, str]:
+        return http_get(self.metrics_address, path, authorization=authorization)
 
     def scrape(self) -> Samples:
         status, body = self.get("/metrics")
@@ -78,14 +79,23 @@ class OpsServer(ServerProcess):
         return self.process.wait(timeout=timeout)
 
 
-def http_get(address: tuple[str, int], path: str, method: str = "GET") -> tuple[int, str]:
+def http_get(
+    address: tuple[str, int], path: str, method: str = "GET", *, authorization: str | None = None
+) -> tuple[int, str]:
     conn = http.client.HTTPConnection(*address, timeout=HTTP_TIMEOUT)
     try:
-        conn.request(method, path)
+        conn.request(
+            method, path, headers={"Authorization": authorization} if authorization else {}
+        )
         response = conn.getresponse()
         return response.status, response.read().decode()
     finally:
         conn.close()
+
+
+def basic_authorization(user: str, password: str) -> str:
+    """An Authorization header value for HTTP basic authentication (metrics.auth)."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def parse_metrics(text: str) -> Samples:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.interop.server_process import require_tool, run_pyturn
+from tests.interop.server_process import require_tool, run_pyturn, stop_process
 from tests.ops.conftest import StartServer
 from tests.ops.helpers import OpsServer, wait_until
 from tests.redis_server import free_tcp_port
@@ -131,12 +131,7 @@ def prometheus(full_server: OpsServer, tmp_path: Path) -> Iterator[str]:
     try:
         yield f"http://{listen}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process)
         if process.stderr is not None:
             process.stderr.close()
 

@@ -4,10 +4,7 @@ real with the Secret's values."""
 
 from __future__ import annotations
 
-import base64
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +15,7 @@ from pyturn.config import parse_config
 from pyturn.core.auth import mint_rest_credential
 from tests.interop.server_process import LOOPBACK, merge_config, next_relay_range
 from tests.ops.conftest import StartServer
+from tests.ops.helpers import basic_authorization
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "deploy" / "kubernetes"
@@ -138,23 +136,11 @@ def test_the_daemonsets_config_serves_with_the_secrets_values(
         },
     )
     server = start_server(local)
-    host, port = server.metrics_address
     user, _, password = secret_data()["metrics-users"].strip().partition(":")
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
 
-    def status(path: str, authorization: str | None = None) -> int:
-        request = urllib.request.Request(f"http://{host}:{port}{path}")
-        if authorization:
-            request.add_header("Authorization", authorization)
-        try:
-            with urllib.request.urlopen(request, timeout=5) as answer:  # noqa: S310 (loopback)
-                return int(answer.status)
-        except urllib.error.HTTPError as error:
-            return error.code
-
-    assert status("/ready") == 200
-    assert status("/metrics") == 401
-    assert status("/metrics", f"Basic {token}") == 200
+    assert server.get("/ready")[0] == 200
+    assert server.get("/metrics")[0] == 401
+    assert server.get("/metrics", basic_authorization(user, password))[0] == 200
     minted = mint_rest_credential(secret_data()["rest-secret"], int(time.time()) + 600, "k8s")
     client = server.client("udp", user=minted["username"], password=minted["credential"])
     try:

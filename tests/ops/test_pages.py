@@ -3,8 +3,6 @@ from a file (and its reload), and hostile requests that change nothing."""
 
 from __future__ import annotations
 
-import base64
-import http.client
 import json
 import signal
 import socket
@@ -19,6 +17,7 @@ from tests.ops.helpers import (
     HTTP_TIMEOUT,
     OpsServer,
     Peer,
+    basic_authorization,
     ops_config,
     relay_round_trip,
     value,
@@ -27,25 +26,11 @@ from tests.ops.helpers import (
 pytestmark = pytest.mark.interop
 
 
-def get(server: OpsServer, path: str, authorization: str | None = None) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(*server.metrics_address, timeout=HTTP_TIMEOUT)
-    try:
-        conn.request("GET", path, headers={"Authorization": authorization} if authorization else {})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
 def status(server: OpsServer) -> dict[str, Any]:
-    code, body = get(server, "/status.json")
+    code, body = server.get("/status.json")
     assert code == 200, body
     document: dict[str, Any] = json.loads(body)
     return document
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def raw(server: OpsServer, request: bytes) -> bytes:
@@ -99,7 +84,7 @@ def test_the_status_document_counts_what_the_workers_hold(start_server: StartSer
 
 def test_a_minted_credential_is_made_with_the_servers_secret(start_server: StartServer) -> None:
     server = start_server({"workers": 2, "auth": {"users": None}})
-    code, body = get(server, "/test/ice.json")
+    code, body = server.get("/test/ice.json")
     assert code == 200
     minted = json.loads(body)
     assert minted["mode"] == "rest"
@@ -111,7 +96,7 @@ def test_a_minted_credential_is_made_with_the_servers_secret(start_server: Start
         client.close()
     assert relayed[0] == LOOPBACK
     assert lifetime > 0
-    assert REST_SECRET not in body.decode()
+    assert REST_SECRET not in body
 
 
 def test_metrics_auth_asks_every_page_but_health_checks_and_reloads(
@@ -120,26 +105,26 @@ def test_metrics_auth_asks_every_page_but_health_checks_and_reloads(
     users = tmp_path / "ops-users"
     users.write_text("prometheus:first-pw\n")
     server = start_server({"workers": 2, "metrics": {"auth": str(users)}})
-    assert get(server, "/live")[0] == 200
-    assert get(server, "/ready")[0] == 200
+    assert server.get("/live")[0] == 200
+    assert server.get("/ready")[0] == 200
     for path in ("/", "/metrics", "/status.json", "/test/ice.json"):
-        assert get(server, path)[0] == 401
-        assert get(server, path, basic("prometheus", "wrong"))[0] == 401
-        assert get(server, path, basic("prometheus", "first-pw"))[0] == 200
+        assert server.get(path)[0] == 401
+        assert server.get(path, basic_authorization("prometheus", "wrong"))[0] == 401
+        assert server.get(path, basic_authorization("prometheus", "first-pw"))[0] == 200
 
     users.write_text("prometheus:second-pw\n")
     mark = server.log_mark()
     server.signal(signal.SIGHUP)
     server.wait_for_log("config reload sent", since=mark)
-    assert get(server, "/metrics", basic("prometheus", "second-pw"))[0] == 200
-    assert get(server, "/metrics", basic("prometheus", "first-pw"))[0] == 401
+    assert server.get("/metrics", basic_authorization("prometheus", "second-pw"))[0] == 200
+    assert server.get("/metrics", basic_authorization("prometheus", "first-pw"))[0] == 401
 
     # A broken file on reload keeps the users the ops port had.
     users.write_text("no colon\n")
     mark = server.log_mark()
     server.signal(signal.SIGHUP)
     server.wait_for_log("the ops port keeps its previous users", since=mark)
-    assert get(server, "/metrics", basic("prometheus", "second-pw"))[0] == 200
+    assert server.get("/metrics", basic_authorization("prometheus", "second-pw"))[0] == 200
 
 
 def test_an_unreadable_auth_file_stops_the_start(tmp_path: Path) -> None:
@@ -179,4 +164,4 @@ def test_hostile_requests_to_a_real_server_get_4xx_and_change_nothing(
         assert {k: v for k, v in before.items() if k[0] == name} == {
             k: v for k, v in after.items() if k[0] == name
         }
-    assert get(server, "/ready")[0] == 200
+    assert server.get("/ready")[0] == 200

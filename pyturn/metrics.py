@@ -399,6 +399,17 @@ class TurnCollector(Collector):
         yield limits
 
 
+def relayed_totals(server: ServerView, stats: Stats) -> dict[str, int]:
+    """Application bytes relayed each way, ended allocations included: the sum of
+    pyturn_relayed_bytes_total over transports, without rendering every metric."""
+    to_peer = sum(traffic.bytes_to_peer for traffic in stats.closed_traffic.values())
+    to_client = sum(traffic.bytes_to_client for traffic in stats.closed_traffic.values())
+    for allocation in server.allocations.values():
+        to_peer += allocation.bytes_to_peer
+        to_client += allocation.bytes_to_client
+    return {"client_to_peer": to_peer, "peer_to_client": to_client}
+
+
 def _bucket_label(bound: float) -> str:
     return str(int(bound)) if bound.is_integer() else str(bound)
 

@@ -426,6 +426,15 @@ class Supervisor:
     async def exposition(self) -> bytes:
         return await self.gather_metrics()
 
+    async def relayed_bytes(self) -> dict[str, int]:
+        totals = {"client_to_peer": 0, "peer_to_client": 0}
+        for answer in await self.ask({"op": "relayed"}, METRICS_TIMEOUT):
+            relayed = answer.get("relayed")
+            if isinstance(relayed, dict):
+                for direction in totals:
+                    totals[direction] += int(relayed.get(direction, 0))
+        return totals
+
     def facts(self) -> dict[str, Any]:
         workers = [
             {

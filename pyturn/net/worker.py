@@ -62,7 +62,7 @@ from pyturn.core.server import (
 )
 from pyturn.core.sessions import SessionMatch, revocations_from_json, revocations_to_json
 from pyturn.logs import format_address, log_event, use_logging_config
-from pyturn.metrics import Stats, TurnCollector, make_registry, render
+from pyturn.metrics import Stats, TurnCollector, make_registry, relayed_totals, render
 from pyturn.net import batch, fastpath
 from pyturn.net.addresses import default_relay_ipv4, default_relay_ipv6
 from pyturn.net.clients import Clients
@@ -230,6 +230,9 @@ class Worker:
 
     async def exposition(self) -> bytes:
         return render(self.registry)
+
+    async def relayed_bytes(self) -> dict[str, int]:
+        return relayed_totals(self.server, self.stats)
 
     def facts(self) -> dict[str, Any]:
         return {

@@ -19,7 +19,7 @@ import time
 
 from pyturn.config import parse_config
 from pyturn.logs import use_logging_config
-from pyturn.metrics import render
+from pyturn.metrics import relayed_totals, render
 from pyturn.net.control import LINE_LIMIT, Message, read_message, write_message
 from pyturn.net.errors import StartupError
 from pyturn.net.node_state import NodeLayout, SharedNodeState
@@ -107,6 +107,9 @@ async def _obey(worker: Worker, reader: asyncio.StreamReader, writer: asyncio.St
         if op == "metrics":
             text = render(worker.registry).decode()
             write_message(writer, {"op": "metrics", "id": message.get("id"), "text": text})
+        elif op == "relayed":
+            totals = relayed_totals(worker.server, worker.stats)
+            write_message(writer, {"op": "answer", "id": message.get("id"), "relayed": totals})
         elif op == "reload":
             new = parse_config(message["config"], source="supervisor")
             ok = worker.apply_config(new, source=str(message.get("source", "supervisor")))

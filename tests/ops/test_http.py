@@ -85,6 +85,9 @@ class FixedNode:
     async def exposition(self) -> bytes:
         return b"metrics 1\n"
 
+    async def relayed_bytes(self) -> dict[str, int]:
+        return {"client_to_peer": 0, "peer_to_client": 0}
+
     def facts(self) -> dict[str, Any]:
         return {
             "state": "serving",

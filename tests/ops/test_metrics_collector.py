@@ -25,7 +25,7 @@ from pyturn.core.server import (
     QuotaRejected,
     RequestHandled,
 )
-from pyturn.metrics import LIFETIME_BUCKETS, Stats, TurnCollector, method_label
+from pyturn.metrics import LIFETIME_BUCKETS, Stats, TurnCollector, method_label, relayed_totals
 from pyturn.wire.attributes import FAMILY_IPV4, Address
 from pyturn.wire.message import Method
 from tests.ops.helpers import parse_metrics, value
@@ -104,6 +104,8 @@ def test_live_allocations_and_ended_ones_add_up_without_double_counting() -> Non
     assert sample("pyturn_relayed_packets_total", direction="client_to_peer", transport="udp") == 8
     assert sample("pyturn_relayed_bytes_total", direction="client_to_peer", transport="udp") == 800
     assert sample("pyturn_relayed_bytes_total", direction="peer_to_client", transport="udp") == 20
+    # The status page's chart counts the same bytes without rendering everything.
+    assert relayed_totals(server, stats) == {"client_to_peer": 800, "peer_to_client": 20}
     assert sample("pyturn_allocations_deleted_total", reason="expired") == 1
     assert sample("pyturn_allocations_created_total", transport="udp") == 2
     # 45 s falls in the 60 s bucket and every bucket above it.

@@ -46,7 +46,10 @@ def ask(path: Path, payload: bytes, timeout: float = 5.0) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(str(path))
-        sock.sendall(payload)
+        # A socket that is busy answers at once and hangs up without reading: its answer
+        # is still there to read.
+        with contextlib.suppress(BrokenPipeError):
+            sock.sendall(payload)
         return read_answer(sock)
 
 

@@ -1,7 +1,8 @@
 /*
  * loadgen: the TURN load generator (and its plain-forwarder baseline) for bench/run.py.
  *
- * Built at benchmark time with the system compiler:  cc -O2 -o bench/build/loadgen loadgen.c
+ * Built at benchmark time with the system compiler:
+ *     cc -O2 -o bench/build/loadgen loadgen.c -lssl -lcrypto
  * Loopback only: every socket binds 127.0.0.1 and every run is bounded by --max-time.
  *
  * Modes (one JSON object per result line on stdout, diagnostics on stderr):
@@ -13,29 +14,41 @@
  *            flight per allocation (saturation); --rate R: R packets/s paced, for RTT.
  *            Reports packets relayed per second (both directions) and the server's CPU
  *            seconds over the measurement window (read from /proc/PID/stat).
- *   binding  Binding requests from --sockets sockets, --window in flight each.
+ *   binding  Binding requests from --sockets sockets, --window in flight each (UDP only).
  *   alloc    --inflight sessions each cycling: Allocate -> 401 -> authenticated Allocate
- *            -> Refresh(LIFETIME=0); counts authenticated Allocates per second.
+ *            -> Refresh(LIFETIME=0); counts authenticated Allocates per second.  Over TCP
+ *            and TLS every cycle is a new connection (and a full TLS handshake).
  *   hold     Allocate --allocs allocations (with a channel each), print "held", wait for a
  *            line on stdin, release them all with Refresh(LIFETIME=0), print "released".
- *   stub     The plain forwarder: a minimal, unauthenticated TURN-shaped UDP relay in C
- *            with recvmmsg/sendmmsg batching and UDP GSO (no HMAC checks, no lifetimes).
- *            Running the generator against it shows how fast the generator can go.
+ *   stub     The plain forwarder: a minimal, unauthenticated TURN-shaped relay in C (no
+ *            HMAC checks, no lifetimes): over UDP with recvmmsg/sendmmsg batching and UDP
+ *            GSO; over TCP and TLS one write per wake-up to each connection.  Running the
+ *            generator against it shows how fast the generator can go.
  *            Prints "port N" and serves until stdin closes or --max-time passes.
  *
- * HMAC-SHA1 (MESSAGE-INTEGRITY) is implemented here so the binary needs only libc.
+ * --transport udp|tcp|tls picks the client transport (the peer leg stays UDP, as in the
+ * servers); --tls-version 1.2|1.3 pins the TLS version (default 1.3).  Over TCP and TLS
+ * each session is one connection from its own 127.x address, and frames are delimited
+ * as RFC 8656 says for streams (ChannelData padded to a multiple of 4 bytes).
+ *
+ * HMAC-SHA1 (MESSAGE-INTEGRITY) is implemented here; OpenSSL is used for TLS only.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <netinet/udp.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -287,7 +300,12 @@ static struct {
     char server_pids[256];
     int server_core, gen_core, gso;
     uint64_t max_packets; /* every run is bounded in count as well as in time */
+    int transport, tls_version; /* TR_*; TLS1_2_VERSION or TLS1_3_VERSION */
+    const char *cert, *pkey;    /* the stub's TLS certificate and private key */
 } cfg;
+
+enum { TR_UDP, TR_TCP, TR_TLS };
+static const char *const transport_names[] = {"udp", "tcp", "tls"};
 
 static void parse_addr(const char *s, struct sockaddr_in *a) {
     char host[64];
@@ -321,6 +339,7 @@ static void parse_args(int argc, char **argv) {
     cfg.allocs = 10; cfg.payload = 100; cfg.window = 16; cfg.sockets = 8; cfg.inflight = 64;
     cfg.server_core = 0; cfg.gen_core = 1; cfg.gso = 1; cfg.max_packets = 200000000ull;
     cfg.warmup = 1.0; cfg.duration = 4.0; cfg.max_time = 30.0; cfg.rto = 0.5;
+    cfg.transport = TR_UDP; cfg.tls_version = TLS1_3_VERSION;
     parse_addr("127.0.0.1:0", &cfg.listen);
     snprintf(cfg.user, sizeof cfg.user, "bench");
     for (int i = 2; i < argc; i++) {
@@ -347,6 +366,19 @@ static void parse_args(int argc, char **argv) {
         else if (!strcmp(o, "--gen-core")) cfg.gen_core = atoi(v);
         else if (!strcmp(o, "--gso")) cfg.gso = atoi(v);
         else if (!strcmp(o, "--max-packets")) cfg.max_packets = strtoull(v, NULL, 10);
+        else if (!strcmp(o, "--transport")) {
+            if (!strcmp(v, "udp")) cfg.transport = TR_UDP;
+            else if (!strcmp(v, "tcp")) cfg.transport = TR_TCP;
+            else if (!strcmp(v, "tls")) cfg.transport = TR_TLS;
+            else { fprintf(stderr, "--transport is udp, tcp or tls\n"); exit(2); }
+        } else if (!strcmp(o, "--tls-version")) {
+            if (!strcmp(v, "1.2")) cfg.tls_version = TLS1_2_VERSION;
+            else if (!strcmp(v, "1.3")) cfg.tls_version = TLS1_3_VERSION;
+            else { fprintf(stderr, "--tls-version is 1.2 or 1.3\n"); exit(2); }
+        }
+        /* --key is the long-term key in hex already: the stub's private key is --pkey */
+        else if (!strcmp(o, "--cert")) cfg.cert = v;
+        else if (!strcmp(o, "--pkey")) cfg.pkey = v;
         else { fprintf(stderr, "unknown option %s\n", o); exit(2); }
     }
     if (cfg.payload < 24) cfg.payload = 24;
@@ -487,12 +519,249 @@ static void print_cpu(const cpu_snap *a, const cpu_snap *b) {
            idle.sum / secs);
 }
 
+/* ---------------------------------------------------------------- streams (TCP and TLS) */
+
+static int epfd;
+
+/* A frame's bytes are at most 4 + 65535 (+3 padding) in principle; the servers and the
+ * generator send a few KB at most, and a frame that does not fit is a broken stream. */
+#define IN_CAP 32768
+#define OUT_MAX (4 << 20) /* past this the peer is not reading: drop, as UDP would */
+
+enum { P_CLOSED, P_CONNECTING, P_HANDSHAKE, P_OPEN };
+
+/* One TCP or TLS connection with its receive buffer (partial frames wait there) and its
+ * send buffer (what the kernel did not take yet, written on EPOLLOUT). */
+typedef struct {
+    int fd, phase;
+    SSL *ssl;
+    uint32_t id, watching;  /* epoll data, and the events epoll watches now */
+    int handshake_writes;   /* the TLS handshake waits to write, not to read */
+    int write_wants_read;   /* SSL_write must wait for the socket to be readable */
+    unsigned gen;           /* bumped on close: a frame handler may close its own stream */
+    uint8_t *in;
+    int in_len;
+    uint8_t *out;
+    size_t out_off, out_len, out_cap;
+} stream_t;
+
+static SSL_CTX *tls_ctx;
+static char tls_version[32], tls_cipher[96]; /* what the first handshake negotiated */
+static char tls_error[160];                  /* why the first failed handshake failed */
+
+static size_t stream_pending(const stream_t *t) { return t->out_len - t->out_off; }
+
+/* Level-triggered epoll: EPOLLOUT only while there is something to write, or else every
+ * wait would return at once. */
+static void stream_watch(stream_t *t) {
+    if (t->fd < 0) return;
+    uint32_t want = EPOLLIN;
+    if (t->phase == P_CONNECTING || (t->phase == P_HANDSHAKE && t->handshake_writes) ||
+        (t->phase == P_OPEN && stream_pending(t) && !t->write_wants_read))
+        want |= EPOLLOUT;
+    if (want == t->watching) return;
+    struct epoll_event ev = {.events = want, .data.u32 = t->id};
+    if (epoll_ctl(epfd, t->watching ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, t->fd, &ev) < 0)
+        die("epoll_ctl(stream)");
+    t->watching = want;
+}
+
+/* Room for n more bytes at the end of the send buffer, or NULL past OUT_MAX.  Moving
+ * what waits to the front is allowed while an SSL_write waits to be retried
+ * (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER): the retry passes the same bytes, and more. */
+static uint8_t *stream_reserve(stream_t *t, size_t n) {
+    if (t->out_len + n > t->out_cap && t->out_off) {
+        memmove(t->out, t->out + t->out_off, stream_pending(t));
+        t->out_len -= t->out_off;
+        t->out_off = 0;
+    }
+    if (t->out_len + n > t->out_cap) {
+        size_t cap = t->out_cap ? t->out_cap : 4096;
+        while (cap < t->out_len + n) cap *= 2;
+        if (cap > OUT_MAX) return NULL;
+        uint8_t *out = realloc(t->out, cap);
+        if (!out) die("realloc");
+        t->out = out;
+        t->out_cap = cap;
+    }
+    uint8_t *p = t->out + t->out_len;
+    t->out_len += n;
+    return p;
+}
+
+/* Write what the kernel takes now; the rest waits for EPOLLOUT.  -1: the connection is
+ * gone. */
+static int stream_flush(stream_t *t) {
+    if (t->phase != P_OPEN) return 0;
+    t->write_wants_read = 0;
+    while (stream_pending(t)) {
+        size_t left = stream_pending(t);
+        if (t->ssl) {
+            ERR_clear_error();
+            int n = SSL_write(t->ssl, t->out + t->out_off, left > INT_MAX ? INT_MAX : (int)left);
+            if (n <= 0) {
+                int e = SSL_get_error(t->ssl, n);
+                if (e == SSL_ERROR_WANT_WRITE) break;
+                if (e == SSL_ERROR_WANT_READ) { t->write_wants_read = 1; break; }
+                return -1;
+            }
+            t->out_off += (size_t)n;
+        } else {
+            ssize_t n = send(t->fd, t->out + t->out_off, left, MSG_NOSIGNAL);
+            if (n < 0) {
+                if (errno == EAGAIN || errno == EINTR) break;
+                return -1;
+            }
+            t->out_off += (size_t)n;
+        }
+    }
+    if (!stream_pending(t)) t->out_off = t->out_len = 0;
+    stream_watch(t);
+    return 0;
+}
+
+/* Queue one message and write it (with anything still waiting). */
+static int stream_queue(stream_t *t, const void *b, size_t n) {
+    uint8_t *p = stream_reserve(t, n);
+    if (!p) return 0; /* dropped */
+    memcpy(p, b, n);
+    return stream_flush(t);
+}
+
+/* Drive a nonblocking TLS handshake: 1 done, 0 waiting for the socket, -1 failed. */
+static int stream_handshake(stream_t *t) {
+    ERR_clear_error();
+    int r = SSL_do_handshake(t->ssl);
+    if (r == 1) {
+        t->phase = P_OPEN;
+        if (!tls_version[0]) {
+            snprintf(tls_version, sizeof tls_version, "%s", SSL_get_version(t->ssl));
+            snprintf(tls_cipher, sizeof tls_cipher, "%s", SSL_get_cipher_name(t->ssl));
+        }
+        stream_watch(t);
+        return 1;
+    }
+    int e = SSL_get_error(t->ssl, r);
+    if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE) {
+        if (!tls_error[0]) {
+            unsigned long code = ERR_peek_last_error();
+            if (code) ERR_error_string_n(code, tls_error, sizeof tls_error);
+            else snprintf(tls_error, sizeof tls_error, "connection closed during the handshake");
+        }
+        return -1;
+    }
+    t->handshake_writes = e == SSL_ERROR_WANT_WRITE;
+    stream_watch(t);
+    return 0;
+}
+
+/* Bytes of the frame at the head of a stream: STUN is 20 + length, ChannelData 4 +
+ * length padded to 4 (RFC 8656 §12.5).  0: not all of the header is there yet; -1: no
+ * frame starts with this byte. */
+static int frame_size(const uint8_t *b, int n) {
+    if (n < 4) return 0;
+    int len = get16(b + 2);
+    if (b[0] >= 0x40 && b[0] <= 0x7F) return 4 + ((len + 3) & ~3);
+    if ((b[0] & 0xC0) == 0) return 20 + len;
+    return -1;
+}
+
+typedef void (*frame_fn)(void *ctx, const uint8_t *b, int n);
+
+/* Read what has arrived and hand every whole frame to `frame`; `chunk_done` (if any)
+ * runs after each read's frames, while the pointers given to `frame` are still good.
+ * Returns 0 when the socket has no more for now, 1 when a handler closed the stream,
+ * -1 when the connection ended or broke. */
+static int stream_read(stream_t *t, frame_fn frame, void (*chunk_done)(void *), void *ctx) {
+    unsigned gen = t->gen;
+    if (!t->in && !(t->in = malloc(IN_CAP))) die("malloc");
+    for (;;) {
+        int want = IN_CAP - t->in_len, n;
+        if (t->ssl) {
+            ERR_clear_error();
+            n = SSL_read(t->ssl, t->in + t->in_len, want);
+            if (n <= 0) {
+                int e = SSL_get_error(t->ssl, n);
+                return e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE ? 0 : -1;
+            }
+        } else {
+            ssize_t r = recv(t->fd, t->in + t->in_len, (size_t)want, 0);
+            if (r == 0) return -1;
+            if (r < 0) return errno == EAGAIN || errno == EINTR ? 0 : -1;
+            n = (int)r;
+        }
+        t->in_len += n;
+        int off = 0;
+        for (;;) {
+            int size = frame_size(t->in + off, t->in_len - off);
+            if (size < 0) return -1;
+            if (size == 0 || size > t->in_len - off) break;
+            frame(ctx, t->in + off, size);
+            if (t->gen != gen) return 1;
+            off += size;
+        }
+        if (chunk_done) chunk_done(ctx);
+        if (t->gen != gen) return 1;
+        if (off) memmove(t->in, t->in + off, (size_t)(t->in_len - off));
+        t->in_len -= off;
+        if (t->in_len == IN_CAP) return -1; /* a frame larger than any we use */
+        /* TCP: a short read emptied the socket, and epoll says when there is more.  TLS
+         * may hold decrypted bytes that epoll does not see: read until it wants more. */
+        if (!t->ssl && n < want) return 0;
+    }
+}
+
+/* Close the connection (a TLS close_notify first, best effort); the buffers stay for
+ * the next connection of the same session. */
+static void stream_close(stream_t *t) {
+    if (t->ssl) {
+        SSL_shutdown(t->ssl);
+        SSL_free(t->ssl);
+        t->ssl = NULL;
+    }
+    if (t->fd >= 0) close(t->fd); /* which also takes it out of the epoll set */
+    t->fd = -1;
+    t->phase = P_CLOSED;
+    t->watching = 0;
+    t->handshake_writes = t->write_wants_read = 0;
+    t->in_len = 0;
+    t->out_off = t->out_len = 0;
+    t->gen++;
+}
+
+static void tcp_nodelay(int fd) {
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+/* The client side: no certificate checks (a self-signed loopback certificate) and no
+ * session cache, so that every connection makes a full handshake, as a browser's first
+ * connection to a TURN server does. */
+static void tls_client_init(void) {
+    tls_ctx = SSL_CTX_new(TLS_client_method());
+    if (!tls_ctx) { fprintf(stderr, "loadgen: SSL_CTX_new failed\n"); exit(2); }
+    SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_NONE, NULL);
+    SSL_CTX_set_session_cache_mode(tls_ctx, SSL_SESS_CACHE_OFF);
+    /* pinned both ways, so that a figure is for the version it says */
+    SSL_CTX_set_min_proto_version(tls_ctx, cfg.tls_version);
+    SSL_CTX_set_max_proto_version(tls_ctx, cfg.tls_version);
+    SSL_CTX_set_mode(tls_ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+}
+
+/* ,"transport":"tls","tls_version":"TLSv1.3","cipher":"..." */
+static void print_transport(void) {
+    printf(",\"transport\":\"%s\"", transport_names[cfg.transport]);
+    if (cfg.transport == TR_TLS) printf(",\"tls_version\":\"%s\",\"cipher\":\"%s\"", tls_version, tls_cipher);
+    if (tls_error[0]) printf(",\"tls_error\":\"%s\"", tls_error); /* OpenSSL's text has no quotes */
+}
+
 /* ---------------------------------------------------------------- client sessions */
 
 enum { S_IDLE, S_ALLOC0, S_ALLOC1, S_PERM, S_CHBIND, S_READY, S_REFRESH0, S_DONE, S_FAILED };
 
 typedef struct {
-    int fd, state, tries;
+    int fd, state, tries; /* fd: the UDP socket; over TCP and TLS st.fd */
+    stream_t st;
     double sent_at;
     uint8_t txid[12];
     uint8_t realm[256], nonce[256];
@@ -507,7 +776,6 @@ typedef struct {
 
 static sess_t *sessions;
 static int nsessions;
-static int epfd;
 static struct sockaddr_in peer_addr;
 static int peer_fd = -1;
 static int after_alloc_state = S_READY; /* what an Allocate success leads to */
@@ -515,6 +783,7 @@ static int cycle_allocs;                /* alloc mode: go straight to Refresh 0 
 
 static struct {
     uint64_t alloc_ok, cycles, errors, timeouts, failed, stale;
+    uint64_t connects, lost; /* TCP/TLS: connections made, and ended by the server or broken */
     int last_error;
 } cp; /* control-plane counters */
 
@@ -522,9 +791,18 @@ static int measuring_cp;
 static uint64_t cp_alloc_ok_at_start, cp_cycles_at_start;
 
 static void renew_socket(sess_t *s);
+static void stream_connect(sess_t *s);
+static void s_lost(sess_t *s);
 
 static void s_send(sess_t *s) {
     s->sent_at = now_s();
+    if (cfg.transport != TR_UDP) {
+        /* a session connects when it has something to say: alloc and hold start sessions
+         * --inflight at a time, and so do their connections and handshakes */
+        if (s->st.phase == P_CLOSED) stream_connect(s);
+        if (stream_queue(&s->st, s->req.b, (size_t)s->req.len) < 0) s_lost(s);
+        return;
+    }
     if (send(s->fd, s->req.b, (size_t)s->req.len, 0) < 0 && errno != EAGAIN && errno != ECONNREFUSED)
         die("send");
 }
@@ -579,6 +857,7 @@ static void s_fail(sess_t *s, int code) {
     if (cycle_allocs) { s->state = S_IDLE; renew_socket(s); return; } /* start over */
     s->state = S_FAILED;
     cp.failed++;
+    if (cfg.transport != TR_UDP) stream_close(&s->st);
 }
 
 /* One control-plane response for session s. */
@@ -632,9 +911,19 @@ static int waiting(int state) {
            state == S_REFRESH0;
 }
 
+/* Over TCP and TLS nothing is retransmitted (the stream is reliable): a request that
+ * has no answer after this many RTOs (connecting and the handshake included) failed. */
+#define STREAM_TIMEOUT_RTOS 10
+
 static void check_timeouts(double now) {
     for (int i = 0; i < nsessions; i++) {
         sess_t *s = &sessions[i];
+        if (cfg.transport != TR_UDP) {
+            if (!waiting(s->state) || now - s->sent_at < cfg.rto * STREAM_TIMEOUT_RTOS) continue;
+            cp.timeouts++;
+            s_fail(s, 0); /* closes the connection; a cycling session reconnects */
+            continue;
+        }
         if (!waiting(s->state) || now - s->sent_at < cfg.rto) continue;
         cp.timeouts++;
         if (++s->tries > 6) { s_fail(s, 0); continue; }
@@ -642,7 +931,12 @@ static void check_timeouts(double now) {
     }
 }
 
-static void drain_control(sess_t *s) {
+static void sess_stream_event(sess_t *s, uint32_t events, frame_fn frame);
+
+static void control_frame(void *ctx, const uint8_t *b, int n) { s_response(ctx, b, n); }
+
+static void drain_control(sess_t *s, uint32_t events) {
+    if (cfg.transport != TR_UDP) { sess_stream_event(s, events, control_frame); return; }
     uint8_t buf[PKT];
     for (;;) {
         ssize_t n = recv(s->fd, buf, sizeof buf, 0);
@@ -667,6 +961,7 @@ static struct sockaddr_in client_addr(void) {
 }
 
 static void renew_socket(sess_t *s) {
+    if (cfg.transport != TR_UDP) { stream_close(&s->st); return; } /* s_send reconnects */
     struct sockaddr_in any = client_addr();
     int fd = udp_socket(&any, &cfg.server);
     /* dup2 keeps the descriptor number, so the epoll registration (index) stays valid */
@@ -677,11 +972,75 @@ static void renew_socket(sess_t *s) {
     if (epoll_ctl(epfd, EPOLL_CTL_ADD, s->fd, &ev) < 0) die("epoll_ctl(renew)");
 }
 
+/* A new connection from a new client address, TCP_NODELAY (a request or a burst is one
+ * write, and waits for nothing), nonblocking: sess_stream_event sees it through. */
+static void stream_connect(sess_t *s) {
+    struct sockaddr_in from = client_addr();
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) die("socket(tcp)");
+    tcp_nodelay(fd);
+    if (bind(fd, (struct sockaddr *)&from, sizeof from) < 0) die("bind(tcp)");
+    if (connect(fd, (const struct sockaddr *)&cfg.server, sizeof cfg.server) < 0 && errno != EINPROGRESS)
+        die("connect(tcp)");
+    s->st.fd = fd;
+    s->st.phase = P_CONNECTING;
+    stream_watch(&s->st);
+}
+
+/* The server closed the connection, or it broke: what was waiting for an answer failed,
+ * and an allocation that carried traffic is gone. */
+static void s_lost(sess_t *s) {
+    cp.lost++;
+    stream_close(&s->st);
+    if (waiting(s->state)) s_fail(s, -1);
+    else if (s->state == S_READY) { s->state = S_FAILED; cp.failed++; }
+}
+
+/* One epoll event for a session's connection: finish connecting and the TLS handshake,
+ * write what waits, and hand each frame that arrived to `frame`. */
+static void sess_stream_event(sess_t *s, uint32_t events, frame_fn frame) {
+    stream_t *t = &s->st;
+    if (t->phase == P_CLOSED) return;
+    if (t->phase == P_CONNECTING) {
+        if (!(events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) return;
+        int err = 0;
+        socklen_t len = sizeof err;
+        if (getsockopt(t->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0 || err) { s_lost(s); return; }
+        if (cfg.transport == TR_TCP) {
+            t->phase = P_OPEN;
+            cp.connects++;
+        } else {
+            t->ssl = SSL_new(tls_ctx);
+            if (!t->ssl || !SSL_set_fd(t->ssl, t->fd)) { fprintf(stderr, "loadgen: SSL_new failed\n"); exit(2); }
+            SSL_set_tlsext_host_name(t->ssl, "localhost");
+            SSL_set_connect_state(t->ssl);
+            t->phase = P_HANDSHAKE;
+        }
+    }
+    if (t->phase == P_HANDSHAKE) {
+        int r = stream_handshake(t);
+        if (r < 0) { s_lost(s); return; }
+        if (r == 0) return;
+        cp.connects++;
+    }
+    if (stream_pending(t) && stream_flush(t) < 0) { s_lost(s); return; }
+    if (t->ssl || (events & (EPOLLIN | EPOLLERR | EPOLLHUP))) {
+        int r = stream_read(t, frame, NULL, s);
+        if (r < 0) { s_lost(s); return; }
+        if (r > 0) return; /* a handler closed it (alloc mode: the cycle ended) */
+    }
+    if (t->write_wants_read && stream_flush(t) < 0) { s_lost(s); return; }
+    stream_watch(t);
+}
+
 static void open_sessions(int n) {
     nsessions = n;
     sessions = calloc((size_t)n, sizeof *sessions);
     if (!sessions) die("calloc");
     for (int i = 0; i < n; i++) {
+        sessions[i].st.fd = sessions[i].fd = -1;
+        sessions[i].st.id = (uint32_t)i;
+        if (cfg.transport != TR_UDP) continue; /* connected by its first request */
         struct sockaddr_in any = client_addr();
         sessions[i].fd = udp_socket(&any, &cfg.server);
         struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
@@ -714,7 +1073,7 @@ static double run_control(int eligible_state, int start, int inflight, double de
         int n = epoll_wait(epfd, evs, 256, 5);
         for (int i = 0; i < n; i++) {
             uint32_t id = evs[i].data.u32;
-            if (id < (uint32_t)nsessions) drain_control(&sessions[id]);
+            if (id < (uint32_t)nsessions) drain_control(&sessions[id], evs[i].events);
         }
         if (now - last_check > 0.05) { check_timeouts(now); last_check = now; }
     }
@@ -770,6 +1129,7 @@ static void build_templates(void) {
         memset(m.b, 0, sizeof m.b);
         put16(m.b, CHANNEL); put16(m.b + 2, (uint16_t)cfg.payload);
         frame_len = 4 + cfg.payload;
+        if (cfg.transport != TR_UDP) frame_len = (frame_len + 3) & ~3; /* padded on streams */
         payload_off = 4;
     }
     for (int i = 0; i < BATCH; i++) {
@@ -787,7 +1147,7 @@ static void build_templates(void) {
 static int gso_segments = 1; /* datagrams per client send: 1 = no GSO */
 
 static void enable_gso(void) {
-    if (!cfg.gso) return;
+    if (!cfg.gso || cfg.transport != TR_UDP) return;
     int max = 65000 / frame_len;
     if (max > BATCH) max = BATCH;
     for (int i = 0; i < nsessions; i++) {
@@ -801,7 +1161,33 @@ static void enable_gso(void) {
     gso_segments = max;
 }
 
+/* Over a stream more than this waiting in the send buffer means the server is not
+ * keeping up: send nothing until it drains. */
+#define STREAM_BACKLOG 65536
+
+/* Over TCP and TLS a burst is one write: the frames one after another in the send buffer,
+ * which is what keeps the generator cheaper per packet than the servers. */
+static void send_burst_stream(sess_t *s, int k, uint32_t index) {
+    stream_t *st = &s->st;
+    if (st->phase != P_OPEN || stream_pending(st) > STREAM_BACKLOG) return;
+    uint8_t *b = stream_reserve(st, (size_t)k * (size_t)frame_len);
+    if (!b) return;
+    uint64_t t = now_ns();
+    for (int i = 0; i < k; i++) {
+        uint8_t *f = b + (size_t)i * (size_t)frame_len, *p = f + payload_off;
+        uint64_t seq = s->seq + (uint64_t)i;
+        memcpy(f, tx_buf[0], (size_t)frame_len);
+        put32(p + 4, index);
+        memcpy(p + 8, &seq, 8);
+        memcpy(p + 16, &t, 8);
+    }
+    s->seq += (uint64_t)k;
+    s->tx += (uint64_t)k; s->outstanding = (int64_t)(s->seq - s->acked); dp.client_tx += (uint64_t)k;
+    if (stream_flush(st) < 0) s_lost(s);
+}
+
 static void send_burst(sess_t *s, int k, uint32_t index) {
+    if (cfg.transport != TR_UDP) { send_burst_stream(s, k, index); return; }
     uint64_t t = now_ns();
     for (int i = 0; i < k; i++) {
         uint8_t *p = tx_buf[i] + payload_off;
@@ -834,7 +1220,36 @@ static const uint8_t *payload_of(const uint8_t *b, int n) {
     return r.data;
 }
 
-static void drain_client(sess_t *s, double now) {
+/* One of our payloads came back (p: the payload, t: now in ns when RTT is measured). */
+static void echo_arrived(sess_t *s, const uint8_t *p, uint64_t t) {
+    if (get32(p) != PAYLOAD_MAGIC) return;
+    uint64_t seq;
+    memcpy(&seq, p + 8, 8);
+    /* One path, one server thread: echoes come back in order, so everything sent
+     * before this one that is still missing was lost and leaves the window. */
+    if (seq + 1 > s->acked && seq < s->seq) s->acked = seq + 1;
+    if (rtt_ns) {
+        uint64_t sent;
+        memcpy(&sent, p + 16, 8);
+        if (sent >= rtt_from_ns && rtt_n < rtt_cap) rtt_ns[rtt_n++] = t - sent;
+    }
+}
+
+static double loop_now; /* the data loop's clock, for frames handed over by stream_read */
+
+/* A frame from the server over a stream: relayed data, or a control-plane answer. */
+static void data_frame(void *ctx, const uint8_t *b, int n) {
+    sess_t *s = ctx;
+    const uint8_t *p = payload_of(b, n);
+    if (!p) { s_response(s, b, n); return; }
+    echo_arrived(s, p, rtt_ns ? now_ns() : 0);
+    s->rx++; dp.client_rx++;
+    s->outstanding = (int64_t)(s->seq - s->acked);
+    s->last_progress = loop_now;
+}
+
+static void drain_client(sess_t *s, uint32_t events, double now) {
+    if (cfg.transport != TR_UDP) { loop_now = now; sess_stream_event(s, events, data_frame); return; }
     for (;;) {
         rx_reset(BATCH);
         int n = recvmmsg(s->fd, rx_msgs, BATCH, MSG_DONTWAIT, NULL);
@@ -842,17 +1257,7 @@ static void drain_client(sess_t *s, double now) {
         uint64_t t = rtt_ns ? now_ns() : 0;
         for (int i = 0; i < n; i++) {
             const uint8_t *p = payload_of(rx_buf[i], (int)rx_msgs[i].msg_len);
-            if (!p || get32(p) != PAYLOAD_MAGIC) continue;
-            uint64_t seq;
-            memcpy(&seq, p + 8, 8);
-            /* One path, one server thread: echoes come back in order, so everything sent
-             * before this one that is still missing was lost and leaves the window. */
-            if (seq + 1 > s->acked && seq < s->seq) s->acked = seq + 1;
-            if (rtt_ns) {
-                uint64_t sent;
-                memcpy(&sent, p + 16, 8);
-                if (sent >= rtt_from_ns && rtt_n < rtt_cap) rtt_ns[rtt_n++] = t - sent;
-            }
+            if (p) echo_arrived(s, p, t);
         }
         s->rx += (uint64_t)n; dp.client_rx += (uint64_t)n;
         s->outstanding = (int64_t)(s->seq - s->acked);
@@ -939,13 +1344,14 @@ static void open_peer(void) {
 static int mode_relay(double deadline) {
     open_peer();
     open_sessions(cfg.allocs);
-    for (int i = 0; i < nsessions; i++) big_buffers(sessions[i].fd);
+    if (cfg.transport == TR_UDP)
+        for (int i = 0; i < nsessions; i++) big_buffers(sessions[i].fd);
     after_alloc_state = cfg.send_kind ? S_PERM : S_CHBIND;
     double setup = run_control(S_IDLE, S_ALLOC0, 64, now_s() + 10);
     int ready = count_state(S_READY);
     if (ready != nsessions) {
-        printf("{\"mode\":\"relay\",\"error\":\"only %d of %d allocations ready (last error %d)\"}\n",
-               ready, nsessions, cp.last_error);
+        printf("{\"mode\":\"relay\",\"error\":\"only %d of %d allocations ready (last error %d%s%s)\"}\n",
+               ready, nsessions, cp.last_error, tls_error[0] ? "; TLS: " : "", tls_error);
         return 1;
     }
     build_templates();
@@ -985,7 +1391,7 @@ static int mode_relay(double deadline) {
         for (int i = 0; i < n; i++) {
             uint32_t id = evs[i].data.u32;
             if (id == 0xFFFFFFFFu) drain_peer();
-            else if (id < (uint32_t)nsessions) drain_client(&sessions[id], now);
+            else if (id < (uint32_t)nsessions) drain_client(&sessions[id], evs[i].events, now);
         }
         if (cfg.rate > 0) {
             int burst = 0;
@@ -1044,6 +1450,8 @@ static int mode_relay(double deadline) {
            c_tx1 > c_tx0 ? 1.0 - (double)(c_rx1 - c_rx0) / (double)(c_tx1 - c_tx0) : 0.0,
            (unsigned long long)dp.stalls, cpu >= 0 && relayed ? cpu / (double)relayed * 1e6 : -1,
            rtt_n, pct(0.5), pct(0.99), pct(0.999), pct(1.0));
+    if (cfg.transport != TR_UDP) printf(",\"lost\":%llu", (unsigned long long)cp.lost);
+    print_transport();
     print_cpu(&sa, &sb);
     printf("}\n");
     return 0;
@@ -1132,7 +1540,7 @@ static int mode_alloc(double deadline) {
     if (end > deadline) end = deadline;
     double m_start = 0, m_end = 0;
     cpu_snap sa = {0}, sb = {0};
-    uint64_t ok1 = 0, cyc1 = 0, err0 = 0, err1 = 0, to0 = 0, to1 = 0;
+    uint64_t ok1 = 0, cyc1 = 0, err0 = 0, err1 = 0, to0 = 0, to1 = 0, con0 = 0, con1 = 0;
     struct epoll_event evs[256];
     for (;;) {
         double now = now_s();
@@ -1140,18 +1548,19 @@ static int mode_alloc(double deadline) {
         if (!measuring_cp && now >= warm_end) {
             measuring_cp = 1; m_start = now; sa = snap(); idle_start();
             cp_alloc_ok_at_start = cp.alloc_ok; cp_cycles_at_start = cp.cycles;
-            err0 = cp.errors; to0 = cp.timeouts;
+            err0 = cp.errors; to0 = cp.timeouts; con0 = cp.connects;
         }
         if (now >= end || cp.alloc_ok >= cfg.max_packets) {
             m_end = now; sb = snap();
             ok1 = cp.alloc_ok; cyc1 = cp.cycles; err1 = cp.errors; to1 = cp.timeouts;
+            con1 = cp.connects;
             break;
         }
         int started = 0;
         for (int i = 0; i < nsessions; i++)
             if (sessions[i].state == S_IDLE) { s_request(&sessions[i], S_ALLOC0); started++; }
         int n = epoll_wait(epfd, evs, 256, 0);
-        for (int i = 0; i < n; i++) drain_control(&sessions[evs[i].data.u32]);
+        for (int i = 0; i < n; i++) drain_control(&sessions[evs[i].data.u32], evs[i].events);
         if (now - last_check > 0.05) { check_timeouts(now); last_check = now; }
         idle.was_idle = n == 0 && started == 0;
     }
@@ -1164,7 +1573,7 @@ static int mode_alloc(double deadline) {
         for (int i = 0; i < nsessions; i++) busy += waiting(sessions[i].state);
         if (!busy) break;
         int n = epoll_wait(epfd, ev2, 256, 5);
-        for (int i = 0; i < n; i++) drain_control(&sessions[ev2[i].data.u32]);
+        for (int i = 0; i < n; i++) drain_control(&sessions[ev2[i].data.u32], ev2[i].events);
     }
     for (int i = 0; i < nsessions; i++)
         if (sessions[i].state == S_READY) s_request(&sessions[i], S_REFRESH0);
@@ -1179,6 +1588,10 @@ static int mode_alloc(double deadline) {
            (unsigned long long)(err1 - err0), (unsigned long long)(to1 - to0), cp.last_error,
            (unsigned long long)cp.stale, (double)ok / secs,
            cpu >= 0 && ok ? cpu / (double)ok * 1e6 : -1);
+    if (cfg.transport != TR_UDP)
+        printf(",\"connects\":%llu,\"connects_ps\":%.1f,\"lost\":%llu", (unsigned long long)(con1 - con0),
+               (double)(con1 - con0) / secs, (unsigned long long)cp.lost);
+    print_transport();
     print_cpu(&sa, &sb);
     printf("}\n");
     (void)deadline;
@@ -1192,8 +1605,11 @@ static int mode_hold(double deadline) {
     double setup = run_control(S_IDLE, S_ALLOC0, cfg.inflight, deadline);
     int held = count_state(S_READY);
     printf("{\"event\":\"held\",\"held\":%d,\"failed\":%d,\"last_error\":%d,\"setup_s\":%.3f,"
-           "\"timeouts\":%llu}\n",
-           held, nsessions - held, cp.last_error, setup, (unsigned long long)cp.timeouts);
+           "\"timeouts\":%llu,\"lost\":%llu",
+           held, nsessions - held, cp.last_error, setup, (unsigned long long)cp.timeouts,
+           (unsigned long long)cp.lost);
+    print_transport();
+    printf("}\n");
     fflush(stdout);
     struct pollfd pfd = {.fd = 0, .events = POLLIN};
     int wait_ms = (int)((deadline - now_s()) * 1000);
@@ -1204,7 +1620,10 @@ static int mode_hold(double deadline) {
     double release = run_control(S_READY, S_REFRESH0, cfg.inflight, now_s() + 20);
     printf("{\"event\":\"released\",\"released\":%d,\"release_s\":%.3f}\n", count_state(S_DONE), release);
     fflush(stdout);
-    for (int i = 0; i < nsessions; i++) close(sessions[i].fd);
+    for (int i = 0; i < nsessions; i++) {
+        if (cfg.transport == TR_UDP) close(sessions[i].fd);
+        else stream_close(&sessions[i].st);
+    }
     return 0;
 }
 
@@ -1248,10 +1667,70 @@ static void stub_close(sclient_t *c) {
     free(c);
 }
 
+/* A relay socket for a stub client, in the epoll set under its own descriptor; -1 when
+ * none can be had (the answer is then 508). */
+static int stub_relay_socket(void) {
+    struct sockaddr_in any;
+    parse_addr("127.0.0.1:0", &any);
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    if (fd >= 65536 || bind(fd, (struct sockaddr *)&any, sizeof any) < 0) { close(fd); return -1; }
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)fd};
+    epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
+    return fd;
+}
+
+/* The stub's answer to request r from `from`, whose relay socket is relay_fd (-1: none).
+ * The caller keeps the client's state (relay socket, channel) and sends the answer.
+ * Returns 0 when there is nothing to answer. */
+static int stub_answer(const parsed_t *r, const uint8_t *txid, const struct sockaddr_in *from,
+                       int relay_fd, msg_t *m) {
+    switch (r->type & 0x3EEF) {
+    case T_BINDING:
+        m_init(m, T_BINDING_OK, txid);
+        m_xor_addr(m, A_XOR_MAPPED, from);
+        return 1;
+    case T_ALLOCATE:
+        if (!r->has_mi) {
+            uint8_t err[4] = {0, 0, 4, 1};
+            m_init(m, 0x0113, txid);
+            m_attr(m, A_ERROR_CODE, err, 4);
+            m_attr(m, A_REALM, "stub", 4);
+            m_attr(m, A_NONCE, "stub-nonce", 10);
+            return 1;
+        }
+        if (relay_fd < 0) {
+            uint8_t err[4] = {0, 0, 5, 8};
+            m_init(m, 0x0113, txid);
+            m_attr(m, A_ERROR_CODE, err, 4);
+            return 1;
+        }
+        m_init(m, 0x0103, txid);
+        {
+            struct sockaddr_in relayed = local_addr(relay_fd);
+            m_xor_addr(m, A_XOR_RELAYED, &relayed);
+        }
+        m_u32(m, A_LIFETIME, 600);
+        m_xor_addr(m, A_XOR_MAPPED, from);
+        return 1;
+    case T_REFRESH:
+        m_init(m, 0x0104, txid);
+        m_u32(m, A_LIFETIME, r->has_lifetime ? r->lifetime : 600);
+        return 1;
+    case T_CREATE_PERM:
+        m_init(m, 0x0108, txid);
+        return 1;
+    case T_CHANNEL_BIND:
+        m_init(m, 0x0109, txid);
+        return 1;
+    default:
+        return 0;
+    }
+}
+
 static void stub_stun(const uint8_t *b, int n, const struct sockaddr_in *from) {
     parsed_t r;
     if (parse(b, n, &r) < 0) return;
-    const uint8_t *txid = b + 8;
     sclient_t *c = stub_find(from);
     msg_t m;
     uint16_t method = r.type & 0x3EEF;
@@ -1261,61 +1740,20 @@ static void stub_stun(const uint8_t *b, int n, const struct sockaddr_in *from) {
         return;
     }
     if ((r.type & 0x0110) != 0) return; /* requests only */
-    switch (method) {
-    case T_BINDING:
-        m_init(&m, T_BINDING_OK, txid);
-        m_xor_addr(&m, A_XOR_MAPPED, from);
-        break;
-    case T_ALLOCATE:
-        if (!r.has_mi) {
-            uint8_t err[4] = {0, 0, 4, 1};
-            m_init(&m, 0x0113, txid);
-            m_attr(&m, A_ERROR_CODE, err, 4);
-            m_attr(&m, A_REALM, "stub", 4);
-            m_attr(&m, A_NONCE, "stub-nonce", 10);
-            break;
-        }
-        if (!c) {
-            struct sockaddr_in any;
-            parse_addr("127.0.0.1:0", &any);
-            int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-            if (fd < 0 || fd >= 65536 || bind(fd, (struct sockaddr *)&any, sizeof any) < 0) {
-                if (fd >= 0) close(fd);
-                uint8_t err[4] = {0, 0, 5, 8};
-                m_init(&m, 0x0113, txid);
-                m_attr(&m, A_ERROR_CODE, err, 4);
-                break;
-            }
+    if (method == T_ALLOCATE && r.has_mi && !c) {
+        int fd = stub_relay_socket();
+        if (fd >= 0) {
             c = calloc(1, sizeof *c);
             c->addr = *from; c->relay_fd = fd;
-            unsigned b = bucket_of(from);
-            c->next = buckets[b]; buckets[b] = c; by_fd[fd] = c;
-            struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)fd};
-            epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
+            unsigned bucket = bucket_of(from);
+            c->next = buckets[bucket]; buckets[bucket] = c; by_fd[fd] = c;
         }
-        m_init(&m, 0x0103, txid);
-        {
-            struct sockaddr_in relayed = local_addr(c->relay_fd);
-            m_xor_addr(&m, A_XOR_RELAYED, &relayed);
-        }
-        m_u32(&m, A_LIFETIME, 600);
-        m_xor_addr(&m, A_XOR_MAPPED, from);
-        break;
-    case T_REFRESH:
-        if (c && r.has_lifetime && r.lifetime == 0) stub_close(c);
-        m_init(&m, 0x0104, txid);
-        m_u32(&m, A_LIFETIME, r.has_lifetime ? r.lifetime : 600);
-        break;
-    case T_CREATE_PERM:
-        m_init(&m, 0x0108, txid);
-        break;
-    case T_CHANNEL_BIND:
-        if (c && r.has_peer && r.channel >= 0) { c->has_channel = 1; c->channel = (uint16_t)r.channel; c->peer = r.peer; }
-        m_init(&m, 0x0109, txid);
-        break;
-    default:
-        return;
     }
+    if (method == T_CHANNEL_BIND && c && r.has_peer && r.channel >= 0) {
+        c->has_channel = 1; c->channel = (uint16_t)r.channel; c->peer = r.peer;
+    }
+    if (!stub_answer(&r, b + 8, from, c ? c->relay_fd : -1, &m)) return;
+    if (method == T_REFRESH && c && r.has_lifetime && r.lifetime == 0) stub_close(c);
     stub_reply(&m, from);
 }
 
@@ -1433,9 +1871,180 @@ static void stub_relay(int fd) {
     }
 }
 
+/* The stub over TCP and TLS: one connection per client, framed as RFC 8656 says, with
+ * its own UDP relay socket towards its single peer. */
+typedef struct {
+    stream_t st;
+    int relay_fd, has_channel;
+    uint16_t channel;
+    struct sockaddr_in addr, peer;
+    int k; /* ChannelData payloads read and not yet sent to the peer: sconn_iov */
+} sconn_t;
+
+static sconn_t *sconn_of[65536]; /* by descriptor: the connection's own, or its relay's */
+static struct iovec sconn_iov[BATCH];
+static SSL_CTX *stub_tls;
+static int stub_listen_fd;
+
+static void sconn_close(sconn_t *c) {
+    sconn_of[c->st.fd] = NULL;
+    if (c->relay_fd >= 0) { sconn_of[c->relay_fd] = NULL; close(c->relay_fd); }
+    stream_close(&c->st);
+    free(c->st.in);
+    free(c->st.out);
+    free(c);
+}
+
+/* The ChannelData payloads of one read go to the peer in one sendmmsg (GSO runs). */
+static void sconn_send_peer(void *ctx) {
+    sconn_t *c = ctx;
+    if (c->k && c->relay_fd >= 0) stub_send_runs(c->relay_fd, sconn_iov, c->k, &c->peer);
+    c->k = 0;
+}
+
+/* Answers go to the send buffer; sconn_event writes them once, after the whole read. */
+static void sconn_frame(void *ctx, const uint8_t *b, int n) {
+    sconn_t *c = ctx;
+    if (b[0] >= 0x40 && b[0] <= 0x7F) {
+        int dlen = get16(b + 2);
+        if (!c->has_channel || get16(b) != c->channel || 4 + dlen > n) return;
+        if (c->k == BATCH) sconn_send_peer(c);
+        sconn_iov[c->k].iov_base = (void *)(b + 4);
+        sconn_iov[c->k++].iov_len = (size_t)dlen;
+        return;
+    }
+    parsed_t r;
+    if (parse(b, n, &r) < 0) return;
+    if (r.type == T_SEND_IND) {
+        if (c->relay_fd >= 0 && r.has_peer && r.data)
+            sendto(c->relay_fd, r.data, (size_t)r.data_len, 0, (struct sockaddr *)&r.peer, sizeof r.peer);
+        return;
+    }
+    if ((r.type & 0x0110) != 0) return; /* requests only */
+    uint16_t method = r.type & 0x3EEF;
+    if (method == T_ALLOCATE && r.has_mi && c->relay_fd < 0) {
+        c->relay_fd = stub_relay_socket();
+        if (c->relay_fd >= 0) sconn_of[c->relay_fd] = c;
+    }
+    if (method == T_CHANNEL_BIND && r.has_peer && r.channel >= 0) {
+        c->has_channel = 1; c->channel = (uint16_t)r.channel; c->peer = r.peer;
+    }
+    msg_t m;
+    if (!stub_answer(&r, b + 8, &c->addr, c->relay_fd, &m)) return;
+    if (method == T_REFRESH && r.has_lifetime && r.lifetime == 0 && c->relay_fd >= 0) {
+        sconn_send_peer(c); /* what came before the release still goes */
+        sconn_of[c->relay_fd] = NULL;
+        close(c->relay_fd);
+        c->relay_fd = -1;
+        c->has_channel = 0;
+    }
+    uint8_t *p = stream_reserve(&c->st, (size_t)m.len);
+    if (p) memcpy(p, m.b, (size_t)m.len);
+}
+
+static void sconn_event(sconn_t *c, uint32_t events) {
+    stream_t *t = &c->st;
+    if (t->phase == P_HANDSHAKE) {
+        int r = stream_handshake(t);
+        if (r < 0) { sconn_close(c); return; }
+        if (r == 0) return;
+    }
+    if (t->ssl || (events & (EPOLLIN | EPOLLERR | EPOLLHUP))) {
+        int r = stream_read(t, sconn_frame, sconn_send_peer, c);
+        if (r < 0) { sconn_close(c); return; }
+    }
+    if (stream_flush(t) < 0) sconn_close(c);
+}
+
+/* What the peer sent back, as ChannelData (padded) or Data indications, to the send
+ * buffer; then one write for the lot. */
+static void sconn_relay(sconn_t *c) {
+    struct sockaddr_in from[BATCH];
+    for (int rounds = 0; rounds < 4; rounds++) {
+        for (int i = 0; i < BATCH; i++) {
+            rx_iov[i].iov_base = srx[i]; rx_iov[i].iov_len = PKT;
+            rx_msgs[i].msg_hdr.msg_iov = &rx_iov[i]; rx_msgs[i].msg_hdr.msg_iovlen = 1;
+            rx_msgs[i].msg_hdr.msg_name = &from[i]; rx_msgs[i].msg_hdr.msg_namelen = sizeof from[i];
+        }
+        int n = recvmmsg(c->relay_fd, rx_msgs, BATCH, MSG_DONTWAIT, NULL);
+        if (n <= 0) break;
+        for (int i = 0; i < n; i++) {
+            int len = (int)rx_msgs[i].msg_len, padded = (len + 3) & ~3;
+            if (c->has_channel && from[i].sin_port == c->peer.sin_port &&
+                from[i].sin_addr.s_addr == c->peer.sin_addr.s_addr) {
+                uint8_t *p = stream_reserve(&c->st, (size_t)(4 + padded));
+                if (!p) continue;
+                put16(p, c->channel); put16(p + 2, (uint16_t)len);
+                memcpy(p + 4, srx[i], (size_t)len);
+                memset(p + 4 + len, 0, (size_t)(padded - len));
+            } else {
+                uint8_t *p = stream_reserve(&c->st, (size_t)(HEADROOM + padded)), txid[12];
+                if (!p) continue;
+                new_txid(txid);
+                put16(p, T_DATA_IND); put16(p + 2, (uint16_t)(12 + 4 + padded));
+                put32(p + 4, COOKIE); memcpy(p + 8, txid, 12);
+                put16(p + 20, A_XOR_PEER); put16(p + 22, 8); xor_addr(p + 24, &from[i]);
+                put16(p + 32, A_DATA); put16(p + 34, (uint16_t)len);
+                memcpy(p + HEADROOM, srx[i], (size_t)len);
+                memset(p + HEADROOM + len, 0, (size_t)(padded - len));
+            }
+        }
+        if (n < BATCH) break;
+    }
+    if (stream_flush(&c->st) < 0) sconn_close(c);
+}
+
+static void sconn_accept(void) {
+    for (int i = 0; i < 64; i++) {
+        struct sockaddr_in from;
+        socklen_t len = sizeof from;
+        int fd = accept4(stub_listen_fd, (struct sockaddr *)&from, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) return;
+        if (fd >= 65536) { close(fd); continue; }
+        tcp_nodelay(fd);
+        sconn_t *c = calloc(1, sizeof *c);
+        if (!c) die("calloc");
+        c->st.fd = fd; c->st.id = (uint32_t)fd; c->st.phase = P_OPEN;
+        c->relay_fd = -1; c->addr = from;
+        if (stub_tls) {
+            c->st.ssl = SSL_new(stub_tls);
+            if (!c->st.ssl || !SSL_set_fd(c->st.ssl, fd)) { fprintf(stderr, "loadgen: SSL_new failed\n"); exit(2); }
+            SSL_set_accept_state(c->st.ssl);
+            c->st.phase = P_HANDSHAKE;
+        }
+        sconn_of[fd] = c;
+        stream_watch(&c->st);
+    }
+}
+
+static void stub_tls_init(void) {
+    if (!cfg.cert || !cfg.pkey) { fprintf(stderr, "loadgen: stub over tls needs --cert and --pkey\n"); exit(2); }
+    stub_tls = SSL_CTX_new(TLS_server_method());
+    if (!stub_tls || SSL_CTX_use_certificate_chain_file(stub_tls, cfg.cert) != 1 ||
+        SSL_CTX_use_PrivateKey_file(stub_tls, cfg.pkey, SSL_FILETYPE_PEM) != 1) {
+        fprintf(stderr, "loadgen: cannot load the stub's certificate and key\n");
+        ERR_print_errors_fp(stderr);
+        exit(2);
+    }
+    SSL_CTX_set_mode(stub_tls, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+}
+
+/* A TCP listener on --listen: "port N" as over UDP. */
+static int stub_stream_listen(void) {
+    if (cfg.transport == TR_TLS) stub_tls_init();
+    stub_listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (stub_listen_fd < 0) die("socket(listen)");
+    int one = 1;
+    setsockopt(stub_listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(stub_listen_fd, (struct sockaddr *)&cfg.listen, sizeof cfg.listen) < 0) die("bind(listen)");
+    if (listen(stub_listen_fd, 4096) < 0) die("listen");
+    return stub_listen_fd;
+}
+
 static int mode_stub(double deadline) {
-    stub_fd = udp_socket(&cfg.listen, NULL);
-    big_buffers(stub_fd);
+    int stream = cfg.transport != TR_UDP;
+    stub_fd = stream ? stub_stream_listen() : udp_socket(&cfg.listen, NULL);
+    if (!stream) big_buffers(stub_fd);
     struct sockaddr_in a = local_addr(stub_fd);
     printf("port %d\n", ntohs(a.sin_port));
     fflush(stdout);
@@ -1448,11 +2057,19 @@ static int mode_stub(double deadline) {
         int n = epoll_wait(epfd, evs, 256, 100);
         for (int i = 0; i < n; i++) {
             uint32_t id = evs[i].data.u32;
-            if (id == 0xFFFFFFFFu) stub_listener();
-            else if (id == 0xFFFFFFFEu) {
+            if (id == 0xFFFFFFFFu) {
+                if (stream) sconn_accept();
+                else stub_listener();
+            } else if (id == 0xFFFFFFFEu) {
                 char buf[64];
                 if (read(0, buf, sizeof buf) <= 0) return 0; /* stdin closed: stop */
-            } else stub_relay((int)id);
+            } else if (!stream) {
+                stub_relay((int)id);
+            } else if (sconn_of[id]) {
+                sconn_t *c = sconn_of[id];
+                if ((int)id == c->st.fd) sconn_event(c, evs[i].events);
+                else sconn_relay(c);
+            }
         }
     }
     return 0;
@@ -1466,9 +2083,15 @@ int main(int argc, char **argv) {
     double deadline = now_s() + cfg.max_time;
     epfd = epoll_create1(EPOLL_CLOEXEC);
     if (epfd < 0) die("epoll_create1");
+    signal(SIGPIPE, SIG_IGN); /* OpenSSL writes with write(): a reset is an error, not a signal */
     if (!strcmp(cfg.mode, "stub")) return mode_stub(deadline);
     if (!cfg.server.sin_port) { fprintf(stderr, "loadgen: --server is required\n"); return 2; }
     if (strcmp(cfg.mode, "binding") && !cfg.have_key) { fprintf(stderr, "loadgen: --key is required\n"); return 2; }
+    if (!strcmp(cfg.mode, "binding") && cfg.transport != TR_UDP) {
+        fprintf(stderr, "loadgen: binding is over udp only\n");
+        return 2;
+    }
+    if (cfg.transport == TR_TLS) tls_client_init();
     int rc;
     if (!strcmp(cfg.mode, "relay")) rc = mode_relay(deadline);
     else if (!strcmp(cfg.mode, "binding")) rc = mode_binding(deadline);

@@ -172,7 +172,7 @@ def build_loadgen() -> None:
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     if LOADGEN.exists() and LOADGEN.stat().st_mtime >= LOADGEN_SRC.stat().st_mtime:
         return
-    cmd = [cc, "-O2", "-Wall", "-Wextra", "-o", str(LOADGEN), str(LOADGEN_SRC)]
+    cmd = [cc, "-O2", "-Wall", "-Wextra", "-o", str(LOADGEN), str(LOADGEN_SRC), "-lssl", "-lcrypto"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)  # noqa: S603
     if done.returncode != 0:
         raise BenchError(f"building the load generator failed:\n{done.stderr}")

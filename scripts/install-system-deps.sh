@@ -5,8 +5,10 @@
 # tests start on a loopback port; and prometheus (with promtool), which a test runs
 # against a pyturn with deploy/prometheus's rules; and chromium, the headless browser the
 # status and test page tests drive; and haproxy and nginx (with its stream module),
-# which tests put in front of pyturn with the PROXY protocol and ALPN routing. Nothing
-# here is shipped with pyturn.
+# which tests put in front of pyturn with the PROXY protocol and ALPN routing; and
+# libssl-dev, the OpenSSL headers and library the benchmark's load generator
+# (bench/loadgen.c, built with the C compiler, which is assumed present) links for its
+# TLS clients. Nothing here is shipped with pyturn.
 set -eu
 
 missing=""
@@ -16,6 +18,7 @@ command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 command -v haproxy >/dev/null 2>&1 || missing="$missing haproxy"
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing="$missing nginx-light libnginx-mod-stream"
+[ -e /usr/include/openssl/ssl.h ] || missing="$missing libssl-dev"
 if [ -z "$missing" ]; then
     exit 0
 fi

@@ -11,6 +11,7 @@ _Endpoint = TypeVar("_Endpoint")
 BATCH: int
 
 Datagram = tuple[bytes, tuple[str, int]]
+_StreamWrites = dict[tuple[str, tuple[str, int], tuple[str, int]], Callable[[bytes], object]]
 
 def recv_batch(sock: _socket.socket | int, limit: int, /) -> list[Datagram]: ...
 def send_batch(sock: _socket.socket | int, items: list[Datagram], /) -> int: ...
@@ -33,6 +34,7 @@ def serve_relays(
     to_client_by_ip: dict[Any, Any],
     indication: Callable[[tuple[str, int], bytes], bytes],
     udp_listeners: dict[tuple[str, int], int],
+    stream_writes: _StreamWrites,
     /,
 ) -> list[tuple[_Endpoint, list[Datagram]]]: ...
 def serve_relay(
@@ -42,9 +44,16 @@ def serve_relay(
     to_client_by_ip: dict[Any, Any],
     indication: Callable[[tuple[str, int], bytes], bytes],
     udp_listeners: dict[tuple[str, int], int],
+    stream_writes: _StreamWrites,
     deliver: Callable[[list[Datagram]], None],
     /,
 ) -> None: ...
+def relay_stream(
+    data: bytes | bytearray,
+    five_tuple: tuple[str, tuple[str, int], tuple[str, int]],
+    to_peer_by_channel: dict[Any, Any],
+    /,
+) -> int: ...
 def listener_ready(
     sock: _socket.socket,
     limit: int,

@@ -342,20 +342,21 @@ struct forward {
 
 static struct forward forwards[BATCH];
 
-/* Route one ChannelData datagram (b, len) from UDP client `client` of the listener bound
- * to `local` at `now`: 1 when its payload is described in *f and counted, 2 when it is
- * over a bandwidth limit (dropped here, and counted), 0 when it has no route (no such
- * channel, a length past the datagram: the reference path drops it), -1 on an error. */
+/* Route one ChannelData message (b, len) from client `client` of the listener bound to
+ * `local` over `transport` at `now`: 1 when its payload is described in *f and counted,
+ * 2 when it is over a bandwidth limit (dropped here, and counted), 0 when it has no route
+ * (no such channel, a length past the message: the reference path drops it), -1 on an
+ * error. */
 static int
-route_from_client(const unsigned char *b, size_t len, PyObject *client, PyObject *to_peer,
-                  PyObject *local, u64 now, struct forward *f)
+route_from_client(PyObject *transport, const unsigned char *b, size_t len, PyObject *client,
+                  PyObject *to_peer, PyObject *local, u64 now, struct forward *f)
 {
     if (len < 4)
         return 0;
     PyObject *number = channel_number(((unsigned int)b[0] << 8) | b[1]);
     if (number == NULL)
         return -1;
-    PyObject *key = PyTuple_Pack(4, s_udp, client, local, number);
+    PyObject *key = PyTuple_Pack(4, transport, client, local, number);
     Py_DECREF(number);
     if (key == NULL)
         return -1;
@@ -467,8 +468,8 @@ forward(int fd, Py_ssize_t limit, PyObject *to_peer, PyObject *local,
                 PyObject *client = address_tuple(&rx_names[i]);
                 if (client == NULL)
                     goto fail;
-                int routed =
-                    route_from_client(b, len, client, to_peer, local, now, &forwards[queued]);
+                int routed = route_from_client(s_udp, b, len, client, to_peer, local, now,
+                                               &forwards[queued]);
                 Py_DECREF(client);
                 if (routed < 0)
                     goto fail;
@@ -527,6 +528,59 @@ forward_channel_data(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (left == NULL && (left = PyList_New(0)) == NULL)
         return NULL;
     return Py_BuildValue("(nN)", received, left);
+}
+
+PyDoc_STRVAR(relay_stream_doc,
+"relay_stream(data, five_tuple, to_peer_by_channel) -> int\n\n"
+"Relay the whole ChannelData frames at the start of data (bytes or bytearray, what the\n"
+"TCP or TLS client connection five_tuple has read) whose channel is bound, as\n"
+"ForwardingTable.from_client does, counters included, and return how many bytes they\n"
+"took, padding included. It stops at the first frame that is not whole, not ChannelData\n"
+"or not routed: the rest is Python's, in order. Under bandwidth limits it takes nothing,\n"
+"since a stream over its limit waits (ForwardingTable.stream_wait) rather than drops.");
+
+static PyObject *
+relay_stream(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) != 3 ||
+        !PyDict_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "relay_stream(data, five_tuple: tuple, to_peer_by_channel: dict)");
+        return NULL;
+    }
+    if (bandwidth_limited())
+        return PyLong_FromLong(0);
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *transport = PyTuple_GET_ITEM(args[1], 0);
+    PyObject *client = PyTuple_GET_ITEM(args[1], 1);
+    PyObject *local = PyTuple_GET_ITEM(args[1], 2);
+    const unsigned char *b = view.buf;
+    size_t len = (size_t)view.len, pos = 0;
+    int queued = 0, failed = 0;
+    while (len - pos >= 4 && IS_CHANNEL_DATA(b + pos, 1)) {
+        size_t length = ((size_t)b[pos + 2] << 8) | b[pos + 3];
+        size_t size = 4 + ((length + 3) & ~(size_t)3); /* RFC 8656 §12.5: padded on streams */
+        if (size > len - pos)
+            break;
+        int routed =
+            route_from_client(transport, b + pos, 4 + length, client, args[2], local, 0,
+                              &forwards[queued]);
+        if (routed < 0)
+            failed = 1;
+        if (routed <= 0)
+            break;
+        queued++;
+        pos += size;
+        if (queued == BATCH) {
+            flush_forwards(queued);
+            queued = 0;
+        }
+    }
+    flush_forwards(queued);
+    PyBuffer_Release(&view);
+    return failed ? NULL : PyLong_FromSize_t(pos);
 }
 
 PyDoc_STRVAR(listener_ready_doc,
@@ -662,9 +716,12 @@ route_from_peer(PyObject *to_client, PyObject *relay_key, PyObject *peer)
     return entry;
 }
 
-/* A run of frames for one client, sent when the flow changes or the batch ends. */
+/* A run of frames for one client, sent when the flow changes or the batch ends: to a UDP
+ * client with send_runs, to a TCP or TLS client as one write(bytes) of the connection's
+ * transport (padded frames, RFC 8656 §12.5), so that TLS makes one record of them. */
 struct client_run {
-    PyObject *flow; /* a reference of the run's own; NULL when no run is open */
+    PyObject *flow;  /* a reference of the run's own; NULL when no run is open */
+    PyObject *write; /* a stream client's: a reference of the run's own; NULL for UDP */
     int fd;
     struct sockaddr_storage name;
     socklen_t namelen;
@@ -672,33 +729,92 @@ struct client_run {
     Py_ssize_t count, payload_bytes;
 };
 
+/* One write of the run's frames, padded, to a stream client. A write that fails is a
+ * connection on its way out: what it carried is dropped, as on a full UDP socket. */
+static void
+write_stream_run(struct client_run *run)
+{
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < run->count; i++)
+        total += (Py_ssize_t)((run->frames[i].iov_len + 3) & ~(size_t)3);
+    PyObject *data = PyBytes_FromStringAndSize(NULL, total);
+    if (data == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    char *out = PyBytes_AS_STRING(data);
+    for (Py_ssize_t i = 0; i < run->count; i++) {
+        size_t size = run->frames[i].iov_len, padded = (size + 3) & ~(size_t)3;
+        memcpy(out, run->frames[i].iov_base, size);
+        memset(out + size, 0, padded - size);
+        out += padded;
+    }
+    PyObject *done = PyObject_CallOneArg(run->write, data);
+    Py_DECREF(data);
+    if (done == NULL)
+        PyErr_Clear();
+    Py_XDECREF(done);
+}
+
 static int
 flush_run(struct client_run *run)
 {
     if (run->flow == NULL || run->count == 0)
         return 0;
-    int full;
-    send_runs(run->fd, &run->name, run->namelen, run->frames, run->count, &full);
+    if (run->write != NULL) {
+        write_stream_run(run);
+    } else {
+        int full;
+        send_runs(run->fd, &run->name, run->namelen, run->frames, run->count, &full);
+    }
     int rc = add_counts(PyTuple_GET_ITEM(run->flow, FLOW_COUNTERS), PACKETS_TO_CLIENT,
                         run->count, run->payload_bytes);
     run->count = run->payload_bytes = 0;
     return rc;
 }
 
-/* Open a run for `flow` (a UDP client's): 1, or 0 when the flow is not served here (a
- * TCP/TLS client, a listener not in `listeners`), -1 on an error. */
+/* A stream client's write function, from `streams` (five-tuple -> write): 1 when found
+ * (a new reference in *write), 0 when the client is not there (gone, or its transport's
+ * buffer is full: Python's path then decides), -1 on an error. */
 static int
-open_run(struct client_run *run, PyObject *flow, PyObject *listeners)
+stream_write(PyObject *flow, PyObject *streams, PyObject **write)
+{
+    PyObject *key = PyTuple_Pack(3, PyTuple_GET_ITEM(flow, FLOW_TRANSPORT),
+                                 PyTuple_GET_ITEM(flow, FLOW_CLIENT),
+                                 PyTuple_GET_ITEM(flow, FLOW_SERVER));
+    if (key == NULL)
+        return -1;
+    *write = PyDict_GetItemWithError(streams, key);
+    Py_DECREF(key);
+    if (*write == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    Py_INCREF(*write);
+    return 1;
+}
+
+/* Open a run for `flow`: 1, or 0 when the flow is not served here (a listener not in
+ * `listeners`, a stream client not in `streams`), -1 on an error. */
+static int
+open_run(struct client_run *run, PyObject *flow, PyObject *listeners, PyObject *streams)
 {
     if (run->flow == flow)
         return 1;
     if (flush_run(run) < 0)
         return -1;
     Py_CLEAR(run->flow);
+    Py_CLEAR(run->write);
     PyObject *transport = PyTuple_GET_ITEM(flow, FLOW_TRANSPORT);
     int udp = transport == s_udp ? 1 : PyObject_RichCompareBool(transport, s_udp, Py_EQ);
-    if (udp <= 0)
-        return udp;
+    if (udp < 0)
+        return -1;
+    if (!udp) {
+        int found = stream_write(flow, streams, &run->write);
+        if (found > 0) {
+            Py_INCREF(flow);
+            run->flow = flow;
+        }
+        return found;
+    }
     PyObject *fd = PyDict_GetItemWithError(listeners, PyTuple_GET_ITEM(flow, FLOW_SERVER));
     if (fd == NULL)
         return PyErr_Occurred() ? -1 : 0;
@@ -713,17 +829,17 @@ open_run(struct client_run *run, PyObject *flow, PyObject *listeners)
 }
 
 /* Serve up to `reads` datagrams queued on relay socket fd (whose table key is relay_key):
- * ChannelData and Data indications to UDP clients go out here; the rest (clients on TCP
- * or TLS) is appended to *left as (data, peer) for Python (the list is made on first
- * use). 0, or -1 with an exception. */
+ * ChannelData and Data indications to UDP clients and to the stream clients in `streams`
+ * go out here; the rest is appended to *left as (data, peer) for Python (the list is
+ * made on first use). 0, or -1 with an exception. */
 static int
 serve_endpoint(int fd, PyObject *relay_key, Py_ssize_t reads, PyObject *to_client,
                PyObject *to_client_by_ip, PyObject *indication, PyObject *listeners,
-               PyObject **left)
+               PyObject *streams, PyObject **left)
 {
     if (ensure_rx_buffers() < 0)
         return -1;
-    struct client_run run = {.flow = NULL, .count = 0, .payload_bytes = 0};
+    struct client_run run = {.flow = NULL, .write = NULL, .count = 0, .payload_bytes = 0};
     /* The Data indications made in this call: alive until they have been sent. */
     PyObject *made = NULL;
     Py_ssize_t done_reads = 0;
@@ -747,7 +863,7 @@ serve_endpoint(int fd, PyObject *relay_key, Py_ssize_t reads, PyObject *to_clien
             PyObject *flow = flow_from_peer(to_client, to_client_by_ip, relay_key, peer, &header);
             int served = 0;
             if (flow != NULL)
-                served = open_run(&run, flow, listeners);
+                served = open_run(&run, flow, listeners, streams);
             if (served < 0 || (flow == NULL && PyErr_Occurred())) {
                 Py_DECREF(peer);
                 goto error;
@@ -809,11 +925,13 @@ serve_endpoint(int fd, PyObject *relay_key, Py_ssize_t reads, PyObject *to_clien
             break;
     }
     Py_CLEAR(run.flow);
+    Py_CLEAR(run.write);
     Py_XDECREF(made);
     return 0;
 error:
     flush_run(&run);
     Py_CLEAR(run.flow);
+    Py_CLEAR(run.write);
     Py_XDECREF(made);
     return -1;
 }
@@ -822,25 +940,28 @@ error:
 
 PyDoc_STRVAR(serve_relays_doc,
 "serve_relays(epoll, endpoints, limit, reads, to_client_by_peer, to_client_by_ip,\n"
-"             indication, udp_listeners)\n"
+"             indication, udp_listeners, stream_writes)\n"
 "    -> list[tuple[endpoint, list[tuple[bytes, tuple[str, int]]]]]\n\n"
 "One epoll_wait (no waiting) on the relay sockets' epoll instance for up to limit\n"
 "ready sockets. endpoints maps each registered fd (the socket's table key) to an\n"
 "object of the caller's. Up to reads datagrams of each ready socket are read; what\n"
-"goes to UDP clients (udp_listeners maps a listener's local address to its fd) goes\n"
-"out here, as ForwardingTable.from_peer would make it, counters included: ChannelData,\n"
-"and Data indications made by indication(peer, data). Returns (endpoint, datagrams)\n"
-"for each socket with datagrams left for Python.");
+"goes to UDP clients (udp_listeners maps a listener's local address to its fd) and to\n"
+"TCP and TLS clients (stream_writes maps a client's 5-tuple to its transport's write)\n"
+"goes out here, as ForwardingTable.from_peer would make it, counters included:\n"
+"ChannelData, and Data indications made by indication(peer, data); a stream client\n"
+"gets one write per wake-up and client. Returns (endpoint, datagrams) for each socket\n"
+"with datagrams left for Python.");
 
 static PyObject *
 serve_relays(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 8 || !PyDict_Check(args[1]) || !PyDict_Check(args[4]) ||
-        !PyDict_Check(args[5]) || !PyCallable_Check(args[6]) || !PyDict_Check(args[7])) {
+    if (nargs != 9 || !PyDict_Check(args[1]) || !PyDict_Check(args[4]) ||
+        !PyDict_Check(args[5]) || !PyCallable_Check(args[6]) || !PyDict_Check(args[7]) ||
+        !PyDict_Check(args[8])) {
         PyErr_SetString(PyExc_TypeError,
                         "serve_relays(epoll, endpoints: dict, limit, reads, "
                         "to_client_by_peer: dict, to_client_by_ip: dict, indication, "
-                        "udp_listeners: dict)");
+                        "udp_listeners: dict, stream_writes: dict)");
         return NULL;
     }
     int epfd = PyObject_AsFileDescriptor(args[0]);
@@ -874,7 +995,7 @@ serve_relays(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_INCREF(endpoint);
         PyObject *left = NULL;
         int rc = serve_endpoint(events[i].data.fd, key, reads, args[4], args[5], args[6],
-                                args[7], &left);
+                                args[7], args[8], &left);
         Py_DECREF(key);
         if (rc == 0 && left != NULL) {
             PyObject *pair = PyTuple_Pack(2, endpoint, left);
@@ -894,7 +1015,7 @@ fail:
 
 PyDoc_STRVAR(serve_relay_doc,
 "serve_relay(sock, reads, to_client_by_peer, to_client_by_ip, indication,\n"
-"            udp_listeners, deliver) -> None\n\n"
+"            udp_listeners, stream_writes, deliver) -> None\n\n"
 "The event loop's callback for a relay socket it watches itself (its descriptor is its\n"
 "table key): served as by serve_relays, then deliver(datagrams) with what was left for\n"
 "Python, if anything was.");
@@ -902,11 +1023,12 @@ PyDoc_STRVAR(serve_relay_doc,
 static PyObject *
 serve_relay(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 7 || !PyDict_Check(args[2]) || !PyDict_Check(args[3]) ||
-        !PyCallable_Check(args[4]) || !PyDict_Check(args[5])) {
+    if (nargs != 8 || !PyDict_Check(args[2]) || !PyDict_Check(args[3]) ||
+        !PyCallable_Check(args[4]) || !PyDict_Check(args[5]) || !PyDict_Check(args[6])) {
         PyErr_SetString(PyExc_TypeError,
                         "serve_relay(sock, reads, to_client_by_peer: dict, "
-                        "to_client_by_ip: dict, indication, udp_listeners: dict, deliver)");
+                        "to_client_by_ip: dict, indication, udp_listeners: dict, "
+                        "stream_writes: dict, deliver)");
         return NULL;
     }
     int fd = PyObject_AsFileDescriptor(args[0]);
@@ -919,7 +1041,7 @@ serve_relay(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (key == NULL)
         return NULL;
     PyObject *left = NULL;
-    int rc = serve_endpoint(fd, key, reads, args[2], args[3], args[4], args[5], &left);
+    int rc = serve_endpoint(fd, key, reads, args[2], args[3], args[4], args[5], args[6], &left);
     Py_DECREF(key);
     if (rc < 0) {
         Py_XDECREF(left);
@@ -927,7 +1049,7 @@ serve_relay(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     if (left == NULL)
         Py_RETURN_NONE;
-    PyObject *done = PyObject_CallOneArg(args[6], left);
+    PyObject *done = PyObject_CallOneArg(args[7], left);
     Py_DECREF(left);
     return done;
 }
@@ -961,7 +1083,7 @@ route_client_datagram(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (!IS_CHANNEL_DATA(b, len))
         Py_RETURN_NONE;
     struct forward f;
-    int routed = route_from_client(b, len, args[2], args[0], args[1], now, &f);
+    int routed = route_from_client(s_udp, b, len, args[2], args[0], args[1], now, &f);
     if (routed < 0)
         return NULL;
     if (routed != 1)
@@ -1048,6 +1170,7 @@ static PyMethodDef fastpath_methods[] = {
     {"serve_relays", (PyCFunction)(void (*)(void))serve_relays, METH_FASTCALL,
      serve_relays_doc},
     {"serve_relay", (PyCFunction)(void (*)(void))serve_relay, METH_FASTCALL, serve_relay_doc},
+    {"relay_stream", (PyCFunction)(void (*)(void))relay_stream, METH_FASTCALL, relay_stream_doc},
     {"set_bandwidth", (PyCFunction)(void (*)(void))set_bandwidth, METH_FASTCALL,
      set_bandwidth_doc},
     {"admit", (PyCFunction)(void (*)(void))admit, METH_FASTCALL, admit_doc},

@@ -3,8 +3,10 @@
 The core names clients by 5-tuple only (in the forwarding table's flows, in
 `SendToClient`); the listeners register here as they bind (UDP) or accept (TCP, TLS),
 so nothing has to be attached to an allocation for its relayed data to find the client.
-`udp_fds` is the same map for the native fast path: a UDP listener's local address to
-its descriptor.
+`udp_fds` and `stream_writes` are the same maps for the native fast path: a UDP
+listener's local address to its descriptor, and a TCP/TLS client's 5-tuple to its
+transport's write (only while the transport takes more: a client that does not read its
+media then meets `streams`, which drops rather than queues).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Protocol
 
 from pyturn.core.forwarding import FiveTuple, Flow
 from pyturn.net.batch import send_many_to
-from pyturn.net.fastpath import UdpListeners
+from pyturn.net.fastpath import StreamWrites, UdpListeners
 from pyturn.wire.attributes import Address
 
 
@@ -33,6 +35,7 @@ class Clients:
         self.udp_fds: UdpListeners = {}
         # TCP and TLS connections: how to send one frame (padded for the stream).
         self.streams: dict[FiveTuple, Callable[[bytes], None]] = {}
+        self.stream_writes: StreamWrites = {}
 
     def add_udp(self, local: Address, listener: UdpSender, fd: int) -> None:
         self.udp[local] = listener
@@ -64,5 +67,12 @@ class Clients:
             return
         stream = self.streams.get((transport, client, local))
         if stream is not None:
-            for frame in frames:
-                stream(frame)
+            # One write: over TLS, one record for the lot.
+            stream(b"".join(pad(frame) for frame in frames) if len(frames) > 1 else frames[0])
+
+
+def pad(frame: bytes) -> bytes:
+    """RFC 8656 §12.5: over a stream, ChannelData is padded to a multiple of 4 bytes (a
+    STUN message already is)."""
+    extra = -len(frame) % 4
+    return frame + b"\x00" * extra if extra else frame

@@ -1,10 +1,11 @@
-"""The relay fast path in C: ChannelData of UDP clients both ways, and Data indications.
+"""The relay fast path in C: ChannelData both ways, and Data indications.
 
 The native functions (pyturn/net/_fastpath.c, in the module `pyturn.net._batch`) read
-the forwarding table's dictionaries (pyturn/core/forwarding.py) and the I/O layer's map
-of UDP listeners, and relay what they can without running Python; what they leave goes
-to the reference path, `ForwardingTable.from_client` and `from_peer`, called from
-pyturn/net/udp.py and pyturn/net/relay.py. Without the native module the functions
+the forwarding table's dictionaries (pyturn/core/forwarding.py) and the I/O layer's maps
+of UDP listeners and stream clients (pyturn/net/clients.py), and relay what they can
+without running Python; what they leave goes to the reference path,
+`ForwardingTable.from_client` and `from_peer`, called from pyturn/net/udp.py,
+pyturn/net/stream.py and pyturn/net/relay.py. Without the native module the functions
 below read and hand over everything, so Python routes it all: the same behaviour,
 slower.
 
@@ -12,11 +13,13 @@ slower.
         the event loop's callback for a UDP client listener
     forward_channel_data(sock, limit, to_peer_by_channel, local) -> (read, left)
         the same read for the rest of a wake-up's budget
+    relay_stream(data, five_tuple, to_peer_by_channel) -> taken
+        the routed ChannelData at the head of what a TCP/TLS connection read
     serve_relay(sock, reads, to_client_by_peer, to_client_by_ip, indication,
-                udp_listeners, deliver)
+                udp_listeners, stream_writes, deliver)
         the event loop's callback for a relay socket it watches itself
     serve_relays(epoll, endpoints, limit, reads, to_client_by_peer, to_client_by_ip,
-                 indication, udp_listeners)
+                 indication, udp_listeners, stream_writes)
         the relay sockets behind one epoll descriptor -> [(endpoint, left)]
 
 `use_table(table)` hands the native path the table's bandwidth limits and node buckets,
@@ -38,6 +41,15 @@ from pyturn.wire.attributes import Address
 Datagram = tuple[bytes, Address]
 # A UDP listener's local address -> its file descriptor (for sending to its clients).
 UdpListeners = dict[Address, int]
+# A TCP/TLS client's 5-tuple -> its transport's write, while that takes more.
+StreamWrites = dict[tuple[str, Address, Address], Callable[[bytes], object]]
+
+
+def _relay_stream(
+    data: bytes | bytearray, five_tuple: tuple[str, Address, Address], to_peer: dict[Any, Any]
+) -> int:
+    """Takes nothing: every frame goes to Python."""
+    return 0
 
 
 def _forward_channel_data(
@@ -72,6 +84,7 @@ def _serve_relay(  # noqa: PLR0917 (add_reader passes its arguments positionally
     to_client_by_ip: dict[Any, Any],
     indication: Indication,
     udp_listeners: UdpListeners,
+    stream_writes: StreamWrites,
     deliver: Deliver,
 ) -> None:
     """Serves nothing itself: what is queued goes to Python."""
@@ -92,6 +105,7 @@ def _serve_relays(  # noqa: PLR0917 (the native signature)
     to_client_by_ip: dict[Any, Any],
     indication: Indication,
     udp_listeners: UdpListeners,
+    stream_writes: StreamWrites,
 ) -> list[tuple[Any, list[Datagram]]]:
     """Serves nothing itself: every ready socket's datagrams go to Python (an endpoint
     here is a RelayEndpoint, whose socket this reads)."""
@@ -127,9 +141,19 @@ ForwardChannelData = Callable[
     [_socket.socket, int, dict[Any, Any], Address], tuple[int, list[Datagram]]
 ]
 ServeRelay = Callable[
-    [_socket.socket, int, dict[Any, Any], dict[Any, Any], Indication, UdpListeners, Deliver],
+    [
+        _socket.socket,
+        int,
+        dict[Any, Any],
+        dict[Any, Any],
+        Indication,
+        UdpListeners,
+        StreamWrites,
+        Deliver,
+    ],
     None,
 ]
+RelayStream = Callable[[bytes | bytearray, tuple[str, Address, Address], dict[Any, Any]], int]
 ServeRelays = Callable[
     [
         select.epoll,
@@ -140,6 +164,7 @@ ServeRelays = Callable[
         dict[Any, Any],
         Indication,
         UdpListeners,
+        StreamWrites,
     ],
     list[tuple[Any, list[Datagram]]],
 ]
@@ -156,6 +181,7 @@ listener_ready: ListenerReady = _listener_ready
 forward_channel_data: ForwardChannelData = _forward_channel_data
 serve_relay: ServeRelay = _serve_relay
 serve_relays: ServeRelays = _serve_relays
+relay_stream: RelayStream = _relay_stream
 
 if batch.NATIVE:
     from pyturn.net import _batch
@@ -164,3 +190,4 @@ if batch.NATIVE:
     forward_channel_data = _batch.forward_channel_data
     serve_relay = _batch.serve_relay
     serve_relays = _batch.serve_relays
+    relay_stream = _batch.relay_stream

@@ -4,8 +4,9 @@ Each relay socket is a plain non-blocking socket, bound synchronously while the 
 handles an Allocate and watched from then on (`RelayPoller`); one wake-up drains every
 datagram already queued. Where a datagram goes is the forwarding table's business
 (pyturn/core/forwarding.py): the native fast path (`fastpath.serve_relay`,
-`fastpath.serve_relays`) sends a UDP client's ChannelData itself, and what it leaves
-(Data indications, clients on TCP/TLS, everything without the native module) comes to
+`fastpath.serve_relays`) sends ChannelData and Data indications itself, and what it
+leaves (a stream client whose transport is full, everything without the native
+module) comes to
 `RelayEndpoint.deliver`, which asks `ForwardingTable.from_peer` and sends the frames of
 one wake-up together through `Clients`, with no awaits, logging or clock reads.
 """
@@ -110,6 +111,7 @@ class RelayPoller:
                 self.table.to_client_by_ip,
                 self.table.data_indication,
                 self.clients.udp_fds,
+                self.clients.stream_writes,
                 endpoint.deliver,
             )
             return
@@ -139,6 +141,7 @@ class RelayPoller:
             self.table.to_client_by_ip,
             self.table.data_indication,
             self.clients.udp_fds,
+            self.clients.stream_writes,
         )
         for endpoint, datagrams in left:
             endpoint.deliver(datagrams)

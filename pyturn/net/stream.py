@@ -20,7 +20,8 @@ from typing import cast
 from pyturn.config import LimitsConfig, PeerNetwork
 from pyturn.core.allocation import FiveTuple, PeerConnection
 from pyturn.core.server import JoinPeerConnection, TurnServer
-from pyturn.net.clients import Clients
+from pyturn.net.clients import Clients, pad
+from pyturn.net.fastpath import relay_stream
 from pyturn.net.sockets import accept_ready
 from pyturn.net.tcp_relay import PipeEnd
 from pyturn.net.udp import ActionHandler
@@ -96,6 +97,7 @@ class StreamConnection(asyncio.Protocol):
         self.transport_name = transport_name
         self.framer = StreamFramer()
         self.transport: asyncio.Transport | None = None
+        self._write: Callable[[bytes], object] = lambda data: None
         self.five_tuple: FiveTuple | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self.counter = counter if counter is not None else ConnectionCounter()
@@ -127,8 +129,10 @@ class StreamConnection(asyncio.Protocol):
             return
         self._counted = client[0]
         self.five_tuple = given
+        self._write = transport.write
         if self.clients is not None:
             self.clients.streams[self.five_tuple] = self.send
+            self.clients.stream_writes[self.five_tuple] = self._write
         transport.set_write_buffer_limits(high=MAX_WRITE_BUFFER)
         loop = asyncio.get_running_loop()
         self._idle_timer = loop.call_later(self.first_frame_timeout, self._first_frame_timeout)
@@ -145,6 +149,14 @@ class StreamConnection(asyncio.Protocol):
             self.pipe.data_received(data)
             return
         framer = self.framer
+        if not framer.buffer and self._held is None and self.hand_over is None:
+            # The native path relays the routed ChannelData at the head of the read; the
+            # rest (STUN, a frame cut by the read) goes on to the framer.
+            taken = self._relay_head(data)
+            if taken == len(data):
+                return
+            if taken:
+                data = data[taken:]
         framer.feed(data)
         if self._held is not None:
             return  # what a paused transport still delivers waits with the rest
@@ -154,6 +166,11 @@ class StreamConnection(asyncio.Protocol):
 
     def _read_frames(self) -> None:
         framer = self.framer
+        buffer = framer.buffer
+        if self.hand_over is None:
+            taken = self._relay_head(buffer)
+            if taken:
+                del buffer[:taken]
         try:
             while self.pipe is None and self._held is None and (frames := framer.frames()):
                 self._handle_frames(frames)
@@ -162,6 +179,12 @@ class StreamConnection(asyncio.Protocol):
             return
         if framer.pending > MAX_PENDING:
             self.close()
+
+    def _relay_head(self, data: bytes | bytearray) -> int:
+        """How many bytes of routed ChannelData at the head of `data` the native path
+        relayed (none without it, or under bandwidth limits: then Python waits)."""
+        assert self.five_tuple is not None
+        return relay_stream(data, self.five_tuple, self.server.table.to_peer_by_channel)
 
     def _handed_over(self) -> bool:
         """Asks `hand_over` until the first message is whole (pyturn/net/handover.py: a
@@ -186,6 +209,7 @@ class StreamConnection(asyncio.Protocol):
             self._idle_timer = None
         end = PipeEnd(lambda: None, None, from_peer=False)
         end.transport = self.transport
+        self._stop_writes()
         self.pipe = end
         self.framer.buffer.clear()
         return end
@@ -254,6 +278,7 @@ class StreamConnection(asyncio.Protocol):
             return
         client_end = PipeEnd(lambda: None, connection.allocation, from_peer=False)
         client_end.transport = self.transport
+        self._stop_writes()
         self.pipe = client_end
         leftover = bytes(self.framer.buffer)
         self.framer.buffer.clear()
@@ -261,13 +286,26 @@ class StreamConnection(asyncio.Protocol):
         if leftover:
             client_end.data_received(leftover)
 
+    def _stop_writes(self) -> None:
+        """The native path stops writing to this connection (see `Clients`)."""
+        if self.clients is not None and self.five_tuple is not None:
+            self.clients.stream_writes.pop(self.five_tuple, None)
+
     def pause_writing(self) -> None:
         if self.pipe is not None:
             self.pipe.pause_writing()
+            return
+        self._stop_writes()
 
     def resume_writing(self) -> None:
         if self.pipe is not None:
             self.pipe.resume_writing()
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.clients is not None and self.five_tuple is not None:
+            self.clients.stream_writes[self.five_tuple] = self._write
 
     def send(self, data: bytes) -> None:
         transport = self.transport
@@ -276,8 +314,7 @@ class StreamConnection(asyncio.Protocol):
         if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
             # A client that does not read its relayed media loses it, not our memory.
             return
-        pad = -len(data) % 4
-        transport.write(data + b"\x00" * pad if pad else data)
+        transport.write(pad(data))
 
     def close(self) -> None:
         if self.transport is not None:
@@ -298,6 +335,7 @@ class StreamConnection(asyncio.Protocol):
                 self.handle_actions(actions, self.five_tuple, self.send)
             if self.clients is not None:
                 self.clients.streams.pop(self.five_tuple, None)
+                self.clients.stream_writes.pop(self.five_tuple, None)
         self.transport = None
 
 

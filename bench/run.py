@@ -12,7 +12,20 @@ system compiler), and prints each figure with its ratio to coturn:
 4. Binding requests/s;
 5. RSS per allocation with 5,000 allocations held, and RSS after they are released;
 6. round-trip time p50/p99 through the relay at a moderate fixed rate;
-7. time from process start to the UDP listener answering a Binding request.
+7. time from process start to the UDP listener answering a Binding request;
+8. ChannelData over TCP (100 and 1000 bytes, 10 allocations, each on its own connection):
+   relayed packets/s and server CPU per packet;
+9. the same over TLS 1.3 (100 and 1000 bytes) and over TLS 1.2 (100 bytes);
+10. Send/Data indications over TCP (100 bytes);
+11. TLS connections with an authenticated Allocate per second (a new connection and a
+    full handshake each time, as a browser's first connection makes), TLS 1.3 and 1.2;
+12. RSS per idle TLS connection (with an allocation and a channel) with 2,000 held, TLS
+    1.3 and 1.2.
+
+Over TCP and TLS the clients' connections are streams and the relay leg to the peer is
+UDP, as in both servers. Both servers get the same self-signed P-256 certificate, made
+for the run with the openssl command. coturn 4.6.1 has no TLS 1.3 (4.6.2 has): when it
+refuses a TLS 1.3 handshake, the TLS 1.3 figures are pyturn's and the stub's only.
 
 The generator also drives "stub", a plain C forwarder that speaks just enough TURN for
 the generator (`loadgen stub`), to show that the generator is not the bottleneck.
@@ -40,6 +53,7 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -70,6 +84,8 @@ BINDING_SOCKETS = 8
 BINDING_WINDOW = 16
 ALLOC_INFLIGHT = 512  # coturn needs about this many to keep its core busy
 HOLD_INFLIGHT = 128
+TLS_ALLOC_INFLIGHT = 64  # connections handshaking at once in the TLS Allocate figure
+TLS_HOLD = 2000  # idle TLS connections held for the memory figure
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
@@ -129,6 +145,12 @@ class Machine:
     relay_range: tuple[int, int]
     pinned: bool
     notes: list[str] = dataclasses.field(default_factory=list)
+    # The run's certificate and private key (PEM) for both servers' TLS listeners.
+    tls_pair: tuple[Path, Path] | None = None
+    # "pyturn TLS 1.2" -> "TLSv1.2 ECDHE-ECDSA-AES256-GCM-SHA384": what was negotiated.
+    negotiated: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Whether coturn completes a TLS 1.3 handshake (4.6.1 does not); None: not asked yet.
+    coturn_tls13: bool | None = None
 
     def pin(self, core: int, argv: list[str]) -> list[str]:
         if self.taskset is None or not self.pinned:
@@ -190,6 +212,64 @@ def free_udp_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port() -> int:
+    """A port free for both UDP and TCP (coturn's listening port is both)."""
+    for _ in range(50):
+        port = free_udp_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+        return port
+    raise BenchError("no port free for both UDP and TCP")
+
+
+def make_certificate(workdir: Path) -> tuple[Path, Path]:
+    """A self-signed P-256 certificate for localhost, valid two days, for both servers."""
+    cert, key = workdir / "cert.pem", workdir / "key.pem"
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise BenchError("no openssl command: the TCP and TLS figures need a certificate")
+    argv = [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt"]
+    argv += ["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=localhost"]
+    argv += ["-keyout", str(key), "-out", str(cert)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)  # noqa: S603
+    if done.returncode != 0:
+        raise BenchError(f"making the certificate failed:\n{done.stderr}")
+    return cert, key
+
+
+def offers_tls13(port: int) -> bool:
+    """Whether HOST:port completes a TLS 1.3 handshake."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the run's self-signed certificate, on loopback
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        with (
+            socket.create_connection((HOST, port), timeout=5) as sock,
+            context.wrap_socket(sock) as tls,
+        ):
+            return tls.version() == "TLSv1.3"
+    except OSError:  # ssl.SSLError is one
+        return False
+
+
+def tcp_accepting(port: int, deadline: float) -> bool:
+    """Whether HOST:port accepts a TCP connection before the deadline."""
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.2)
+            try:
+                sock.connect((HOST, port))
+            except OSError:
+                time.sleep(0.01)
+                continue
+            return True
+    return False
+
+
 BINDING_REQUEST_HEAD = b"\x00\x01\x00\x00\x21\x12\xa4\x42"
 
 
@@ -248,13 +328,27 @@ def load_average() -> str:
 class Server:
     """A running server process: pyturn, coturn or the C stub."""
 
-    def __init__(self, kind: str, proc: subprocess.Popen[bytes], port: int, workdir: Path) -> None:
+    def __init__(
+        self,
+        kind: str,
+        proc: subprocess.Popen[bytes],
+        port: int,
+        workdir: Path,
+        ports: dict[str, int] | None = None,
+    ) -> None:
         self.kind = kind
         self.proc = proc
         self.pid = proc.pid  # taskset execs the server, so this is the server's own pid
         self.port = port
+        # Its listeners by transport ("udp", "tcp", "tls"); the stub has one.
+        self.ports = ports if ports is not None else {"udp": port}
         self.workdir = workdir
         self.ready_ms: float | None = None
+
+    def address(self, transport: str) -> str:
+        if transport not in self.ports:
+            raise BenchError(f"{self.kind} has no {transport} listener")
+        return f"{HOST}:{self.ports[transport]}"
 
     def pids(self) -> list[int]:
         """The server's process and any worker processes it started."""
@@ -292,14 +386,27 @@ BANDWIDTH_LIMITS = (
 
 
 def write_pyturn_config(
-    path: Path, port: int, relay: tuple[int, int], *, limits: bool = False
+    path: Path,
+    port: int,
+    relay: tuple[int, int],
+    *,
+    limits: bool = False,
+    tls_pair: tuple[Path, Path] | None = None,
 ) -> None:
+    """`tls_pair`: also TCP and TLS listeners (any free port), with that certificate."""
+    streams = ""
+    if tls_pair is not None:
+        streams = (
+            f"  - {{transport: tcp, address: {HOST}, port: 0}}\n"
+            f"  - {{transport: tls, address: {HOST}, port: 0}}\n"
+            f'tls: {{certificate: "{tls_pair[0]}", private_key: "{tls_pair[1]}"}}\n'
+        )
     path.write_text(
         f"""# written by bench/run.py
 realm: {REALM}
 listen:
   - {{transport: udp, address: {HOST}, port: {port}}}
-relay: {{address: {HOST}, min_port: {relay[0]}, max_port: {relay[1]}}}
+{streams}relay: {{address: {HOST}, min_port: {relay[0]}, max_port: {relay[1]}}}
 auth:
   users: {{{USER}: "{PASSWORD}"}}
 peers: {{allow: ["127.0.0.0/8"]}}
@@ -312,13 +419,18 @@ workers: {PYTURN_WORKERS}
     )
 
 
-_LISTENING = re.compile(rb"listening on udp 127\.0\.0\.1:(\d+)")
+_LISTENING = re.compile(rb"listening on (udp|tcp|tls) 127\.0\.0\.1:(\d+)")
 _READY = re.compile(rb"ready in (\d+(?:\.\d+)?) ms")
 
 
-def start_pyturn(machine: Machine, workdir: Path, port: int = 0, *, limits: bool = False) -> Server:
+def start_pyturn(
+    machine: Machine, workdir: Path, port: int = 0, *, limits: bool = False, streams: bool = False
+) -> Server:
+    """`streams`: TCP and TLS listeners too, with the run's certificate."""
     config = workdir / "pyturn.yaml"
-    write_pyturn_config(config, port, machine.relay_range, limits=limits)
+    tls_pair = stream_certificate(machine) if streams else None
+    write_pyturn_config(config, port, machine.relay_range, limits=limits, tls_pair=tls_pair)
+    wanted = {"udp", "tcp", "tls"} if streams else {"udp"}
     log_path = workdir / "pyturn.log"
     with log_path.open("wb") as log:
         argv = machine.pin(SERVER_CORE, [str(machine.pyturn), "serve", "-c", str(config)])
@@ -326,16 +438,14 @@ def start_pyturn(machine: Machine, workdir: Path, port: int = 0, *, limits: bool
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log
         )
     deadline = time.monotonic() + START_TIMEOUT
-    bound: int | None = None
     ready: float | None = None
     while time.monotonic() < deadline:
         text = log_path.read_bytes()
-        if bound is None and (m := _LISTENING.search(text)):
-            bound = int(m.group(1))
+        bound = {m.group(1).decode(): int(m.group(2)) for m in _LISTENING.finditer(text)}
         if m := _READY.search(text):
             ready = float(m.group(1))
-        if bound is not None and ready is not None:
-            server = Server("pyturn", proc, bound, workdir)
+        if wanted <= bound.keys() and ready is not None:
+            server = Server("pyturn", proc, bound["udp"], workdir, ports=bound)
             server.ready_ms = ready
             return server
         if proc.poll() is not None:
@@ -348,9 +458,24 @@ def start_pyturn(machine: Machine, workdir: Path, port: int = 0, *, limits: bool
     raise BenchError(f"pyturn did not become ready:\n{tail}")
 
 
-def coturn_argv(machine: Machine, workdir: Path, port: int) -> list[str]:
+def stream_certificate(machine: Machine) -> tuple[Path, Path]:
+    if machine.tls_pair is None:
+        raise BenchError("no certificate for the TCP and TLS listeners (see the notes)")
+    return machine.tls_pair
+
+
+def coturn_argv(
+    machine: Machine, workdir: Path, port: int, tls_port: int | None = None
+) -> list[str]:
+    """`tls_port`: TCP listeners on `port` and TLS on `tls_port` too, with the run's
+    certificate; otherwise UDP only. DTLS is off either way."""
     assert machine.turnserver is not None
     low, high = machine.relay_range
+    if tls_port is None:
+        streams = ["--no-tls", "--no-tcp"]
+    else:
+        cert, key = stream_certificate(machine)
+        streams = ["--tls-listening-port", str(tls_port), "--cert", str(cert), "--pkey", str(key)]
     return [
         machine.turnserver,
         "-n",  # no configuration file
@@ -370,9 +495,8 @@ def coturn_argv(machine: Machine, workdir: Path, port: int) -> list[str]:
         "--max-port",
         str(high),
         "--allow-loopback-peers",
-        "--no-tls",
+        *streams,
         "--no-dtls",
-        "--no-tcp",
         "--no-cli",
         "--relay-threads",
         "1",  # one relay thread: the per-core comparison the targets are about
@@ -385,27 +509,42 @@ def coturn_argv(machine: Machine, workdir: Path, port: int) -> list[str]:
     ]
 
 
-def start_coturn(machine: Machine, workdir: Path, port: int | None = None) -> Server:
-    port = port or free_udp_port()
+def start_coturn(
+    machine: Machine, workdir: Path, port: int | None = None, *, streams: bool = False
+) -> Server:
+    """`streams`: TCP and TLS listeners too, with the run's certificate."""
+    port = port or (free_port() if streams else free_udp_port())
+    tls_port = free_port() if streams else None
     log_path = workdir / "coturn.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(  # noqa: S603
-            machine.pin(SERVER_CORE, coturn_argv(machine, workdir, port)),
+            machine.pin(SERVER_CORE, coturn_argv(machine, workdir, port, tls_port)),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    if not binding_answered(port, time.monotonic() + START_TIMEOUT) or proc.poll() is not None:
+    deadline = time.monotonic() + START_TIMEOUT
+    answered = binding_answered(port, deadline)
+    ports = {"udp": port}
+    if answered and tls_port is not None:
+        ports |= {"tcp": port, "tls": tls_port}
+        answered = tcp_accepting(port, deadline) and tcp_accepting(tls_port, deadline)
+    if not answered or proc.poll() is not None:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait()
         tail = log_path.read_text(errors="replace")[-2000:]
-        raise BenchError(f"coturn did not answer a Binding request:\n{tail}")
-    return Server("coturn", proc, port, workdir)
+        raise BenchError(f"coturn did not answer a Binding request or accept TCP:\n{tail}")
+    return Server("coturn", proc, port, workdir, ports=ports)
 
 
-def start_stub(machine: Machine, workdir: Path) -> Server:
-    argv = machine.pin(SERVER_CORE, [str(LOADGEN), "stub", "--max-time", "120"])
+def start_stub(machine: Machine, workdir: Path, transport: str = "udp") -> Server:
+    """The C stub on one transport; over TLS with the run's certificate."""
+    argv = [str(LOADGEN), "stub", "--transport", transport, "--max-time", "120"]
+    if transport == "tls":
+        cert, key = stream_certificate(machine)
+        argv += ["--cert", str(cert), "--pkey", str(key)]
+    argv = machine.pin(SERVER_CORE, argv)
     proc = subprocess.Popen(  # noqa: S603
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
     )
@@ -416,23 +555,26 @@ def start_stub(machine: Machine, workdir: Path) -> Server:
         proc.kill()
         proc.wait()
         raise BenchError(f"stub did not start: {line!r}")
-    return Server("stub", proc, int(m.group(1)), workdir)
+    port = int(m.group(1))
+    return Server("stub", proc, port, workdir, ports={transport: port})
 
 
-def start_server(machine: Machine, kind: str, workdir: Path) -> Server:
+def start_server(machine: Machine, kind: str, workdir: Path, transport: str = "udp") -> Server:
+    """`transport`: what the experiment's clients use; tcp and tls servers get both."""
+    streams = transport != "udp"
     if kind == "pyturn":
-        return start_pyturn(machine, workdir)
+        return start_pyturn(machine, workdir, streams=streams)
     if kind == LIMITED:
-        return start_pyturn(machine, workdir, limits=True)
+        return start_pyturn(machine, workdir, limits=True, streams=streams)
     if kind == "coturn":
-        return start_coturn(machine, workdir)
-    return start_stub(machine, workdir)
+        return start_coturn(machine, workdir, streams=streams)
+    return start_stub(machine, workdir, transport)
 
 
 @contextlib.contextmanager
-def running(machine: Machine, kind: str) -> Iterator[Server]:
+def running(machine: Machine, kind: str, transport: str = "udp") -> Iterator[Server]:
     with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-") as tmp:
-        server = start_server(machine, kind, Path(tmp))
+        server = start_server(machine, kind, Path(tmp), transport)
         try:
             yield server
         finally:
@@ -460,14 +602,55 @@ def read_line(stream: IO[bytes], deadline: float) -> bytes:
     return buf
 
 
-def loadgen(machine: Machine, server: Server, mode: str, *options: str, budget: float) -> Any:
+@dataclasses.dataclass(frozen=True)
+class Transport:
+    """How the generator's clients reach the server: udp, tcp or tls (pinned to one TLS
+    version, "1.3" or "1.2")."""
+
+    name: str = "udp"
+    tls_version: str | None = None
+
+    def options(self) -> list[str]:
+        out = ["--transport", self.name]
+        if self.tls_version is not None:
+            out += ["--tls-version", self.tls_version]
+        return out
+
+
+UDP = Transport()
+TCP = Transport("tcp")
+TLS13 = Transport("tls", "1.3")
+TLS12 = Transport("tls", "1.2")
+
+
+def check_tls(machine: Machine, server: Server, transport: Transport, result: Any) -> float:
+    """The TLS version the generator negotiated, which must be the one asked for; kept
+    with the cipher for the report. 0 for TCP and UDP."""
+    if transport.tls_version is None:
+        return 0.0
+    got = str(result.get("tls_version", ""))
+    if got != f"TLSv{transport.tls_version}":
+        raise BenchError(f"asked for TLS {transport.tls_version}, negotiated {got!r}")
+    machine.negotiated[f"{server.kind} TLS {transport.tls_version}"] = f"{got} {result['cipher']}"
+    return float(transport.tls_version)
+
+
+def loadgen(
+    machine: Machine,
+    server: Server,
+    mode: str,
+    *options: str,
+    budget: float,
+    transport: Transport = UDP,
+) -> Any:
     argv = machine.pin(
         LOAD_CORE,
         [
             str(LOADGEN),
             mode,
+            *transport.options(),
             "--server",
-            f"{HOST}:{server.port}",
+            server.address(transport.name),
             "--key",
             long_term_key(),
             "--user",
@@ -514,6 +697,9 @@ class Experiment:
     scatters: bool = False  # its figures scatter run to run: profile.rtt_repeats runs
     # Which servers it compares, when not pyturn and coturn.
     kinds: tuple[str, ...] | None = None
+    # The clients' transport: tcp and tls start the servers with TCP and TLS listeners
+    # too, and the stub on that transport.
+    transport: Transport = UDP
 
 
 # pyturn with bandwidth limits set well above the load (BANDWIDTH_LIMITS).
@@ -530,7 +716,12 @@ def _common(result: Any) -> Metrics:
 
 
 def timed_loadgen(
-    machine: Machine, server: Server, profile: Profile, mode: str, *options: str
+    machine: Machine,
+    server: Server,
+    profile: Profile,
+    mode: str,
+    *options: str,
+    transport: Transport = UDP,
 ) -> Any:
     """A measuring loadgen run: the profile's warm-up and duration, a budget past both."""
     return loadgen(
@@ -543,10 +734,13 @@ def timed_loadgen(
         "--duration",
         str(profile.duration),
         budget=profile.warmup + profile.duration + 20,
+        transport=transport,
     )
 
 
-def relay_experiment(kind: str, payload: int) -> Callable[[Machine, Server, Profile], Metrics]:
+def relay_experiment(
+    kind: str, payload: int, transport: Transport = UDP
+) -> Callable[[Machine, Server, Profile], Metrics]:
     def run(machine: Machine, server: Server, profile: Profile) -> Metrics:
         r = timed_loadgen(
             machine,
@@ -561,33 +755,47 @@ def relay_experiment(kind: str, payload: int) -> Callable[[Machine, Server, Prof
             str(ALLOCS),
             "--window",
             str(WINDOW),
+            transport=transport,
         )
-        return {
+        metrics = {
             "pps": float(r["relayed_pps"]),
             "cpu_us": float(r["cpu_us_per_pkt"]),
             "loss": float(r["loss"]),
             **_common(r),
         }
+        if transport != UDP:
+            # connections the server closed under the load (each ends an allocation)
+            metrics["lost"] = float(r["lost"])
+        if tls := check_tls(machine, server, transport, r):
+            metrics["tls"] = tls
+        return metrics
 
     return run
 
 
-def alloc_run(machine: Machine, server: Server, profile: Profile) -> Metrics:
-    r = timed_loadgen(
-        machine,
-        server,
-        profile,
-        "alloc",
-        "--inflight",
-        str(ALLOC_INFLIGHT),
-    )
-    return {
-        "allocs_ps": float(r["allocs_ps"]),
-        "cpu_us": float(r["cpu_us_per_alloc"]),
-        "errors": float(r["errors"]),
-        "timeouts": float(r["timeouts"]),
-        **_common(r),
-    }
+def alloc_experiment(
+    inflight: int, transport: Transport = UDP
+) -> Callable[[Machine, Server, Profile], Metrics]:
+    """Allocate cycles; over TCP and TLS each on a new connection (and TLS handshake)."""
+
+    def run(machine: Machine, server: Server, profile: Profile) -> Metrics:
+        r = timed_loadgen(
+            machine, server, profile, "alloc", "--inflight", str(inflight), transport=transport
+        )
+        metrics = {
+            "allocs_ps": float(r["allocs_ps"]),
+            "cpu_us": float(r["cpu_us_per_alloc"]),
+            "errors": float(r["errors"]),
+            "timeouts": float(r["timeouts"]),
+            **_common(r),
+        }
+        if transport != UDP:
+            metrics["connects_ps"] = float(r["connects_ps"])
+        if tls := check_tls(machine, server, transport, r):
+            metrics["tls"] = tls
+        return metrics
+
+    return run
 
 
 def binding_run(machine: Machine, server: Server, profile: Profile) -> Metrics:
@@ -630,8 +838,22 @@ def rtt_run(machine: Machine, server: Server, profile: Profile) -> Metrics:
     }
 
 
-def memory_run(machine: Machine, server: Server, profile: Profile) -> Metrics:
-    """Hold `profile.hold` allocations (one channel each), then release them."""
+def memory_experiment(
+    transport: Transport = UDP, count: int | None = None, key: str = "per_alloc_kb"
+) -> Callable[[Machine, Server, Profile], Metrics]:
+    """Hold `count` (default `profile.hold`) allocations, one channel each and over TCP or
+    TLS each on its own connection; `key`: the name of RSS growth per allocation held."""
+
+    def run(machine: Machine, server: Server, profile: Profile) -> Metrics:
+        metrics = memory_run(machine, server, count or profile.hold, transport)
+        metrics[key] = metrics.pop("per_alloc_kb")
+        return metrics
+
+    return run
+
+
+def memory_run(machine: Machine, server: Server, hold: int, transport: Transport) -> Metrics:
+    """Hold `hold` allocations (one channel each), then release them."""
     time.sleep(0.3)
     pids = server.pids()
     base = vm_rss_kb(pids)
@@ -640,14 +862,15 @@ def memory_run(machine: Machine, server: Server, profile: Profile) -> Metrics:
         [
             str(LOADGEN),
             "hold",
+            *transport.options(),
             "--server",
-            f"{HOST}:{server.port}",
+            server.address(transport.name),
             "--key",
             long_term_key(),
             "--user",
             USER,
             "--allocs",
-            str(profile.hold),
+            str(hold),
             "--inflight",
             str(HOLD_INFLIGHT),
             "--max-time",
@@ -674,9 +897,11 @@ def memory_run(machine: Machine, server: Server, profile: Profile) -> Metrics:
         proc.stdin.close()
         proc.stdout.close()
     count = int(held["held"])
-    if count < profile.hold * 0.95:
-        raise BenchError(f"only {count} of {profile.hold} allocations held: {held}")
+    if count < hold * 0.95:
+        raise BenchError(f"only {count} of {hold} allocations held: {held}")
+    tls = check_tls(machine, server, transport, held)
     return {
+        **({"tls": tls} if tls else {}),
         "held": float(count),
         "base_kb": float(base),
         "held_kb": float(held_rss),
@@ -738,11 +963,71 @@ EXPERIMENTS = [
     ),
     Experiment("send100", "Send/Data, 100 B", relay_experiment("send", 100)),
     Experiment("send1000", "Send/Data, 1000 B", relay_experiment("send", 1000)),
-    Experiment("alloc", "Allocate", alloc_run),
+    Experiment("alloc", "Allocate", alloc_experiment(ALLOC_INFLIGHT)),
     Experiment("binding", "Binding", binding_run),
     Experiment("rtt", "RTT", rtt_run, scatters=True),
-    Experiment("memory", "RSS", memory_run, stub=False),
+    Experiment("memory", "RSS", memory_experiment(), stub=False),
     Experiment("startup", "start-up", lambda m, s, p: {}, stub=False, fresh_start=True),
+    # Clients over TCP and TLS: one connection per allocation, the peer leg UDP.
+    Experiment(
+        "tcp_channel_100",
+        "TCP ChannelData, 100 B",
+        relay_experiment("channel", 100, TCP),
+        transport=TCP,
+    ),
+    Experiment(
+        "tcp_channel_1000",
+        "TCP ChannelData, 1000 B",
+        relay_experiment("channel", 1000, TCP),
+        transport=TCP,
+    ),
+    Experiment(
+        "tls_channel_100",
+        "TLS1.3 ChannelData, 100 B",
+        relay_experiment("channel", 100, TLS13),
+        transport=TLS13,
+    ),
+    Experiment(
+        "tls_channel_1000",
+        "TLS1.3 ChannelData, 1000 B",
+        relay_experiment("channel", 1000, TLS13),
+        transport=TLS13,
+    ),
+    Experiment(
+        "tls12_channel_100",
+        "TLS1.2 ChannelData, 100 B",
+        relay_experiment("channel", 100, TLS12),
+        transport=TLS12,
+    ),
+    Experiment(
+        "tcp_send_100", "TCP Send/Data, 100 B", relay_experiment("send", 100, TCP), transport=TCP
+    ),
+    Experiment(
+        "tls_alloc",
+        "TLS1.3 connect+Allocate",
+        alloc_experiment(TLS_ALLOC_INFLIGHT, TLS13),
+        transport=TLS13,
+    ),
+    Experiment(
+        "tls12_alloc",
+        "TLS1.2 connect+Allocate",
+        alloc_experiment(TLS_ALLOC_INFLIGHT, TLS12),
+        transport=TLS12,
+    ),
+    Experiment(
+        "tls_memory",
+        "RSS, TLS1.3 connections",
+        memory_experiment(TLS13, TLS_HOLD, "per_conn_kb"),
+        stub=False,
+        transport=TLS13,
+    ),
+    Experiment(
+        "tls12_memory",
+        "RSS, TLS1.2 connections",
+        memory_experiment(TLS12, TLS_HOLD, "per_conn_kb"),
+        stub=False,
+        transport=TLS12,
+    ),
 ]
 
 
@@ -798,19 +1083,28 @@ def describe(experiment: str, metrics: Metrics) -> str:
             f"{metrics['allocs_ps']:>10,.0f} allocs/s  {metrics['cpu_us']:.0f} us/cycle  "
             f"errors={metrics['errors']:.0f} timeouts={metrics['timeouts']:.0f}"
         )
+        if "connects_ps" in metrics:
+            text += f"  connections {metrics['connects_ps']:,.0f}/s"
     elif "rps" in metrics:
         text = f"{metrics['rps']:>10,.0f} req/s  {metrics['cpu_us']:.2f} us/req"
     elif "p99_us" in metrics:
         text = f"p50 {metrics['p50_us']:.0f} us  p99 {metrics['p99_us']:.0f} us"
-    elif "per_alloc_kb" in metrics:
+    elif "per_alloc_kb" in metrics or "per_conn_kb" in metrics:
+        per, what = (
+            (metrics["per_conn_kb"], "connection")
+            if "per_conn_kb" in metrics
+            else (metrics["per_alloc_kb"], "alloc")
+        )
         text = (
-            f"{metrics['per_alloc_kb']:.1f} KB/alloc  base {metrics['base_kb'] / 1024:.1f} MB "
+            f"{per:.1f} KB/{what}  base {metrics['base_kb'] / 1024:.1f} MB "
             f"held {metrics['held_kb'] / 1024:.1f} MB  after {metrics['after_kb'] / 1024:.1f} MB"
         )
     elif "startup_ms" in metrics:
         text = f"{metrics['startup_ms']:.0f} ms"
     else:
         text = json.dumps(metrics)
+    if metrics.get("lost"):
+        text += f"  connections lost {metrics['lost']:.0f}"
     if "foreign_server_core" in metrics:
         text += (
             f"  [server core {metrics['server_cpu_util']:.0%} busy, "
@@ -825,6 +1119,23 @@ NOISY = 0.15  # share of a core taken by other processes that makes a run worth 
 
 def noise(metrics: Metrics) -> float:
     return max(metrics.get("foreign_server_core", 0.0), metrics.get("foreign_gen_core", 0.0))
+
+
+def coturn_tls13(machine: Machine) -> bool:
+    """Whether coturn speaks TLS 1.3 here, asked once; when not, the TLS 1.3 figures are
+    pyturn's and the stub's only (coturn 4.6.1 refuses the handshake; 4.6.2 has it)."""
+    if machine.coturn_tls13 is None:
+        try:
+            with running(machine, "coturn", "tls") as server:
+                machine.coturn_tls13 = offers_tls13(server.ports["tls"])
+        except BenchError:
+            return True  # the experiment itself will say what is wrong
+        if not machine.coturn_tls13:
+            machine.notes.append(
+                "coturn did not complete a TLS 1.3 handshake: TLS 1.3 figures are pyturn's "
+                "and the stub's only; the TLS 1.2 figures compare the two servers"
+            )
+    return machine.coturn_tls13
 
 
 def run_all(machine: Machine, profile: Profile, only: set[str] | None) -> Results:
@@ -842,12 +1153,14 @@ def run_all(machine: Machine, profile: Profile, only: set[str] | None) -> Result
             repeats = profile.repeats
         plan: list[str] = []
         kinds = list(experiment.kinds or servers)
+        if experiment.transport == TLS13 and "coturn" in kinds and not coturn_tls13(machine):
+            kinds.remove("coturn")
         for rep in range(repeats):  # ABBA: alternate, and swap who goes first
             plan += kinds if rep % 2 == 0 else kinds[::-1]
         if experiment.stub:
             plan.append("stub")
         for i, kind in enumerate(plan, 1):
-            label = f"{experiment.title:<20} {kind:<6} {i}/{len(plan)}"
+            label = f"{experiment.title:<26} {kind:<6} {i}/{len(plan)}"
             best: Metrics | None = None
             for attempt in range(profile.attempts):
                 began = time.monotonic()
@@ -855,7 +1168,7 @@ def run_all(machine: Machine, profile: Profile, only: set[str] | None) -> Result
                     if experiment.fresh_start:
                         metrics = startup_run(machine, kind)
                     else:
-                        with running(machine, kind) as server:
+                        with running(machine, kind, experiment.transport.name) as server:
                             metrics = experiment.run(machine, server, profile)
                 except BenchError as exc:
                     results.failures.append(f"{experiment.name}/{kind}: {exc}")
@@ -956,6 +1269,46 @@ ROWS = [
     Row("   server CPU per packet", "us", "rtt", "cpu_us", "median", "", no_target),
     Row("7. start to Binding answered", "ms", "startup", "startup_ms", "median", "<1000 ms",
         absolute_at_most(1000.0), stub=False),
+    Row("8. TCP ChannelData 100 B relayed", "pkt/s", "tcp_channel_100", "pps", "max",
+        ">=1.0x", ratio_at_least(1.0)),
+    Row("   server CPU per packet", "us", "tcp_channel_100", "cpu_us", "median", "<=1.0x",
+        ratio_at_most(1.0)),
+    Row("8. TCP ChannelData 1000 B relayed", "pkt/s", "tcp_channel_1000", "pps", "max",
+        ">=1.0x", ratio_at_least(1.0)),
+    Row("   server CPU per packet", "us", "tcp_channel_1000", "cpu_us", "median", "<=1.0x",
+        ratio_at_most(1.0)),
+    Row("9. TLS 1.3 ChannelData 100 B relayed", "pkt/s", "tls_channel_100", "pps", "max",
+        ">=1.0x", ratio_at_least(1.0)),
+    Row("   server CPU per packet", "us", "tls_channel_100", "cpu_us", "median", "<=1.0x",
+        ratio_at_most(1.0)),
+    Row("9. TLS 1.3 ChannelData 1000 B relayed", "pkt/s", "tls_channel_1000", "pps", "max",
+        ">=1.0x", ratio_at_least(1.0)),
+    Row("   server CPU per packet", "us", "tls_channel_1000", "cpu_us", "median", "<=1.0x",
+        ratio_at_most(1.0)),
+    Row("9. TLS 1.2 ChannelData 100 B relayed", "pkt/s", "tls12_channel_100", "pps", "max",
+        ">=1.0x", ratio_at_least(1.0)),
+    Row("   server CPU per packet", "us", "tls12_channel_100", "cpu_us", "median", "<=1.0x",
+        ratio_at_most(1.0)),
+    Row("10. TCP Send/Data 100 B relayed", "pkt/s", "tcp_send_100", "pps", "max", ">=1.0x",
+        ratio_at_least(1.0)),
+    Row("   server CPU per packet", "us", "tcp_send_100", "cpu_us", "median", "<=1.0x",
+        ratio_at_most(1.0)),
+    Row("11. TLS 1.3 connections + Allocates", "/s", "tls_alloc", "allocs_ps", "max",
+        ">=1.0x", ratio_at_least(1.0)),
+    Row("   server CPU per connection cycle", "us", "tls_alloc", "cpu_us", "median", "<=1.0x",
+        ratio_at_most(1.0)),
+    Row("11. TLS 1.2 connections + Allocates", "/s", "tls12_alloc", "allocs_ps", "max",
+        ">=1.0x", ratio_at_least(1.0)),
+    Row("   server CPU per connection cycle", "us", "tls12_alloc", "cpu_us", "median",
+        "<=1.0x", ratio_at_most(1.0)),
+    Row(f"12. RSS per idle TLS 1.3 conn. ({TLS_HOLD} held)", "KB", "tls_memory",
+        "per_conn_kb", "median", "<=1.0x", ratio_at_most(1.0), stub=False),
+    Row("   RSS kept after release", "KB", "tls_memory", "retained_kb", "median", "",
+        no_target, stub=False),
+    Row(f"12. RSS per idle TLS 1.2 conn. ({TLS_HOLD} held)", "KB", "tls12_memory",
+        "per_conn_kb", "median", "<=1.0x", ratio_at_most(1.0), stub=False),
+    Row("   RSS kept after release", "KB", "tls12_memory", "retained_kb", "median", "",
+        no_target, stub=False),
 ]
 # fmt: on
 
@@ -1087,6 +1440,14 @@ def headroom_lines(results: Results) -> list[str]:
         ("send1000", "pps"),
         ("alloc", "allocs_ps"),
         ("binding", "rps"),
+        ("tcp_channel_100", "pps"),
+        ("tcp_channel_1000", "pps"),
+        ("tls_channel_100", "pps"),
+        ("tls_channel_1000", "pps"),
+        ("tls12_channel_100", "pps"),
+        ("tcp_send_100", "pps"),
+        ("tls_alloc", "allocs_ps"),
+        ("tls12_alloc", "allocs_ps"),
     ]:
         stub = results.pick(name, "stub", key, "max")
         if name not in results.runs:
@@ -1108,7 +1469,7 @@ def headroom_lines(results: Results) -> list[str]:
         if stub is not None and best:
             ceiling += f" = {stub / best:.2f}x the faster server"
         verdict = "the generator may limit this figure" if limited else "ok"
-        out.append(f"  {name:<12} {ceiling}; {'; '.join(parts)}: {verdict}")
+        out.append(f"  {name:<17} {ceiling}; {'; '.join(parts)}: {verdict}")
     return out
 
 
@@ -1135,7 +1496,13 @@ def noise_line(results: Results) -> str:
 
 
 def report(
-    results: Results, profile: Profile, pinning: str, elapsed: float, notes: list[str]
+    results: Results,
+    profile: Profile,
+    pinning: str,
+    elapsed: float,
+    notes: list[str],
+    *,
+    negotiated: dict[str, str],
 ) -> list[dict[str, Any]]:
     """Print the table and what qualifies it; return the figures for --json."""
     text, figures = table(results)
@@ -1167,6 +1534,11 @@ def report(
     if heads:
         print("Generator headroom (idle while driving a server, or the server's core saturated):")
         print("\n".join(heads))
+    if negotiated:
+        print(
+            "TLS negotiated (generator's view): "
+            + "; ".join(f"{who}: {what}" for who, what in sorted(negotiated.items()))
+        )
     startup = results.median("startup", "pyturn", "self_reported_ms")
     if startup is not None:
         print(f"pyturn's own `ready in` log line: {startup:.0f} ms after its event loop started.")
@@ -1185,7 +1557,14 @@ def rerender(path: Path) -> int:
     results = Results(runs=saved["runs"], failures=saved.get("failures", []))
     # Runs saved before RTT had its own number of runs used the common one.
     profile = Profile(**{"rtt_repeats": saved["profile"]["repeats"], **saved["profile"]})
-    report(results, profile, saved.get("pinning", "?"), saved.get("seconds", 0), saved["notes"])
+    report(
+        results,
+        profile,
+        saved.get("pinning", "?"),
+        saved.get("seconds", 0),
+        saved["notes"],
+        negotiated=saved.get("negotiated", {}),
+    )
     return 0
 
 
@@ -1244,10 +1623,18 @@ def main(argv: list[str] | None = None) -> int:
         f"bench: {profile.name} profile, {pinning}; relay ports {machine.relay_range[0]}-"
         f"{machine.relay_range[1]}; open files {nofile}; load average {load_average()}"
     )
-    results = run_all(machine, profile, only)
+    with tempfile.TemporaryDirectory(prefix="bench-tls-") as tls_dir:
+        if any(e.transport != UDP for e in EXPERIMENTS if not only or e.name in only):
+            try:
+                machine.tls_pair = make_certificate(Path(tls_dir))
+            except BenchError as exc:
+                machine.notes.append(str(exc))
+        results = run_all(machine, profile, only)
     elapsed = time.monotonic() - started
 
-    figures = report(results, profile, pinning, elapsed, machine.notes)
+    figures = report(
+        results, profile, pinning, elapsed, machine.notes, negotiated=machine.negotiated
+    )
     if args.json:
         payload = {
             "profile": dataclasses.asdict(profile),
@@ -1264,9 +1651,12 @@ def main(argv: list[str] | None = None) -> int:
                     "binding_sockets": BINDING_SOCKETS,
                     "binding_window": BINDING_WINDOW,
                     "alloc_inflight": ALLOC_INFLIGHT,
+                    "tls_alloc_inflight": TLS_ALLOC_INFLIGHT,
+                    "tls_hold": TLS_HOLD,
                 },
             },
             "figures": figures,
+            "negotiated": machine.negotiated,
             "runs": results.runs,
             "failures": results.failures,
             "notes": machine.notes,

@@ -33,8 +33,9 @@ the generator (`loadgen stub`), to show that the generator is not the bottleneck
 Everything stays on loopback. The server under test is pinned to one core and the
 generator to the other with taskset; every measurement is bounded in time.
 
-    .venv/bin/python bench/run.py            # full run, about 7 minutes
-    .venv/bin/python bench/run.py --quick    # under 2 minutes
+    .venv/bin/python bench/run.py            # full run, about 12 minutes (5 of them TCP/TLS)
+    .venv/bin/python bench/run.py --quick    # about 3 minutes
+    .venv/bin/python bench/run.py --only tcp_channel_100,tls_alloc   # some figures
     .venv/bin/python bench/run.py --from-json out.json   # the table again
     .venv/bin/python bench/run.py --json out.json
 """
@@ -1570,7 +1571,7 @@ def rerender(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (< 2 min)")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (~3 min)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write results here")
     parser.add_argument(
         "--only", metavar="NAMES", help=f"comma list of {','.join(e.name for e in EXPERIMENTS)}"

@@ -52,6 +52,7 @@ def relay_stream(
     data: bytes | bytearray,
     five_tuple: tuple[str, tuple[str, int], tuple[str, int]],
     to_peer_by_channel: dict[Any, Any],
+    to_peer_by_ip: dict[Any, Any],
     /,
 ) -> int: ...
 def listener_ready(

@@ -530,22 +530,106 @@ forward_channel_data(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(nN)", received, left);
 }
 
+/* STUN: a Send indication's type, and the attributes its common shape has. */
+#define SEND_INDICATION 0x0016
+#define ATTR_XOR_PEER_ADDRESS 0x0012
+#define ATTR_DATA 0x0013
+#define ATTR_DONT_FRAGMENT 0x001A
+
+/* Route one Send indication (b, len: a whole STUN message) from `client` of `local` over
+ * `transport`, of the common shape TurnServer._route_send_indication takes without a
+ * decode (pyturn/core/relaying.py): an IPv4 XOR-PEER-ADDRESS, DATA, DONT-FRAGMENT and
+ * nothing else. 1 when its payload is described in *f and counted, 0 when it is Python's
+ * (another shape, or no permission: the reference path decides, and drops), -1 on an
+ * error. Bandwidth limits are the caller's to rule out. */
+static int
+route_send_indication(PyObject *transport, const unsigned char *b, size_t len,
+                      PyObject *client, PyObject *to_peer_by_ip, PyObject *local,
+                      struct forward *f)
+{
+    if (len < 20 || (((unsigned int)b[0] << 8) | b[1]) != SEND_INDICATION ||
+        memcmp(b + 4, "\x21\x12\xa4\x42", 4) != 0 ||
+        20 + (((size_t)b[2] << 8) | b[3]) != len)
+        return 0;
+    const unsigned char *peer = NULL, *payload = NULL;
+    size_t payload_len = 0, pos = 20;
+    while (pos < len) {
+        if (pos + 4 > len)
+            return 0;
+        unsigned int type = ((unsigned int)b[pos] << 8) | b[pos + 1];
+        size_t size = ((size_t)b[pos + 2] << 8) | b[pos + 3], end = pos + 4 + size;
+        if (end > len)
+            return 0;
+        if (type == ATTR_XOR_PEER_ADDRESS) {
+            if (peer == NULL) {
+                if (size != 8 || b[pos + 4] != 0 || b[pos + 5] != 1)
+                    return 0;
+                peer = b + pos + 4;
+            }
+        } else if (type == ATTR_DATA) {
+            if (payload == NULL) {
+                payload = b + pos + 4;
+                payload_len = size;
+            }
+        } else if (type != ATTR_DONT_FRAGMENT) {
+            return 0;
+        }
+        pos = end + ((4 - size % 4) % 4);
+    }
+    if (peer == NULL || payload == NULL)
+        return 0;
+    unsigned int port = (((unsigned int)peer[2] << 8) | peer[3]) ^ 0x2112;
+    unsigned char ip[4] = {peer[4] ^ 0x21, peer[5] ^ 0x12, peer[6] ^ 0xa4, peer[7] ^ 0x42};
+    PyObject *host = PyUnicode_FromFormat("%u.%u.%u.%u", ip[0], ip[1], ip[2], ip[3]);
+    if (host == NULL)
+        return -1;
+    PyObject *key = PyTuple_Pack(4, transport, client, local, host);
+    Py_DECREF(host);
+    if (key == NULL)
+        return -1;
+    PyObject *route = PyDict_GetItemWithError(to_peer_by_ip, key); /* borrowed */
+    Py_DECREF(key);
+    if (route == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    /* (relay, relay_key, counters) */
+    PyObject *relay_key = item(route, 3, 1);
+    if (relay_key == NULL)
+        return -1;
+    f->fd = (int)PyLong_AsLong(relay_key);
+    if (f->fd == -1 && PyErr_Occurred())
+        return -1;
+    struct sockaddr_in *sin = (struct sockaddr_in *)&f->name;
+    memset(sin, 0, sizeof *sin);
+    sin->sin_family = AF_INET;
+    sin->sin_port = htons((uint16_t)port);
+    memcpy(&sin->sin_addr, ip, 4);
+    f->namelen = sizeof *sin;
+    if (pass_limits(PyTuple_GET_ITEM(route, 2), TO_PEER, payload_len, 0, 1) < 0)
+        return -1;
+    f->payload.iov_base = (void *)payload;
+    f->payload.iov_len = payload_len;
+    f->sent = 0;
+    return 1;
+}
+
 PyDoc_STRVAR(relay_stream_doc,
-"relay_stream(data, five_tuple, to_peer_by_channel) -> int\n\n"
-"Relay the whole ChannelData frames at the start of data (bytes or bytearray, what the\n"
-"TCP or TLS client connection five_tuple has read) whose channel is bound, as\n"
-"ForwardingTable.from_client does, counters included, and return how many bytes they\n"
-"took, padding included. It stops at the first frame that is not whole, not ChannelData\n"
-"or not routed: the rest is Python's, in order. Under bandwidth limits it takes nothing,\n"
-"since a stream over its limit waits (ForwardingTable.stream_wait) rather than drops.");
+"relay_stream(data, five_tuple, to_peer_by_channel, to_peer_by_ip) -> int\n\n"
+"Relay the whole frames at the start of data (bytes or bytearray, what the TCP or TLS\n"
+"client connection five_tuple has read) that go to a peer: ChannelData on a bound\n"
+"channel, as ForwardingTable.from_client does, and Send indications of the common shape\n"
+"to a permitted peer, as TurnServer._route_send_indication does, counters included.\n"
+"Returns how many bytes they took, padding included. It stops at the first frame that\n"
+"is not whole or not routed: the rest is Python's, in order. Under bandwidth limits it\n"
+"takes nothing, since a stream over its limit waits (ForwardingTable.stream_wait)\n"
+"rather than drops.");
 
 static PyObject *
 relay_stream(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3 || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) != 3 ||
-        !PyDict_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "relay_stream(data, five_tuple: tuple, to_peer_by_channel: dict)");
+    if (nargs != 4 || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) != 3 ||
+        !PyDict_Check(args[2]) || !PyDict_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "relay_stream(data, five_tuple: tuple, "
+                                         "to_peer_by_channel: dict, to_peer_by_ip: dict)");
         return NULL;
     }
     if (bandwidth_limited())
@@ -559,14 +643,23 @@ relay_stream(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     const unsigned char *b = view.buf;
     size_t len = (size_t)view.len, pos = 0;
     int queued = 0, failed = 0;
-    while (len - pos >= 4 && IS_CHANNEL_DATA(b + pos, 1)) {
+    while (len - pos >= 4) {
         size_t length = ((size_t)b[pos + 2] << 8) | b[pos + 3];
-        size_t size = 4 + ((length + 3) & ~(size_t)3); /* RFC 8656 §12.5: padded on streams */
-        if (size > len - pos)
-            break;
-        int routed =
-            route_from_client(transport, b + pos, 4 + length, client, args[2], local, 0,
-                              &forwards[queued]);
+        int routed;
+        size_t size;
+        if (IS_CHANNEL_DATA(b + pos, 1)) {
+            size = 4 + ((length + 3) & ~(size_t)3); /* RFC 8656 §12.5: padded on streams */
+            if (size > len - pos)
+                break;
+            routed = route_from_client(transport, b + pos, 4 + length, client, args[2], local,
+                                       0, &forwards[queued]);
+        } else {
+            size = 20 + length;
+            if (size > len - pos || length % 4)
+                break; /* not whole, or a length no stream allows: the framer's to refuse */
+            routed = route_send_indication(transport, b + pos, size, client, args[3], local,
+                                           &forwards[queued]);
+        }
         if (routed < 0)
             failed = 1;
         if (routed <= 0)

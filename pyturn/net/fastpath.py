@@ -13,8 +13,9 @@ slower.
         the event loop's callback for a UDP client listener
     forward_channel_data(sock, limit, to_peer_by_channel, local) -> (read, left)
         the same read for the rest of a wake-up's budget
-    relay_stream(data, five_tuple, to_peer_by_channel) -> taken
-        the routed ChannelData at the head of what a TCP/TLS connection read
+    relay_stream(data, five_tuple, to_peer_by_channel, to_peer_by_ip) -> taken
+        the ChannelData and Send indications at the head of what a TCP/TLS connection
+        read
     serve_relay(sock, reads, to_client_by_peer, to_client_by_ip, indication,
                 udp_listeners, stream_writes, deliver)
         the event loop's callback for a relay socket it watches itself
@@ -46,7 +47,10 @@ StreamWrites = dict[tuple[str, Address, Address], Callable[[bytes], object]]
 
 
 def _relay_stream(
-    data: bytes | bytearray, five_tuple: tuple[str, Address, Address], to_peer: dict[Any, Any]
+    data: bytes | bytearray,
+    five_tuple: tuple[str, Address, Address],
+    to_peer_by_channel: dict[Any, Any],
+    to_peer_by_ip: dict[Any, Any],
 ) -> int:
     """Takes nothing: every frame goes to Python."""
     return 0
@@ -153,7 +157,9 @@ ServeRelay = Callable[
     ],
     None,
 ]
-RelayStream = Callable[[bytes | bytearray, tuple[str, Address, Address], dict[Any, Any]], int]
+RelayStream = Callable[
+    [bytes | bytearray, tuple[str, Address, Address], dict[Any, Any], dict[Any, Any]], int
+]
 ServeRelays = Callable[
     [
         select.epoll,

@@ -181,10 +181,12 @@ class StreamConnection(asyncio.Protocol):
             self.close()
 
     def _relay_head(self, data: bytes | bytearray) -> int:
-        """How many bytes of routed ChannelData at the head of `data` the native path
-        relayed (none without it, or under bandwidth limits: then Python waits)."""
+        """How many bytes of routed ChannelData and Send indications at the head of `data`
+        the native path relayed (none without it, or under bandwidth limits: then Python
+        waits)."""
         assert self.five_tuple is not None
-        return relay_stream(data, self.five_tuple, self.server.table.to_peer_by_channel)
+        table = self.server.table
+        return relay_stream(data, self.five_tuple, table.to_peer_by_channel, table.to_peer_by_ip)
 
     def _handed_over(self) -> bool:
         """Asks `hand_over` until the first message is whole (pyturn/net/handover.py: a

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pyturn.wire.attributes import Lifetime, Nonce, Realm, Username
+from pyturn.wire.attributes import Data, Lifetime, Nonce, Realm, Username, XorPeerAddress
 from pyturn.wire.channel_data import encode_channel_data
 from pyturn.wire.message import Message, MessageClass, Method, decode, encode, new_transaction_id
 from tests.interop.server_process import (
@@ -103,6 +103,11 @@ def _channel_data(payload: bytes, channel: int = 0x4000) -> bytes:
     return encode_channel_data(channel, payload, pad=True)
 
 
+def _send_indication(peer: tuple[str, int], payload: bytes) -> bytes:
+    attrs = (XorPeerAddress(*peer), Data(payload))
+    return encode(Message(Method.SEND, MessageClass.INDICATION, new_transaction_id(), attrs))
+
+
 def _binding_request() -> tuple[bytes, bytes]:
     txid = new_transaction_id()
     return encode(Message(Method.BINDING, MessageClass.REQUEST, txid, ())), txid
@@ -149,6 +154,17 @@ def test_both_ways_in_order_padded_and_counted(
         got = [bound.receive() for _ in range(len(PAYLOADS) + 2)]
         assert got == [*PAYLOADS, b"cut in two", b"after the cut"]
         assert bound.receive(0.3) is None
+        # Send indications: to both peers (the channel's permission covers their IP),
+        # around ChannelData, and none to an IP without a permission.
+        client.link.send(
+            _send_indication(unbound.address, b"sent to the other port")
+            + _channel_data(b"between")
+            + _send_indication(("127.0.0.2", unbound.address[1]), b"no permission")
+            + _send_indication(bound.address, b"sent to the bound peer")
+        )
+        assert unbound.receive() == b"sent to the other port"
+        assert [bound.receive(), bound.receive()] == [b"between", b"sent to the bound peer"]
+        assert unbound.receive(0.3) is None
 
         for payload in PAYLOADS:
             bound.sock.sendto(payload, relayed)
@@ -164,7 +180,14 @@ def test_both_ways_in_order_padded_and_counted(
     deleted = server.wait_for_event(
         "allocation deleted", since=mark, relayed=f"{relayed[0]}:{relayed[1]}"
     )
-    to_peer = [*PAYLOADS, b"cut in two", b"after the cut"]
+    to_peer = [
+        *PAYLOADS,
+        b"cut in two",
+        b"after the cut",
+        b"sent to the other port",
+        b"between",
+        b"sent to the bound peer",
+    ]
     names = ("packets_to_peer", "bytes_to_peer", "packets_to_client", "bytes_to_client")
     assert {name: int(deleted[name]) for name in names} == {
         "packets_to_peer": len(to_peer),

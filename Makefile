@@ -38,10 +38,11 @@ clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
 
 # The "Fast relay" benchmark: pyturn against coturn, side by side (README "Performance").
-#   make bench                   full run, about 8 minutes
-#   make bench BENCH_ARGS=--quick
+# It needs coturn and the OpenSSL headers for its load generator: system-deps has both.
+#   make bench                   full run, about 13 minutes
+#   make bench BENCH_ARGS=--quick    about 3 minutes
 .PHONY: bench
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed system-deps
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # Hostile traffic (SECURITY.md): the long runs behind the short ones in `make test`.

@@ -14,9 +14,11 @@ from collections.abc import Callable
 from pyturn.core.server import TurnServer
 from pyturn.logs import forget_plain_values
 from pyturn.net import batch
+from pyturn.net.stream import ConnectionCounter
 
 # Memory is handed back once at least this many allocations (and at least as many as are
-# still running) have ended: the work is O(running allocations), so it stays amortised.
+# still running) have ended, or this many TCP/TLS connections have closed: the work is
+# O(running allocations), so it stays amortised.
 _COMPACT_AFTER = 256
 # A full collection walks what was made since start-up: only with few allocations left.
 _COLLECT_BELOW = 256
@@ -37,11 +39,19 @@ def _malloc_trim() -> Callable[[int], int] | None:
 class MemoryReturner:
     """Hands back what ended allocations left behind in `server`, and in this process."""
 
-    def __init__(self, server: TurnServer, now: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        server: TurnServer,
+        now: Callable[[], float],
+        connections: ConnectionCounter | None = None,
+    ) -> None:
         self.server = server
         self.now = now
+        self.connections = connections
         # Most allocations at once since memory was last handed back (return_memory).
         self.peak_allocations = 0
+        # connections.closed when memory was last handed back.
+        self._closed_mark = 0
 
     def after_startup(self) -> None:
         """Once start-up is over, before the first client."""
@@ -58,23 +68,44 @@ class MemoryReturner:
 
     def return_memory(self) -> None:
         """Once many allocations have ended, drop what they left behind; once the running
-        allocations fell to half their peak, also give the freed heap pages back to the OS.
-        A few ms at most, from the timer or when the last allocation ends, never per packet.
+        allocations, or the open TCP/TLS connections, fell to half their peak, also give
+        the freed heap pages back to the OS. A few ms at most, from the timer or when the
+        last allocation ends, never per packet.
         """
+        wave_ended = self._compact()
+        if wave_ended or self._connections_closed():
+            self._give_back()
+
+    def _compact(self) -> bool:
+        """Compaction after many ended allocations; True at the end of a wave of them."""
         server = self.server
         ended = server.ended_since_compact
         if ended < _COMPACT_AFTER or ended < len(server.allocations):
-            return
+            return False
         server.compact(self.now())
         batch.forget_addresses()  # caches: a miss only formats the address again
         forget_plain_values()
-        running = len(server.allocations)
-        if running * 2 > self.peak_allocations:
-            # Churn, not the end of a wave: what was freed is about to be used again,
-            # and a full collection and a trim every few hundred allocations would cost
-            # more than the compaction itself.
-            return
+        # Below half the peak, a wave has ended; above, it is churn: what was freed is
+        # about to be used again, and a full collection and a trim every few hundred
+        # allocations would cost more than the compaction itself.
+        return len(server.allocations) * 2 <= self.peak_allocations
+
+    def _connections_closed(self) -> bool:
+        """A TCP or TLS client closes its connection after its allocation has ended (its
+        Refresh(0) comes first), and each connection held buffers and, over TLS,
+        OpenSSL's state: a wave of closed connections is handed back too."""
+        counter = self.connections
+        if counter is None:
+            return False
+        closed = counter.closed - self._closed_mark
+        return closed >= _COMPACT_AFTER and counter.total * 2 <= counter.peak
+
+    def _give_back(self) -> None:
+        running = len(self.server.allocations)
         self.peak_allocations = running
+        if self.connections is not None:
+            self._closed_mark = self.connections.closed
+            self.connections.peak = self.connections.total
         if running <= _COLLECT_BELOW:
             # A full collection also empties the interpreter's free lists (thousands of
             # tuples of gone clients); it walks every object made since start-up (the

@@ -49,25 +49,37 @@ HandOver = Callable[["StreamConnection", bytearray], "bool | None"]
 
 
 class ConnectionCounter:
-    """Open stream connections per client IP, shared by the listeners of one process."""
+    """Open stream connections per client IP, shared by the listeners of one process;
+    and in all, for handing memory back once a wave of them has closed
+    (pyturn/net/memory.py)."""
 
     def __init__(self, limit: int = MAX_CONNECTIONS_PER_SOURCE) -> None:
         self.limit = limit
         self.open: dict[str, int] = {}
+        self.total = 0
+        # The most open at once since MemoryReturner last looked, and how many ever closed.
+        self.peak = 0
+        self.closed = 0
 
     def admit(self, ip: str) -> bool:
         count = self.open.get(ip, 0)
         if count >= self.limit:
             return False
         self.open[ip] = count + 1
+        self.total += 1
+        self.peak = max(self.peak, self.total)
         return True
 
     def release(self, ip: str) -> None:
-        count = self.open.get(ip, 0) - 1
-        if count > 0:
-            self.open[ip] = count
+        count = self.open.get(ip, 0)
+        if count == 0:
+            return
+        self.total -= 1
+        self.closed += 1
+        if count > 1:
+            self.open[ip] = count - 1
         else:
-            self.open.pop(ip, None)
+            del self.open[ip]
 
 
 class StreamConnection(asyncio.Protocol):

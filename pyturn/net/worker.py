@@ -204,7 +204,7 @@ class Worker:
             )
         )
         self.session_log = SessionLog(log, self.now)
-        self.memory = MemoryReturner(self.server, self.now)
+        self.memory = MemoryReturner(self.server, self.now, self.connections)
         # starting -> serving -> draining -> stopping
         self.state = "starting"
         self.bound: list[tuple[str, str, int]] = []

@@ -84,11 +84,14 @@ def accept(
     return conn, child
 
 
-def receive_with_bios(context: ssl.SSLContext, conn: socket.socket, total: int) -> float:
+def handshake_with_bios(
+    context: ssl.SSLContext, conn: socket.socket
+) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """The server side of a handshake on memory BIOs, the socket blocking meanwhile."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = context.wrap_bio(incoming, outgoing, server_side=True)
     conn.settimeout(20)
-    while True:  # the handshake, with the socket blocking
+    while True:
         try:
             obj.do_handshake()
             break
@@ -98,6 +101,12 @@ def receive_with_bios(context: ssl.SSLContext, conn: socket.socket, total: int) 
             incoming.write(conn.recv(65536))
     if outgoing.pending:
         conn.sendall(outgoing.read())
+    return obj, incoming, outgoing
+
+
+def receive_with_bios(context: ssl.SSLContext, conn: socket.socket, frame: bytes) -> float:
+    total = RECORDS * len(frame)
+    obj, incoming, _ = handshake_with_bios(context, conn)
     buffer = bytearray(262144)
     view = memoryview(buffer)
     got = 0
@@ -115,7 +124,8 @@ def receive_with_bios(context: ssl.SSLContext, conn: socket.socket, total: int) 
     return time.thread_time() - started
 
 
-def receive_with_socket(context: ssl.SSLContext, conn: socket.socket, total: int) -> float:
+def receive_with_socket(context: ssl.SSLContext, conn: socket.socket, frame: bytes) -> float:
+    total = RECORDS * len(frame)
     tls = context.wrap_socket(conn, server_side=True)
     tls.settimeout(20)
     got = 0
@@ -132,19 +142,7 @@ def receive_with_socket(context: ssl.SSLContext, conn: socket.socket, total: int
 
 
 def send_with_bios(context: ssl.SSLContext, conn: socket.socket, frame: bytes) -> float:
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = context.wrap_bio(incoming, outgoing, server_side=True)
-    conn.settimeout(20)
-    while True:
-        try:
-            obj.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            if outgoing.pending:
-                conn.sendall(outgoing.read())
-            incoming.write(conn.recv(65536))
-    if outgoing.pending:
-        conn.sendall(outgoing.read())
+    obj, _, outgoing = handshake_with_bios(context, conn)
     started = time.thread_time()
     for _ in range(RECORDS):
         obj.write(frame)
@@ -181,10 +179,7 @@ def main() -> int:
                         role = "send" if direction == "receive" else "receive"
                         conn, child = accept(context, version, size, role)
                         try:
-                            if direction == "receive":
-                                cpu = way(context, conn, RECORDS * len(frame))  # type: ignore[operator]
-                            else:
-                                cpu = way(context, conn, frame)  # type: ignore[operator]
+                            cpu = way(context, conn, frame)
                         finally:
                             child.wait(timeout=60)
                             conn.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pyturn.net import batch
 from pyturn.wire.attributes import Data, Lifetime, Nonce, Realm, Username, XorPeerAddress
 from pyturn.wire.channel_data import encode_channel_data
 from pyturn.wire.message import Message, MessageClass, Method, decode, encode, new_transaction_id
@@ -30,15 +31,7 @@ STEP = 2.0
 PAYLOADS = [b"", b"x", b"abc", b"p" * 100, b"q" * 1001, b"r" * 1400]
 
 
-def _native_built() -> bool:
-    try:
-        from pyturn.net import _batch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-_NATIVE = pytest.mark.skipif(not _native_built(), reason="not built")
+_NATIVE = pytest.mark.skipif(not batch.NATIVE, reason="the native module is not built")
 
 
 @pytest.fixture(

@@ -112,6 +112,7 @@ class StreamConnection(asyncio.Protocol):
         self._write: Callable[[bytes], object] = lambda data: None
         self.five_tuple: FiveTuple | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_deadline = 0.0  # loop time; moved on by each read, looked at by the timer
         self.counter = counter if counter is not None else ConnectionCounter()
         self.first_frame_timeout = first_frame_timeout
         self._counted: str | None = None
@@ -147,14 +148,28 @@ class StreamConnection(asyncio.Protocol):
             self.clients.stream_writes[self.five_tuple] = self._write
         transport.set_write_buffer_limits(high=MAX_WRITE_BUFFER)
         loop = asyncio.get_running_loop()
-        self._idle_timer = loop.call_later(self.first_frame_timeout, self._first_frame_timeout)
+        self._idle_deadline = loop.time() + self.first_frame_timeout
+        self._idle_timer = loop.call_later(self.first_frame_timeout, self._idle_check)
         if self._initial:
             initial, self._initial = self._initial, b""
             self.data_received(initial)
 
-    def _first_frame_timeout(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+    def _idle_check(self) -> None:
+        """A connection lives on its allocation (or as a data pipe); one that has neither
+        must keep talking, or it would hold a descriptor for nothing. Reads only move the
+        deadline on: one timer per connection instead of one per read. A connection that
+        has an allocation when the timer fires goes without one until a read finds it
+        without an allocation again (`_touch`)."""
+        self._idle_timer = None
+        transport = self.transport
+        if transport is None or self.pipe is not None or self.five_tuple in self.server.allocations:
+            return
+        loop = asyncio.get_running_loop()
+        left = self._idle_deadline - loop.time()
+        if left > 0:
+            self._idle_timer = loop.call_later(left, self._idle_check)
+        else:
+            transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.pipe is not None:
@@ -254,7 +269,7 @@ class StreamConnection(asyncio.Protocol):
                     if isinstance(action, JoinPeerConnection):
                         self._join(action.connection)
                         break
-        self._rearm_idle_timer()
+        self._touch()
 
     def _hold(self, frames: list[bytes], wait_ns: int) -> None:
         self._held = frames
@@ -273,16 +288,16 @@ class StreamConnection(asyncio.Protocol):
         if self._held is None and self.transport is not None:
             self.transport.resume_reading()
 
-    def _rearm_idle_timer(self) -> None:
-        """A connection lives on its allocation (or as a data pipe); one that has neither
-        must keep talking, or it would hold a descriptor for nothing."""
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-        if self.pipe is None and self.five_tuple not in self.server.allocations:
-            self._idle_timer = asyncio.get_running_loop().call_later(
-                self.first_frame_timeout, self._first_frame_timeout
-            )
+    def _touch(self) -> None:
+        """Frames came: the idle deadline moves on (see `_idle_check`)."""
+        loop = asyncio.get_running_loop()
+        self._idle_deadline = loop.time() + self.first_frame_timeout
+        if (
+            self._idle_timer is None
+            and self.pipe is None
+            and self.five_tuple not in self.server.allocations
+        ):
+            self._idle_timer = loop.call_later(self.first_frame_timeout, self._idle_check)
 
     def _join(self, connection: PeerConnection) -> None:
         """Become the client side of a relayed TCP connection; later bytes are payload."""

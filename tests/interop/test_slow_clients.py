@@ -325,6 +325,37 @@ def test_the_per_source_cap_and_the_timeout_follow_the_limits_config(
     assert closed is not None and closed < 3.0, closed
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reads_keep_a_connection_open_and_an_allocation_holds_it_until_it_ends(
+    server_factory: ServerFactory, workers: int
+) -> None:
+    """With first_message_timeout 1: a connection that asks a Binding every 0.4 s stays
+    open past the timeout and is closed about a second after it stops; one with an
+    allocation stays open while silent, and is closed about a second after its
+    Refresh(0) ends the allocation."""
+    server = server_factory({"workers": workers, "limits": {"first_message_timeout": 1.0}})
+    talker = open_client("tcp", server.tcp_address)
+    holder = open_client("tcp", server.tcp_address)
+    try:
+        holder.allocate_ok()
+        for _ in range(7):  # 2.8 s of reads 0.4 s apart
+            talker.binding()
+            time.sleep(0.4)
+        assert closed_after(holder.link.sock, time.monotonic(), 0.05) is None
+        stopped = time.monotonic()
+        closed = closed_after(talker.link.sock, stopped, 3.0)
+        assert closed is not None and 0.5 < closed < 2.5, closed
+        still_open = closed_after(holder.link.sock, time.monotonic(), 0.05) is None
+        assert still_open, "closed while it had an allocation"
+        holder.refresh(0)
+        ended = time.monotonic()
+        closed = closed_after(holder.link.sock, ended, 3.0)
+        assert closed is not None and 0.5 < closed < 2.5, closed
+    finally:
+        talker.close()
+        holder.close()
+
+
 def test_connections_to_a_tls_listener_count_against_the_per_source_cap_before_the_handshake(
     server_factory: ServerFactory, tls_files: tuple[Path, Path], sockets: list[socket.socket]
 ) -> None:

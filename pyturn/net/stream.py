@@ -147,9 +147,7 @@ class StreamConnection(asyncio.Protocol):
             self.clients.streams[self.five_tuple] = self.send
             self.clients.stream_writes[self.five_tuple] = self._write
         transport.set_write_buffer_limits(high=MAX_WRITE_BUFFER)
-        loop = asyncio.get_running_loop()
-        self._idle_deadline = loop.time() + self.first_frame_timeout
-        self._idle_timer = loop.call_later(self.first_frame_timeout, self._idle_check)
+        self._touch()  # the first frame is due within the timeout too
         if self._initial:
             initial, self._initial = self._initial, b""
             self.data_received(initial)
@@ -289,7 +287,7 @@ class StreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _touch(self) -> None:
-        """Frames came: the idle deadline moves on (see `_idle_check`)."""
+        """A new connection, or frames came: the idle deadline moves on (see `_idle_check`)."""
         loop = asyncio.get_running_loop()
         self._idle_deadline = loop.time() + self.first_frame_timeout
         if (

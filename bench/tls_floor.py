@@ -237,11 +237,15 @@ def main() -> int:
         f"3 x 100 B request and answer, close), {INFLIGHT} connections at once; "
         f"median of {max(args.rounds, 1)} runs of {seconds:.0f} s"
     )
-    print(f"{'server':16} {'TCP us':>7} {'TLS 1.2 us':>11} {'TLS - TCP':>10}")
+    print(f"{'server':16} {'TCP us':>7} {'TLS 1.2 us':>11} {'TLS - TCP':>10}  runs (TCP; TLS)")
     for server in SERVERS:
         tcp = statistics.median(figures[(server, "tcp")])
         tls = statistics.median(figures[(server, "tls")])
-        print(f"{server:16} {tcp:7.0f} {tls:11.0f} {tls - tcp:10.0f}")
+        runs = "; ".join(
+            " ".join(f"{figure:.0f}" for figure in figures[(server, transport)])
+            for transport in ("tcp", "tls")
+        )
+        print(f"{server:16} {tcp:7.0f} {tls:11.0f} {tls - tcp:10.0f}  {runs}")
     return 0
 
 

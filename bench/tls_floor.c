@@ -3,7 +3,7 @@
  *   tls_floor server PORT tcp|tls [CERT KEY]
  *       A one-thread epoll server on 127.0.0.1:PORT that answers every read with 100
  *       bytes: the least a C server (coturn's kind) can do per connection. Serves until
- *       killed.
+ *       its standard input closes.
  *   tls_floor client PORT tcp|tls INFLIGHT SECONDS
  *       INFLIGHT connections at once, each cycling: connect (from its own 127.x source
  *       address), TLS 1.2 handshake (tls), three times a 100-byte request and its 100-byte
@@ -108,6 +108,10 @@ static _Noreturn void serve(void) {
         fail("listen");
     struct epoll_event le = {.events = EPOLLIN, .data.ptr = NULL};
     epoll_ctl(epfd, EPOLL_CTL_ADD, listener, &le);
+    /* the measuring script holds our stdin: when it goes, so do we */
+    static conn_t parent = {.fd = 0};
+    struct epoll_event pe = {.events = EPOLLIN, .data.ptr = &parent};
+    epoll_ctl(epfd, EPOLL_CTL_ADD, 0, &pe);
     char buf[16384], answer[FRAME];
     memset(answer, 'a', sizeof answer);
     printf("listening\n");
@@ -117,6 +121,7 @@ static _Noreturn void serve(void) {
         int k = epoll_wait(epfd, ev, 64, 1000);
         for (int i = 0; i < k; i++) {
             conn_t *c = ev[i].data.ptr;
+            if (c == &parent) exit(0);
             if (c == NULL) {
                 int fd;
                 while ((fd = accept4(listener, NULL, NULL, SOCK_NONBLOCK)) >= 0) {

@@ -140,8 +140,16 @@ async def serve(kind: str, port: int, context: ssl.SSLContext | None) -> None:
                     task.add_done_callback(tasks.discard)
 
         loop.add_reader(listener.fileno(), accept)
+    # The measuring script holds our stdin: when it goes, so do we.
+    parent_gone: asyncio.Future[None] = loop.create_future()
+
+    def stdin_readable() -> None:
+        if not parent_gone.done():
+            parent_gone.set_result(None)
+
+    loop.add_reader(sys.stdin.fileno(), stdin_readable)
     print("listening", flush=True)
-    await asyncio.sleep(3600)
+    await parent_gone
 
 
 def serve_main(kind: str, port: int, transport: str, cert: str, key: str) -> None:
@@ -187,7 +195,9 @@ def measure(server: str, transport: str, cert: str, key: str, seconds: float) ->
         argv = [str(BINARY), "server", str(port), transport, cert, key]
     else:
         argv = [sys.executable, __file__, "--serve", server, str(port), transport, cert, key]
-    proc = subprocess.Popen(pinned(SERVER_CORE, argv), stdout=subprocess.PIPE)  # noqa: S603
+    proc = subprocess.Popen(  # noqa: S603
+        pinned(SERVER_CORE, argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     try:
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != b"listening":
@@ -203,6 +213,9 @@ def measure(server: str, transport: str, cert: str, key: str, seconds: float) ->
     finally:
         proc.kill()
         proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
     cycles = float(result["cycles_ps"]) * seconds
     if cycles <= 0:
         raise SystemExit(f"tls_floor: no cycle completed against the {server} server")

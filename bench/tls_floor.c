@@ -30,7 +30,7 @@
 #define EXCHANGES 3
 
 typedef struct {
-    int fd, step, got, handshaken;
+    int fd, step, got, handshaken, wants_write;
     uint32_t source;
     SSL *ssl;
 } conn_t;
@@ -90,6 +90,7 @@ static int handshake(conn_t *c) {
         return 1;
     }
     int e = SSL_get_error(c->ssl, r);
+    c->wants_write = e == SSL_ERROR_WANT_WRITE;
     return e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE ? 0 : -1;
 }
 
@@ -140,8 +141,12 @@ static _Noreturn void serve(void) {
             }
             int h = handshake(c), r = 0;
             if (h == 1) {
-                while ((r = get(c, buf, sizeof buf)) > 0)
-                    if (!put(c, answer, FRAME)) r = -1;
+                while ((r = get(c, buf, sizeof buf)) > 0) {
+                    if (!put(c, answer, FRAME)) {
+                        r = -1;
+                        break;
+                    }
+                }
             }
             if (h < 0 || r < 0) {
                 drop(c);
@@ -191,7 +196,11 @@ static int drive(int inflight, double seconds) {
             int ok = 1;
             if (c->step == 0) {
                 int h = handshake(c);
-                if (h == 0) continue;
+                if (h == 0) {
+                    /* wait for what OpenSSL waits for, not for a socket always writable */
+                    watch(c, c->wants_write ? EPOLLOUT : EPOLLIN, EPOLL_CTL_MOD);
+                    continue;
+                }
                 ok = h == 1 && put(c, request, FRAME);
                 if (ok) {
                     c->step = 1;

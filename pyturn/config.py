@@ -496,7 +496,8 @@ class LimitsConfig:
     unauthenticated_rate: float = field(default=8.0, metadata=_rule(low=0))
     # TCP/TLS connections held open per client IP.
     connections_per_source: int = field(default=64, metadata=_rule(low=1))
-    # Seconds a new TCP/TLS connection has to send its first complete message.
+    # Seconds a new TCP/TLS connection has to send its first complete message; after
+    # as long without one, a connection with no allocation (any more) is closed.
     first_message_timeout: float = field(default=5.0, metadata=_rule(low=0.1))
 
 

@@ -155,14 +155,17 @@ class StreamConnection(asyncio.Protocol):
     def _idle_check(self) -> None:
         """A connection lives on its allocation (or as a data pipe); one that has neither
         must keep talking, or it would hold a descriptor for nothing. Reads only move the
-        deadline on: one timer per connection instead of one per read. A connection that
-        has an allocation when the timer fires goes without one until a read finds it
-        without an allocation again (`_touch`)."""
+        deadline on: one timer per connection instead of one per read. While an
+        allocation holds the connection the timer looks again a timeout later, so that
+        an allocation that expires while its client is silent lets the connection go."""
         self._idle_timer = None
         transport = self.transport
-        if transport is None or self.pipe is not None or self.five_tuple in self.server.allocations:
+        if transport is None or self.pipe is not None:
             return
         loop = asyncio.get_running_loop()
+        if self.five_tuple in self.server.allocations:
+            self._idle_timer = loop.call_later(self.first_frame_timeout, self._idle_check)
+            return
         left = self._idle_deadline - loop.time()
         if left > 0:
             self._idle_timer = loop.call_later(left, self._idle_check)
@@ -290,11 +293,7 @@ class StreamConnection(asyncio.Protocol):
         """A new connection, or frames came: the idle deadline moves on (see `_idle_check`)."""
         loop = asyncio.get_running_loop()
         self._idle_deadline = loop.time() + self.first_frame_timeout
-        if (
-            self._idle_timer is None
-            and self.pipe is None
-            and self.five_tuple not in self.server.allocations
-        ):
+        if self._idle_timer is None and self.pipe is None:
             self._idle_timer = loop.call_later(self.first_frame_timeout, self._idle_check)
 
     def _join(self, connection: PeerConnection) -> None:

@@ -356,6 +356,32 @@ def test_reads_keep_a_connection_open_and_an_allocation_holds_it_until_it_ends(
         holder.close()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_connection_whose_allocation_expires_while_it_is_silent_is_closed(
+    server_factory: ServerFactory, workers: int
+) -> None:
+    """An allocation of 2 s on a silent connection, first_message_timeout 1: the
+    allocation holds the connection open, and once it has expired the connection must
+    talk within the timeout like any other, or it is closed."""
+    server = server_factory(
+        {
+            "workers": workers,
+            "limits": {"first_message_timeout": 1.0},
+            "allocations": {"default_lifetime": 2, "max_lifetime": 2},
+        }
+    )
+    holder = open_client("tcp", server.tcp_address)
+    try:
+        holder.allocate_ok()
+        allocated = time.monotonic()
+        # The lifetime runs from the server's answer, a moment before `allocated`.
+        assert closed_after(holder.link.sock, allocated, 1.5) is None, "closed with an allocation"
+        closed = closed_after(holder.link.sock, allocated, 6.0)
+        assert closed is not None and closed < 5.0, closed
+    finally:
+        holder.close()
+
+
 def test_connections_to_a_tls_listener_count_against_the_per_source_cap_before_the_handshake(
     server_factory: ServerFactory, tls_files: tuple[Path, Path], sockets: list[socket.socket]
 ) -> None:
